@@ -1,0 +1,39 @@
+"""Durable file operations: every acknowledged write reaches the disk in a known order."""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so that a rename or create inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes, durable: bool = True, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a mix.
+
+    Args:
+        path: the file to write.
+        data: its new content.
+        durable: fsync the file (and the directory when ``sync_dir``) before returning.
+        sync_dir: also fsync the containing directory, making the rename itself durable.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable and sync_dir:
+        fsync_dir(os.path.dirname(path) or ".")

@@ -1,0 +1,199 @@
+"""Git object encoding: blob, tree and commit bytes and their ids, computed in process.
+
+Keg computes object ids itself (SHA-1 over git's canonical encoding) so that a
+transaction costs hashing, not a file per object; the objects reach disk in a
+pack at the next checkpoint (see ``keg.pack``).  The encodings are git's own,
+so stock git reads everything Keg writes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass
+
+OBJ_COMMIT = 1
+OBJ_TREE = 2
+OBJ_BLOB = 3
+
+TYPE_NAMES = {OBJ_COMMIT: b"commit", OBJ_TREE: b"tree", OBJ_BLOB: b"blob"}
+TYPE_BY_NAME = {v.decode(): k for k, v in TYPE_NAMES.items()}
+
+MODE_BLOB = 0o100644
+MODE_EXEC = 0o100755
+MODE_LINK = 0o120000
+MODE_TREE = 0o040000
+MODE_GITLINK = 0o160000
+LEAF_MODES = (MODE_BLOB, MODE_EXEC, MODE_LINK, MODE_GITLINK)
+
+EMPTY_TREE_OID = bytes.fromhex("4b825dc642cb6eb9a060e54bf8d69288fbee4904")
+
+
+def object_id(obj_type: int, data: bytes) -> bytes:
+    """The 20-byte git object id of ``data`` stored as ``obj_type``."""
+    h = hashlib.sha1(b"%s %d\x00" % (TYPE_NAMES[obj_type], len(data)))
+    h.update(data)
+    return h.digest()
+
+
+def kind_of_mode(mode: int) -> str:
+    """The Keg kind of a tree entry: ``file``, ``tree``, ``link`` or ``pointer``."""
+    if mode == MODE_TREE:
+        return "tree"
+    if mode == MODE_GITLINK:
+        return "pointer"
+    if mode == MODE_LINK:
+        return "link"
+    return "file"
+
+
+def _sort_key(name: bytes, mode: int) -> bytes:
+    # git orders a tree's entries as if every subtree's name ended in "/".
+    return name + b"/" if mode == MODE_TREE else name
+
+
+def _encode_entry(name: bytes, mode: int, oid: bytes) -> bytes:
+    return b"%o %s\x00%s" % (mode, name, oid)
+
+
+class Tree:
+    """An immutable git tree: entries kept sorted as git sorts them.
+
+    Updates return a new ``Tree`` (copy-on-write) so that a transaction that
+    fails midway can be dropped without undoing anything.
+    """
+
+    __slots__ = ("_entries", "_keys", "_encoded")
+
+    def __init__(self, entries=None, keys=None, encoded=None):
+        self._entries: dict[bytes, tuple[int, bytes]] = entries if entries is not None else {}
+        self._keys: list[bytes] = keys if keys is not None else []
+        self._encoded: list[bytes] = encoded if encoded is not None else []
+
+    @classmethod
+    def parse(cls, data: bytes) -> "Tree":
+        """Decode git tree bytes."""
+        entries, keys, encoded = {}, [], []
+        pos, end = 0, len(data)
+        while pos < end:
+            space = data.index(b" ", pos)
+            nul = data.index(b"\x00", space)
+            mode = int(data[pos:space], 8)
+            name = data[space + 1:nul]
+            oid = data[nul + 1:nul + 21]
+            entries[name] = (mode, oid)
+            keys.append(_sort_key(name, mode))
+            encoded.append(data[pos:nul + 21])
+            pos = nul + 21
+        if keys != sorted(keys):
+            # Trees written by other tools are sorted too; re-sort rather than trust.
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            keys = [keys[i] for i in order]
+            encoded = [encoded[i] for i in order]
+        return cls(entries, keys, encoded)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._entries
+
+    def get(self, name: bytes):
+        """``(mode, oid)`` of an entry, or ``None``."""
+        return self._entries.get(name)
+
+    def items(self):
+        """``(name, mode, oid)`` in git order."""
+        for key in self._keys:
+            name = key[:-1] if key.endswith(b"/") else key
+            mode, oid = self._entries[name]
+            yield name, mode, oid
+
+    def with_changes(self, changes: dict) -> "Tree":
+        """A new tree with ``changes`` applied: name -> ``(mode, oid)``, or ``None`` to remove."""
+        entries = dict(self._entries)
+        keys = list(self._keys)
+        encoded = list(self._encoded)
+        for name, new in changes.items():
+            old = entries.get(name)
+            if old is not None:
+                i = bisect.bisect_left(keys, _sort_key(name, old[0]))
+                del keys[i]
+                del encoded[i]
+                del entries[name]
+            if new is not None:
+                mode, oid = new
+                key = _sort_key(name, mode)
+                i = bisect.bisect_left(keys, key)
+                keys.insert(i, key)
+                encoded.insert(i, _encode_entry(name, mode, oid))
+                entries[name] = (mode, oid)
+        return Tree(entries, keys, encoded)
+
+    def encode(self) -> bytes:
+        """The git tree bytes."""
+        return b"".join(self._encoded)
+
+
+EMPTY_TREE = Tree()
+
+
+@dataclass(frozen=True)
+class Person:
+    """An author or committer as git records it."""
+
+    name: str
+    email: str
+
+    def encode(self, when: int) -> bytes:
+        """git's ``Name <email> seconds +0000`` form."""
+        name = self.name.replace("<", "").replace(">", "").replace("\n", " ").strip() or "keg"
+        email = self.email.replace("<", "").replace(">", "").replace("\n", "").strip()
+        return f"{name} <{email}> {int(when)} +0000".encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The parts of a commit that Keg writes and reads."""
+
+    tree: bytes
+    parents: tuple
+    author: Person
+    committer: Person
+    time: int
+    message: str
+
+    def encode(self) -> bytes:
+        """The git commit bytes."""
+        lines = [b"tree " + self.tree.hex().encode()]
+        lines += [b"parent " + p.hex().encode() for p in self.parents]
+        lines.append(b"author " + self.author.encode(self.time))
+        lines.append(b"committer " + self.committer.encode(self.time))
+        return b"\n".join(lines) + b"\n\n" + self.message.encode("utf-8")
+
+    @classmethod
+    def parse(cls, data: bytes) -> "Commit":
+        """Decode git commit bytes (extra headers such as signatures are ignored)."""
+        head, _, message = data.partition(b"\n\n")
+        tree, parents, author, committer, when = None, [], None, None, 0
+        for line in head.split(b"\n"):
+            key, _, value = line.partition(b" ")
+            if key == b"tree":
+                tree = bytes.fromhex(value.decode())
+            elif key == b"parent":
+                parents.append(bytes.fromhex(value.decode()))
+            elif key in (b"author", b"committer"):
+                person, when_s = _parse_person(value)
+                if key == b"author":
+                    author, when = person, when_s
+                else:
+                    committer = person
+        return cls(tree, tuple(parents), author, committer, when, message.decode("utf-8", "replace"))
+
+
+def _parse_person(value: bytes):
+    text = value.decode("utf-8", "replace")
+    lt, gt = text.find("<"), text.rfind(">")
+    name, email = text[:lt].strip(), text[lt + 1:gt]
+    rest = text[gt + 1:].split()
+    return Person(name, email), int(rest[0]) if rest else 0

@@ -1,0 +1,885 @@
+"""The Keg store: a versioned, transactional namespace in a bare git repository.
+
+On disk a keg is a bare git repository (stock ``git log``, ``git show`` and
+``git fsck`` work on it) plus Keg's own files under ``keg/``:
+
+``keg/config.json``   format version and settings
+``keg/journal/``      the write-ahead journal (``keg.journal``)
+``keg/revs``          revision number -> commit id, 20 bytes per revision
+``keg/write.lock``    held (flock) by the one process that writes
+
+The namespace is the tree of ``refs/heads/main``.  Revision *n* is the *n*-th
+commit on its first-parent chain, recorded in the commit as ``Keg-Revision: n``.
+
+Writes: a group of transactions is applied to a ``Staging`` of the newest
+tree, objects are hashed in memory, and one journal record is fsynced; then the
+group is acknowledged.  A checkpoint (every ``checkpoint_revisions`` revisions,
+``checkpoint_bytes`` of new objects, or on ``close``) writes the objects as a
+pack, moves the ref, and empties the journal.  After a crash the next writer
+replays the journal, so an acknowledged transaction is never lost.
+
+Other processes may read at any time; they see the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pygit2
+
+import kid as kidlib
+from keg import paths
+from keg.errors import AmbiguousKid, BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, NotFound
+from keg.fsio import write_file_atomic
+from keg.journal import Journal, Record
+from keg.objects import (EMPTY_TREE, EMPTY_TREE_OID, MODE_TREE, OBJ_BLOB, OBJ_COMMIT, OBJ_TREE,
+                         Commit, Person, Tree, kind_of_mode, object_id)
+from keg.pack import write_pack
+from keg.staging import Staging
+from keg.transaction import Author, Delete, Put, Transaction, TxResult
+
+FORMAT = 1
+BRANCH = "refs/heads/main"
+REVISION_TRAILER = "Keg-Revision: "
+COMMITTER = Person("keg", "keg@localhost")
+TREE_CACHE_SIZE = 4096
+PACKS_BEFORE_REPACK = 24
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One version of the namespace."""
+
+    number: int
+    kid: str
+    time: int
+    author: str
+    message: str
+
+    def to_json(self) -> dict:
+        """The JSON form used by ``--json`` output and the HTTP API."""
+        return {"revision": self.number, "kid": self.kid, "time": self.time,
+                "author": self.author, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What is at a path: ``kind`` is ``file``, ``tree``, ``link`` or ``pointer``.
+
+    ``size`` is the byte size of a file, or the number of entries of a tree.
+    """
+
+    path: str
+    kind: str
+    kid: str
+    size: int
+    mode: int
+
+    @property
+    def name(self) -> str:
+        """The last segment of the path."""
+        return self.path.rsplit("/", 1)[1] or "/"
+
+    def to_json(self) -> dict:
+        """The JSON form used by ``--json`` output and the HTTP API."""
+        return {"path": self.path, "name": self.name, "kind": self.kind, "kid": self.kid,
+                "size": self.size, "mode": f"{self.mode:06o}"}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change to one file between revision ``revision - 1`` and ``revision``.
+
+    ``old_kid`` is ``None`` for a created path, ``new_kid`` for a deleted one.
+    """
+
+    revision: int
+    path: str
+    old_kid: str | None
+    new_kid: str | None
+
+    @property
+    def action(self) -> str:
+        """``create``, ``update`` or ``delete``."""
+        if self.old_kid is None:
+            return "create"
+        return "delete" if self.new_kid is None else "update"
+
+    def to_json(self) -> dict:
+        """The JSON form used by ``keg watch --json`` and watch streams."""
+        return {"revision": self.revision, "path": self.path, "action": self.action,
+                "old_kid": self.old_kid, "new_kid": self.new_kid}
+
+
+def _kid(oid: bytes | None) -> str | None:
+    return None if oid is None else kidlib.PREFIX + oid.hex()
+
+
+def _revision_of_message(message: str) -> int | None:
+    for line in reversed(message.splitlines()):
+        if line.startswith(REVISION_TRAILER):
+            try:
+                return int(line[len(REVISION_TRAILER):])
+            except ValueError:
+                return None
+    return None
+
+
+def _summary(ops) -> str:
+    if len(ops) == 1:
+        op = ops[0]
+        return f"{'put' if isinstance(op, Put) else 'delete'} {op.path}"
+    common = os.path.commonpath([op.path for op in ops])
+    return f"{len(ops)} changes under {common}"
+
+
+def init(path: str, durable: bool = True, exist_ok: bool = False) -> "Store":
+    """Create a keg at ``path`` (a new bare git repository with revision 1) and open it.
+
+    Raises:
+        KegError: ``path`` already holds a keg (unless ``exist_ok``) or another
+            non-empty directory.
+    """
+    path = os.path.abspath(path)
+    config = os.path.join(path, "keg", "config.json")
+    if os.path.exists(config):
+        if exist_ok:
+            return Store(path, durable=durable)
+        raise BadRequest(f"{path} is already a keg; use it with --keg {path}")
+    if os.path.isdir(path) and os.listdir(path):
+        raise BadRequest(f"{path} exists and is not empty; give a new or empty directory")
+    repo = pygit2.init_repository(path, bare=True, initial_head="main")
+    repo.config["gc.auto"] = "0"  # Keg packs on its own schedule, under its write lock.
+    repo.config["core.logAllRefUpdates"] = "false"
+    os.makedirs(os.path.join(path, "keg", "journal"), exist_ok=True)
+    write_file_atomic(config, json.dumps({"format": FORMAT, "volatile": []}, indent=2).encode() + b"\n",
+                      durable=durable)
+    store = Store(path, durable=durable)
+    store._commit_ops_initial()
+    return store
+
+
+class Store:
+    """A keg opened for reading, and for writing once a write is asked for.
+
+    Args:
+        path: the keg directory (a bare git repository with ``keg/config.json``).
+        durable: fsync before acknowledging; turn off only for tests.
+        checkpoint_revisions: checkpoint after this many revisions in the journal.
+        checkpoint_bytes: checkpoint after this many bytes of new objects.
+        lock_timeout: seconds to wait for another writer to finish.
+    """
+
+    def __init__(self, path: str, durable: bool = True, checkpoint_revisions: int = 1000,
+                 checkpoint_bytes: int = 64 << 20, lock_timeout: float = 30.0):
+        self.path = os.path.abspath(path)
+        if not os.path.exists(os.path.join(self.path, "keg", "config.json")):
+            raise NotFound(f"no keg at {self.path}; create one with 'keg init --keg {self.path}'")
+        with open(os.path.join(self.path, "keg", "config.json"), encoding="utf-8") as f:
+            self.config = json.load(f)
+        if self.config.get("format") != FORMAT:
+            raise CorruptKeg(f"{self.path} has keg format {self.config.get('format')}, this Keg reads {FORMAT}")
+        self.durable = durable
+        self.checkpoint_revisions = checkpoint_revisions
+        self.checkpoint_bytes = checkpoint_bytes
+        self.lock_timeout = lock_timeout
+        self._repo = pygit2.Repository(self.path)
+        self._journal = Journal(os.path.join(self.path, "keg", "journal"), durable)
+        self._lock_fd = None
+        self._pending: dict = {}          # oid -> (type, data) not yet in a pack
+        self._pending_bytes = 0
+        self._revs: list = [None]          # revision number -> commit oid
+        self._checkpoint_rev = 0
+        self._trees: OrderedDict = OrderedDict()
+        self._listeners: list = []
+        self.stats = {"tree_reads": 0, "checkpoints": 0}
+        self._load_head()
+
+    # ----------------------------------------------------------------- context
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Checkpoint what is in the journal and give up the write lock."""
+        if self._lock_fd is not None:
+            try:
+                self.checkpoint()
+            finally:
+                self._journal.close()
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    @property
+    def is_writer(self) -> bool:
+        """True while this process holds the keg's write lock."""
+        return self._lock_fd is not None
+
+    # ------------------------------------------------------------ head, revs
+
+    def _read_ref(self):
+        ref = self._repo.references.get(BRANCH)
+        return None if ref is None else bytes.fromhex(str(ref.target))
+
+    def _load_head(self) -> None:
+        head = self._read_ref()
+        if head is None:
+            self._revs = [None]
+            self._checkpoint_rev = 0
+            return
+        number = _revision_of_message(self._commit(head).message)
+        if number is None:
+            raise CorruptKeg(f"{BRANCH} points at {head.hex()}, which has no {REVISION_TRAILER.strip()} "
+                             "trailer; was the keg changed with stock git?")
+        self._revs = self._read_revs_index(head, number)
+        self._checkpoint_rev = number
+
+    def _read_revs_index(self, head: bytes, number: int) -> list:
+        try:
+            with open(os.path.join(self.path, "keg", "revs"), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        revs = [None] + [raw[i:i + 20] for i in range(20, min(len(raw), 20 * (number + 1)), 20)]
+        if len(revs) == number + 1 and revs[number] == head:
+            return revs
+        # The index is behind (or was lost): walk first parents back to where it agrees.
+        missing, oid = [], head
+        for n in range(number, 0, -1):
+            if n < len(revs) and revs[n] == oid:
+                break
+            missing.append(oid)
+            parents = self._commit(oid).parents
+            oid = parents[0] if parents else None
+        keep = number + 1 - len(missing)
+        revs = revs[:keep] + list(reversed(missing))
+        self._write_revs_index(revs, 1)
+        return revs
+
+    def _write_revs_index(self, revs: list, start: int) -> None:
+        with open(os.path.join(self.path, "keg", "revs"), "r+b" if os.path.exists(
+                os.path.join(self.path, "keg", "revs")) else "wb") as f:
+            f.seek(20 * start)
+            f.write(b"".join(revs[start:]))
+            f.truncate(20 * len(revs))
+            if start == 1:
+                f.seek(0)
+                f.write(b"\x00" * 20)
+            if self.durable:
+                os.fdatasync(f.fileno())
+
+    @property
+    def head_revision(self) -> int:
+        """The newest revision number this process knows (0 for an empty keg)."""
+        return len(self._revs) - 1
+
+    def refresh(self) -> int:
+        """Pick up revisions checkpointed by another process; returns the head revision.
+
+        The writer process owns the head, so for it this only returns it.
+        """
+        if self._lock_fd is None:
+            head = self._read_ref()
+            known = self._revs[-1] if len(self._revs) > 1 else None
+            if head != known:
+                self._load_head()
+        return self.head_revision
+
+    def revision(self, spec=None) -> Revision:
+        """Look up a revision by number, revision KID (short forms too), or ``None`` for the head.
+
+        Raises:
+            NotFound: no such revision.
+            BadRequest: ``spec`` is neither a number nor a KID.
+        """
+        number = self._revision_number(spec)
+        commit = self._commit(self._revs[number])
+        return Revision(number, _kid(self._revs[number]), commit.time,
+                        f"{commit.author.name} <{commit.author.email}>", commit.message)
+
+    def _revision_number(self, spec) -> int:
+        head = self.head_revision
+        if spec is None:
+            if head == 0:
+                raise NotFound("the keg has no revisions yet")
+            return head
+        if isinstance(spec, int) or (isinstance(spec, str) and spec.lstrip("-").isdigit()):
+            number = int(spec)
+            if number < 0:
+                number = head + 1 + number  # -1 is the head, as in Python
+            if not 1 <= number <= head:
+                raise NotFound(f"revision {spec} does not exist; revisions run from 1 to {head}")
+            return number
+        if isinstance(spec, str) and spec.startswith(kidlib.PREFIX):
+            oid = self._resolve_object(spec)
+            obj_type, data = self._object(oid)
+            if obj_type != OBJ_COMMIT:
+                raise NotFound(f"{spec} names a {obj_type_name(obj_type)}, not a revision")
+            number = _revision_of_message(Commit.parse(data).message)
+            if number is None or number >= len(self._revs) or self._revs[number] != oid:
+                raise NotFound(f"{spec} is a commit, but not a revision of this keg's namespace")
+            return number
+        raise BadRequest(f"{spec!r} is not a revision: give a number or a revision KID (K-…)")
+
+    # ----------------------------------------------------------------- objects
+
+    def _object(self, oid: bytes):
+        hit = self._pending.get(oid)
+        if hit is not None:
+            return hit
+        try:
+            obj_type, data = self._repo.odb.read(oid.hex())
+        except KeyError as err:
+            raise CorruptKeg(f"object {oid.hex()} is missing from {self.path}") from err
+        return int(obj_type), data
+
+    def _commit(self, oid: bytes) -> Commit:
+        obj_type, data = self._object(oid)
+        if obj_type != OBJ_COMMIT:
+            raise CorruptKeg(f"{oid.hex()} should be a commit")
+        return Commit.parse(data)
+
+    def _tree(self, oid: bytes) -> Tree:
+        self.stats["tree_reads"] += 1
+        tree = self._trees.get(oid)
+        if tree is not None:
+            self._trees.move_to_end(oid)
+            return tree
+        if oid == EMPTY_TREE_OID:
+            return EMPTY_TREE
+        obj_type, data = self._object(oid)
+        if obj_type != OBJ_TREE:
+            raise CorruptKeg(f"{oid.hex()} should be a tree")
+        tree = Tree.parse(data)
+        self._cache_tree(oid, tree)
+        return tree
+
+    def _cache_tree(self, oid: bytes, tree: Tree) -> None:
+        self._trees[oid] = tree
+        if len(self._trees) > TREE_CACHE_SIZE:
+            self._trees.popitem(last=False)
+
+    def _root(self, number: int) -> bytes:
+        return EMPTY_TREE_OID if number == 0 else self._commit(self._revs[number]).tree
+
+    def _lookup(self, root: bytes, path: str):
+        """``(mode, oid)`` of ``path`` under the root tree, or ``None``."""
+        entry = (MODE_TREE, root)
+        for name in paths.split(path):
+            if entry[0] != MODE_TREE:
+                return None
+            entry = self._tree(entry[1]).get(name.encode("utf-8"))
+            if entry is None:
+                return None
+        return entry
+
+    def _size(self, mode: int, oid: bytes) -> int:
+        if mode == MODE_TREE:
+            return len(self._tree(oid))
+        hit = self._pending.get(oid)
+        if hit is not None:
+            return len(hit[1])
+        try:
+            return self._repo.odb.read_header(oid.hex())[1]
+        except KeyError:
+            return 0  # a pointer (gitlink) names a commit that need not be here
+
+    # ------------------------------------------------------------------- reads
+
+    def stat(self, path: str, rev=None) -> Entry:
+        """Kind, KID and size of ``path`` at revision ``rev`` (default: head).
+
+        Raises:
+            NotFound: nothing is at ``path`` in that revision.
+        """
+        path = paths.normalize(path)
+        number = self._revision_number(rev)
+        entry = self._lookup(self._root(number), path)
+        if entry is None:
+            raise NotFound(f"{path} does not exist at revision {number}")
+        mode, oid = entry
+        return Entry(path, kind_of_mode(mode), _kid(oid), self._size(mode, oid), mode)
+
+    def kid(self, path: str, rev=None) -> str:
+        """The KID of the value at ``path``."""
+        return self.stat(path, rev).kid
+
+    def read(self, path: str, rev=None) -> bytes:
+        """The bytes of the file at ``path``.
+
+        Raises:
+            NotFound: nothing is at ``path``.
+            BadRequest: ``path`` is a directory.
+        """
+        entry = self.stat(path, rev)
+        if entry.kind == "tree":
+            raise BadRequest(f"{entry.path} is a directory; list it instead")
+        if entry.kind == "pointer":
+            raise BadRequest(f"{entry.path} is a pointer to another keg ({entry.kid})")
+        return self._object(bytes.fromhex(entry.kid[2:]))[1]
+
+    def list(self, path: str = "/", rev=None) -> list:
+        """The entries of the directory at ``path``, in name order.
+
+        Raises:
+            NotFound: nothing is at ``path``.
+            BadRequest: ``path`` is a file.
+        """
+        path = paths.normalize(path)
+        number = self._revision_number(rev)
+        entry = self._lookup(self._root(number), path)
+        if entry is None:
+            raise NotFound(f"{path} does not exist at revision {number}")
+        if entry[0] != MODE_TREE:
+            raise BadRequest(f"{path} is a file, not a directory")
+        out = []
+        for name, mode, oid in self._tree(entry[1]).items():
+            child = paths.join(path, name.decode("utf-8", "surrogateescape"))
+            out.append(Entry(child, kind_of_mode(mode), _kid(oid), self._size(mode, oid), mode))
+        out.sort(key=lambda e: e.path)
+        return out
+
+    def exists(self, path: str, rev=None) -> bool:
+        """True when something is at ``path``."""
+        try:
+            self.stat(path, rev)
+        except NotFound:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ writes
+
+    def _acquire_write_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        lock_path = os.path.join(self.path, "keg", "write.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise KegBusy(f"{self.path} is being written by another process (pid {holder}) for more "
+                                  f"than {self.lock_timeout:g}s; if a master serves it, write through the master")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        try:
+            self._recover()
+        except BaseException:
+            os.close(fd)
+            self._lock_fd = None
+            raise
+
+    def _recover(self) -> None:
+        """Load the head from disk and replay journal records a crash left behind."""
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._load_head()
+        records, intact = self._journal.read()
+        if os.path.exists(self._journal.path) and intact < os.path.getsize(self._journal.path):
+            self._journal.truncate(intact)
+        replayed = 0
+        for record in records:
+            if record.revision <= self.head_revision:
+                continue
+            if record.revision != self.head_revision + 1 or record.parent != self._revs[-1]:
+                raise CorruptKeg(f"journal record for revision {record.revision} does not follow revision "
+                                 f"{self.head_revision}; the keg's ref was moved outside Keg")
+            self._replay(record)
+            replayed += 1
+        if replayed:
+            self.checkpoint()
+        elif records:
+            self._journal.reset()
+
+    def _replay(self, record: Record) -> None:
+        ops = []
+        for op in record.ops:
+            ops.append(Put(op[1], op[3], op[2]) if op[0] == "put" else Delete(op[1], op[2]))
+        new_objects: dict = {}
+        staging = Staging(self._tree, self._tree(self._root(self.head_revision)))
+        for op in ops:
+            self._stage(staging, op, new_objects)
+        root = staging.build(self._collector(new_objects))
+        commit = Commit(root, (record.parent,) if record.parent else (), Person(*record.author),
+                        COMMITTER, record.time, record.message)
+        data = commit.encode()
+        oid = object_id(OBJ_COMMIT, data)
+        if oid != record.commit:
+            raise CorruptKeg(f"replaying journal revision {record.revision} gave commit {oid.hex()}, "
+                             f"not {record.commit.hex()}; refusing to guess")
+        new_objects[oid] = (OBJ_COMMIT, data)
+        self._install(new_objects, oid)
+
+    def _collector(self, new_objects: dict):
+        """A ``store_object`` callback for ``Staging.build`` that also caches the parsed trees."""
+        def collect(oid, obj_type, data, tree):
+            new_objects[oid] = (obj_type, data)
+            self._cache_tree(oid, tree)
+        return collect
+
+    def _stage(self, staging: Staging, op, new_objects: dict) -> bytes | None:
+        if isinstance(op, Put):
+            oid = object_id(OBJ_BLOB, op.data)
+            if oid not in self._pending and oid not in new_objects and not self._repo.odb.exists(oid.hex()):
+                new_objects[oid] = (OBJ_BLOB, op.data)
+            staging.put(op.path, op.mode, oid)
+            return oid
+        staging.delete(op.path, op.recursive)
+        return None
+
+    def _install(self, new_objects: dict, commit_oid: bytes) -> None:
+        for oid, value in new_objects.items():
+            if oid not in self._pending:
+                self._pending[oid] = value
+                self._pending_bytes += len(value[1])
+        self._revs.append(commit_oid)
+
+    def commit(self, transactions) -> list:
+        """Apply a group of transactions in one revision (group commit).
+
+        Each transaction succeeds or fails on its own: a failed compare or an
+        op that does not fit the namespace fails that transaction only, and it
+        changes nothing.  The group is durable before this returns.
+
+        Args:
+            transactions: ``Transaction`` objects, applied in order.
+
+        Returns:
+            One ``TxResult`` per transaction, in order.
+        """
+        transactions = list(transactions)
+        self._acquire_write_lock()
+        head = self.head_revision
+        staging = Staging(self._tree, self._tree(self._root(head)))
+        new_objects: dict = {}
+        results, applied, authors = [], [], []
+        for tx in transactions:
+            snap, objects_before = staging.snapshot(), dict(new_objects)
+            try:
+                for cmp in tx.compares:
+                    entry = staging.entry(cmp.path)
+                    actual = _kid(entry[1]) if entry else None
+                    if actual != cmp.kid:
+                        raise CompareFailed(cmp.path, cmp.kid, actual)
+                kids = {op.path: _kid(self._stage(staging, op, new_objects)) for op in tx.ops}
+            except KegError as err:
+                staging.restore(snap)
+                new_objects = objects_before
+                results.append(TxResult(False, error=err))
+                continue
+            results.append(kids)
+            applied.extend(tx.ops)
+            authors.append(tx.author)
+        if not applied:
+            return results
+        commit_oid = self._write_group(staging, new_objects, applied, authors, transactions)
+        number, kid = self.head_revision, _kid(commit_oid)
+        return [r if isinstance(r, TxResult) else TxResult(True, number, kid, r) for r in results]
+
+    def apply(self, tx: Transaction) -> TxResult:
+        """Apply one transaction; returns its result (``ok`` False on a failed compare)."""
+        return self.commit([tx])[0]
+
+    def _write_group(self, staging, new_objects, ops, authors, transactions) -> bytes:
+        root = staging.build(self._collector(new_objects))
+        number = self.head_revision + 1
+        parent = self._revs[-1]
+        author = authors[0] if len({(a.name, a.email) for a in authors}) == 1 else Author()
+        trailers = [f"{REVISION_TRAILER}{number}"]
+        trailers += [f"Keg-Transaction: {tx.id}" for tx in transactions if tx.id]
+        message = f"{_summary(ops)}\n\n" + "\n".join(trailers) + "\n"
+        when = int(time.time())
+        commit = Commit(root, (parent,) if parent else (), Person(author.name, author.email),
+                        COMMITTER, when, message)
+        data = commit.encode()
+        commit_oid = object_id(OBJ_COMMIT, data)
+        new_objects[commit_oid] = (OBJ_COMMIT, data)
+        record_ops = tuple(("put", op.path, op.mode, op.data) if isinstance(op, Put)
+                           else ("delete", op.path, op.recursive) for op in ops)
+        self._journal.append(Record(number, parent, commit_oid, when, (author.name, author.email),
+                                    message, record_ops))
+        self._install(new_objects, commit_oid)
+        if (number - self._checkpoint_rev >= self.checkpoint_revisions
+                or self._pending_bytes >= self.checkpoint_bytes):
+            self.checkpoint()
+        for listener in list(self._listeners):
+            listener(number)
+        return commit_oid
+
+    def _commit_ops_initial(self) -> None:
+        """Revision 1 of a new keg: an empty namespace."""
+        self._acquire_write_lock()
+        message = f"init\n\n{REVISION_TRAILER}1\n"
+        when = int(time.time())
+        commit = Commit(EMPTY_TREE_OID, (), COMMITTER, COMMITTER, when, message)
+        data = commit.encode()
+        oid = object_id(OBJ_COMMIT, data)
+        self._journal.append(Record(1, None, oid, when, (COMMITTER.name, COMMITTER.email), message, ()))
+        self._install({oid: (OBJ_COMMIT, data), EMPTY_TREE_OID: (OBJ_TREE, b"")}, oid)
+        self.checkpoint()
+
+    def add_listener(self, callback) -> None:
+        """Call ``callback(revision)`` after each revision this process commits."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback) -> None:
+        """Stop calling a listener added with :meth:`add_listener`."""
+        self._listeners.remove(callback)
+
+    # -------------------------------------------------------------- checkpoint
+
+    def checkpoint(self) -> None:
+        """Make journaled revisions part of the git repository and empty the journal.
+
+        Order matters for crash safety: pack (fsynced), revision index, ref
+        (fsynced), then the journal is dropped.  A crash between any two steps
+        leaves either the old ref with the journal, or the new ref.
+        """
+        if self._lock_fd is None or self.head_revision == self._checkpoint_rev:
+            return
+        pack_dir = os.path.join(self.path, "objects", "pack")
+        write_pack(pack_dir, ((oid, t, d) for oid, (t, d) in self._pending.items()), durable=self.durable)
+        self._write_revs_index(self._revs, self._checkpoint_rev + 1)
+        ref_path = os.path.join(self.path, *BRANCH.split("/"))
+        os.makedirs(os.path.dirname(ref_path), exist_ok=True)
+        write_file_atomic(ref_path, self._revs[-1].hex().encode() + b"\n", durable=self.durable)
+        self._journal.reset()
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._checkpoint_rev = self.head_revision
+        self.stats["checkpoints"] += 1
+        self._maybe_repack(pack_dir)
+
+    def _maybe_repack(self, pack_dir: str) -> None:
+        packs = [n for n in os.listdir(pack_dir) if n.endswith(".pack")]
+        if len(packs) > PACKS_BEFORE_REPACK:
+            self.repack()
+
+    def repack(self) -> None:
+        """Roll small packs into larger ones (geometric), so pack count and disk use stay bounded."""
+        subprocess.run(["git", "-C", self.path, "repack", "-d", "-q", "--geometric=2"],
+                       check=True, capture_output=True, env=_git_env())
+
+    # ----------------------------------------------------------- diff and log
+
+    def diff(self, rev_a, rev_b, prefix: str = "/") -> list:
+        """The files that differ under ``prefix`` between two revisions.
+
+        Subtrees whose ids are equal are skipped without being read, so the
+        cost follows what changed, not the size of the namespace.
+
+        Returns:
+            ``(path, old_kid, new_kid)`` tuples in path order.
+        """
+        prefix = paths.normalize(prefix)
+        a = 0 if rev_a in (0, "0") else self._revision_number(rev_a)
+        b = self._revision_number(rev_b)
+        out: list = []
+        self._diff_entries(prefix, self._lookup(self._root(a), prefix), self._lookup(self._root(b), prefix), out)
+        return out
+
+    def _diff_entries(self, path: str, ea, eb, out: list) -> None:
+        if ea == eb:
+            return
+        a_tree = ea is not None and ea[0] == MODE_TREE
+        b_tree = eb is not None and eb[0] == MODE_TREE
+        if not a_tree and not b_tree:
+            out.append((path, _kid(ea[1]) if ea else None, _kid(eb[1]) if eb else None))
+            return
+        if ea is not None and not a_tree:
+            out.append((path, _kid(ea[1]), None))
+        ta = self._tree(ea[1]) if a_tree else EMPTY_TREE
+        tb = self._tree(eb[1]) if b_tree else EMPTY_TREE
+        changed = {e[e.index(b" ") + 1:e.index(b"\x00")] for e in set(ta._encoded) ^ set(tb._encoded)}
+        for name in sorted(changed):
+            child = paths.join(path, name.decode("utf-8", "surrogateescape"))
+            self._diff_entries(child, ta.get(name), tb.get(name), out)
+        if eb is not None and not b_tree:
+            out.append((path, None, _kid(eb[1])))
+
+    def log(self, path: str = "/", rev=None, limit: int | None = None) -> list:
+        """Revisions that changed ``path`` (or anything under it), newest first.
+
+        Returns:
+            ``(Revision, kid)`` pairs: the path's KID after that revision, ``None`` when deleted.
+        """
+        path = paths.normalize(path)
+        number = self._revision_number(rev)
+        out = []
+        after = self._lookup(self._root(number), path)
+        while number >= 1 and (limit is None or len(out) < limit):
+            before = self._lookup(self._root(number - 1), path)
+            if before != after:
+                out.append((self.revision(number), _kid(after[1]) if after else None))
+            number, after = number - 1, before
+        return out
+
+    # ------------------------------------------------------------------ watch
+
+    def events(self, prefix: str = "/", since: int = 0, until: int | None = None):
+        """Events under ``prefix`` for revisions ``since+1`` to ``until`` (default head), in order."""
+        prefix = paths.normalize(prefix)
+        head = self.head_revision
+        until = head if until is None else until
+        if since < 0 or since > head:
+            raise BadRequest(f"--since {since} is outside the keg's revisions 0..{head}")
+        for number in range(since + 1, until + 1):
+            for path, old, new in self.diff(number - 1, number, prefix):
+                yield Event(number, path, old, new)
+
+    def watch(self, prefix: str = "/", since: int | None = None, timeout: float | None = None,
+              poll_interval: float = 0.05):
+        """Follow events under ``prefix``: ordered, with no gaps, resumable from any revision.
+
+        Yields every event after revision ``since`` (default: the head when
+        called), then waits for new revisions, polling the ref every
+        ``poll_interval`` seconds (another process writes them).  Stops when
+        ``timeout`` seconds pass with nothing new.
+        """
+        prefix = paths.normalize(prefix)
+        self.refresh()
+        seen = self.head_revision if since is None else since
+        if seen < 0 or seen > self.head_revision:
+            raise BadRequest(f"since={seen} is outside the keg's revisions 0..{self.head_revision}")
+        idle_since = time.monotonic()
+        while True:
+            head = self.refresh()
+            if head > seen:
+                yield from self.events(prefix, seen, head)
+                seen = head
+                idle_since = time.monotonic()
+            elif timeout is not None and time.monotonic() - idle_since >= timeout:
+                return
+            else:
+                time.sleep(poll_interval)
+
+    # --------------------------------------------------------------- KIDs
+
+    def _resolve_object(self, text: str) -> bytes:
+        """The object id a full or short KID names (pending objects included)."""
+        try:
+            k = kidlib.parse(text)
+        except kidlib.KidError as err:
+            raise BadRequest(str(err)) from err
+        hex_prefix = k.hex
+        if k.is_full:
+            oid = bytes.fromhex(hex_prefix)
+            if oid in self._pending or self._repo.odb.exists(hex_prefix):
+                return oid
+            raise NotFound(f"{text} names no object in this keg")
+        found = {oid for oid in self._pending if oid.hex().startswith(hex_prefix)}
+        try:
+            obj = self._repo.get(hex_prefix)
+            if obj is not None:
+                found.add(bytes.fromhex(str(obj.id)))
+        except ValueError:  # libgit2 reports an ambiguous prefix this way
+            found |= {bytes.fromhex(str(o)) for o in self._repo.odb if str(o).startswith(hex_prefix)}
+        if not found:
+            raise NotFound(f"{text} names no object in this keg")
+        if len(found) > 1:
+            raise AmbiguousKid(text, sorted(_kid(o) for o in found))
+        return found.pop()
+
+    def resolve_kid(self, text: str) -> dict:
+        """Say what a KID names: a file or tree value, a revision, or an identity.
+
+        Returns:
+            A dict with ``kid`` (full), ``kind`` and details: for a revision its
+            number, for a value the head paths that hold it (up to 20), for an
+            identity the path of the object that declares it.
+
+        Raises:
+            NotFound: nothing in this keg has that KID.
+            AmbiguousKid: a short KID matches several.
+        """
+        try:
+            oid = self._resolve_object(text)
+        except NotFound:
+            identity = self._find_identity(text)
+            if identity is None:
+                raise
+            return identity
+        obj_type, data = self._object(oid)
+        kid = _kid(oid)
+        if obj_type == OBJ_COMMIT:
+            number = _revision_of_message(Commit.parse(data).message)
+            return {"kid": kid, "kind": "revision", "revision": number,
+                    "summary": Commit.parse(data).message.splitlines()[0]}
+        kind = "tree" if obj_type == OBJ_TREE else "file"
+        return {"kid": kid, "kind": kind, "size": len(data), "paths": self._paths_holding(oid, 20)}
+
+    def _paths_holding(self, oid: bytes, most: int) -> list:
+        if self.head_revision == 0:
+            return []
+        found, stack = [], [("/", self._root(self.head_revision))]
+        if stack[0][1] == oid:
+            return ["/"]
+        while stack and len(found) < most:
+            path, tree_oid = stack.pop()
+            for name, mode, child in self._tree(tree_oid).items():
+                child_path = paths.join(path, name.decode("utf-8", "surrogateescape"))
+                if child == oid:
+                    found.append(child_path)
+                if mode == MODE_TREE and child != oid:
+                    stack.append((child_path, child))
+        return sorted(found)
+
+    def _find_identity(self, text: str) -> dict | None:
+        """Find an identity KID declared in ``/users/*/user.json`` or ``/machines/…``."""
+        if self.head_revision == 0:
+            return None
+        candidates = []
+        for kind, where in (("user", "/users"), ("machine", "/machines")):
+            if not self.exists(where):
+                continue
+            for entry in self.list(where):
+                for obj_path in (f"{entry.path}/{kind}.json",):
+                    value = self._json_at(obj_path)
+                    ident = value.get("kid") if isinstance(value, dict) else None
+                    if isinstance(ident, str) and ident.startswith(text):
+                        candidates.append({"kid": ident, "kind": kind, "name": entry.name, "path": obj_path})
+                if kind == "machine" and self.exists(entry.path + "/status"):
+                    for status in self.list(entry.path + "/status"):
+                        value = self._json_at(status.path)
+                        ident = value.get("kid") if isinstance(value, dict) else None
+                        if isinstance(ident, str) and ident.startswith(text):
+                            candidates.append({"kid": ident, "kind": "process", "machine": entry.name,
+                                               "path": status.path})
+        if len(candidates) > 1 and len({c["kid"] for c in candidates}) > 1:
+            raise AmbiguousKid(text, sorted({c["kid"] for c in candidates}))
+        return candidates[0] if candidates else None
+
+    def _json_at(self, path: str):
+        try:
+            return json.loads(self.read(path))
+        except (KegError, ValueError):
+            return None
+
+
+def obj_type_name(obj_type: int) -> str:
+    """``commit``, ``tree`` or ``blob`` for a git object type number."""
+    return {OBJ_COMMIT: "commit", OBJ_TREE: "tree", OBJ_BLOB: "blob"}.get(obj_type, str(obj_type))
+
+
+def _git_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_CONFIG_NOSYSTEM"] = "1"
+    return env

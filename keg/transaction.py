@@ -1,0 +1,192 @@
+"""Transactions: puts and deletes guarded by compares, and their JSON form (DESIGN §3).
+
+The JSON form is the same for ``keg tx`` on stdin and ``POST /v1/tx``::
+
+    {"compare": [{"path": "/a/b.txt", "kid": "K-…"}, {"path": "/new.json", "kid": null}],
+     "ops": [{"op": "put", "path": "/a/b.txt", "value": "text"},
+             {"op": "put", "path": "/bin.dat", "base64": "…"},
+             {"op": "delete", "path": "/old.json"}]}
+
+Parsing validates everything (paths, KIDs, encodings) so a bad transaction is
+refused before the store is touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+
+import kid as kidlib
+from keg import paths
+from keg.errors import BadRequest
+
+MODES = {"file": 0o100644, "exec": 0o100755}
+
+
+@dataclass(frozen=True)
+class Compare:
+    """The path's KID must equal ``kid``; ``kid=None`` means the path must be absent."""
+
+    path: str
+    kid: str | None
+
+
+@dataclass(frozen=True)
+class Put:
+    """Write ``data`` at ``path``, creating directories on the way."""
+
+    path: str
+    data: bytes
+    mode: int = 0o100644
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Remove ``path``; a directory only with ``recursive``."""
+
+    path: str
+    recursive: bool = False
+
+
+@dataclass(frozen=True)
+class Author:
+    """Who a transaction is recorded as coming from."""
+
+    name: str = "keg"
+    email: str = "keg@localhost"
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A list of ops applied atomically when every compare holds."""
+
+    ops: tuple
+    compares: tuple = ()
+    author: Author = field(default_factory=Author)
+    id: str | None = None
+
+    def __post_init__(self):
+        if not self.ops:
+            raise BadRequest("a transaction needs at least one op")
+
+
+@dataclass(frozen=True)
+class TxResult:
+    """What happened to one transaction of a group.
+
+    ``ok`` with ``revision`` and the KID of every written path (``None`` for a
+    deleted one), or not ``ok`` with ``error`` (a ``KegError``; for a failed
+    compare a ``CompareFailed`` naming the path).
+    """
+
+    ok: bool
+    revision: int | None = None
+    revision_kid: str | None = None
+    kids: dict = field(default_factory=dict)
+    error: Exception | None = None
+
+    def to_json(self) -> dict:
+        """The JSON answer of ``keg tx --json`` and ``POST /v1/tx``."""
+        if self.ok:
+            return {"ok": True, "revision": self.revision, "revision_kid": self.revision_kid, "kids": self.kids}
+        out = {"ok": False, "error": str(self.error), "error_type": type(self.error).__name__}
+        failed = getattr(self.error, "path", None)
+        if failed is not None:
+            out["failed_compare"] = {"path": failed, "expected": self.error.expected, "actual": self.error.actual}
+        return out
+
+
+def put(path: str, data: bytes | str, mode: int = 0o100644) -> Put:
+    """A validated put op; text is stored as UTF-8."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray)):
+        raise BadRequest(f"put {path}: the value must be bytes or text")
+    norm = paths.normalize(path)
+    if norm == paths.ROOT:
+        raise BadRequest("cannot put a value at '/', the root is a directory")
+    return Put(norm, bytes(data), mode)
+
+
+def delete(path: str, recursive: bool = False) -> Delete:
+    """A validated delete op."""
+    norm = paths.normalize(path)
+    if norm == paths.ROOT:
+        raise BadRequest("cannot delete '/', the root of the namespace")
+    return Delete(norm, bool(recursive))
+
+
+def compare(path: str, expected: str | None) -> Compare:
+    """A validated compare; ``expected`` is a full KID or ``None`` for absent."""
+    norm = paths.normalize(path)
+    if expected is not None:
+        try:
+            expected = str(kidlib.parse(expected, allow_short=False))
+        except kidlib.KidError as err:
+            raise BadRequest(f"compare on {norm}: {err}") from err
+    return Compare(norm, expected)
+
+
+def _field(obj: dict, name: str, where: str, kinds, required: bool = True):
+    if name not in obj:
+        if required:
+            raise BadRequest(f"{where}: missing field {name!r}")
+        return None
+    value = obj[name]
+    if not isinstance(value, kinds):
+        raise BadRequest(f"{where}: field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _parse_op(obj, where: str):
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{where}: an op must be a JSON object")
+    kind = _field(obj, "op", where, str)
+    path = _field(obj, "path", where, str)
+    if kind == "delete":
+        return delete(path, bool(obj.get("recursive", False)))
+    if kind != "put":
+        raise BadRequest(f"{where}: unknown op {kind!r}; ops are 'put' and 'delete'")
+    has_text, has_b64 = "value" in obj, "base64" in obj
+    if has_text == has_b64:
+        raise BadRequest(f"{where}: a put needs exactly one of 'value' (text) or 'base64'")
+    if has_text:
+        data = _field(obj, "value", where, str).encode("utf-8")
+    else:
+        try:
+            data = base64.b64decode(_field(obj, "base64", where, str), validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise BadRequest(f"{where}: 'base64' is not valid base64") from err
+    mode_name = obj.get("mode", "file")
+    if mode_name not in MODES:
+        raise BadRequest(f"{where}: mode must be one of {sorted(MODES)}")
+    return put(path, data, MODES[mode_name])
+
+
+def parse_transaction(obj, author: Author | None = None) -> Transaction:
+    """Build a :class:`Transaction` from its JSON form, validating every part.
+
+    Raises:
+        BadRequest: naming the first thing that is wrong.
+    """
+    if not isinstance(obj, dict):
+        raise BadRequest("a transaction must be a JSON object with 'ops' (and optionally 'compare')")
+    unknown = set(obj) - {"compare", "ops", "id"}
+    if unknown:
+        raise BadRequest(f"transaction has unknown fields: {', '.join(sorted(unknown))}")
+    raw_ops = _field(obj, "ops", "transaction", list)
+    raw_cmp = _field(obj, "compare", "transaction", list, required=False) or []
+    ops = tuple(_parse_op(op, f"ops[{i}]") for i, op in enumerate(raw_ops))
+    compares = []
+    for i, c in enumerate(raw_cmp):
+        where = f"compare[{i}]"
+        if not isinstance(c, dict):
+            raise BadRequest(f"{where}: a compare must be a JSON object")
+        path = _field(c, "path", where, str)
+        if "kid" not in c:
+            raise BadRequest(f"{where}: missing field 'kid' (a KID, or null for 'absent')")
+        expected = _field(c, "kid", where, (str, type(None)))
+        compares.append(compare(path, expected))
+    tx_id = _field(obj, "id", "transaction", str, required=False)
+    return Transaction(ops, tuple(compares), author or Author(), tx_id)

@@ -1,0 +1,1 @@
+"""The ``keg`` command line and the shell policies built on it."""

@@ -1,0 +1,354 @@
+"""The ``keg`` command: plumbing over a keg on this machine.
+
+Exit codes (the same for every command):
+
+  0  done
+  1  not found (path, revision or KID)
+  2  usage: bad arguments, bad path, bad KID, malformed transaction
+  3  compare failed: a guarded write found another value; nothing changed
+  4  the keg is damaged or another error stopped the command
+  5  busy: another process holds the keg's write lock
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import click
+
+import kid as kidlib
+import keg
+from keg.errors import BadRequest, CompareFailed, KegError
+from keg.transaction import Transaction, compare, delete, parse_transaction, put
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_COMPARE, EXIT_ERROR = 0, 1, 2, 3, 4
+MAX_STDIN_TX = 64 << 20
+
+keg_dir_option = click.option(
+    "--keg", "keg_dir", envvar="KEG_DIR", metavar="DIR", required=True,
+    help="The keg directory (a bare git repository). Default: $KEG_DIR.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs instead of lines.")
+rev_option = click.option("--rev", "-r", metavar="REV", default=None,
+                          help="Read at this revision: a number, a revision KID, or -N counting back from the head.")
+
+
+def _open(keg_dir: str) -> keg.Store:
+    return keg.Store(keg_dir)
+
+
+def _emit_json(value) -> None:
+    click.echo(json.dumps(value, indent=None, sort_keys=True))
+
+
+def _check_tx(result: keg.TxResult) -> None:
+    if not result.ok:
+        raise result.error
+
+
+def _print_result(result: keg.TxResult, as_json: bool) -> None:
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    for path, value_kid in result.kids.items():
+        click.echo(f"{path}\t{value_kid or '-'}\t{result.revision}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="keg", prog_name="keg")
+def cli():
+    """Keg: one versioned, content-addressed namespace in git.
+
+    Every file and directory is a value with a KID (K- and hex, the git object
+    id); every commit is a numbered revision. These plumbing commands work on a
+    keg on this machine: give it with --keg DIR or KEG_DIR.
+
+    \b
+    Exit codes: 0 done, 1 not found, 2 usage, 3 compare failed,
+    4 damaged keg or other error, 5 keg busy (another writer).
+    """
+
+
+@cli.command()
+@keg_dir_option
+@json_option
+def init(keg_dir, as_json):
+    """Create a new, empty keg in DIR (revision 1)."""
+    with keg.init(keg_dir) as store:
+        head = store.revision()
+    if as_json:
+        _emit_json({"keg": store.path, **head.to_json()})
+    else:
+        click.echo(f"initialised keg at {store.path} (revision {head.number}, {head.kid})")
+
+
+@cli.command("put")
+@click.argument("path")
+@click.argument("file", type=click.File("rb"), required=False)
+@click.option("--if-match", metavar="KID", help="Write only if PATH currently has this KID (compare-and-swap).")
+@click.option("--if-absent", is_flag=True, help="Write only if nothing is at PATH yet.")
+@click.option("--exec", "executable", is_flag=True, help="Store the file as executable (mode 100755).")
+@keg_dir_option
+@json_option
+def put_cmd(path, file, if_match, if_absent, executable, keg_dir, as_json):
+    """Write FILE (or standard input) at PATH, creating directories on the way.
+
+    Prints PATH, its new KID and the revision, tab-separated.
+    """
+    if if_match and if_absent:
+        raise click.UsageError("--if-match and --if-absent cannot be used together")
+    compares = []
+    if if_match or if_absent:
+        compares.append(compare(path, if_match))
+    op = put(path, b"", 0o100755 if executable else 0o100644)  # validate the path before reading input
+    data = (file or click.get_binary_stream("stdin")).read()
+    tx = Transaction((put(op.path, data, op.mode),), tuple(compares))
+    with _open(keg_dir) as store:
+        result = store.apply(tx)
+    _check_tx(result)
+    _print_result(result, as_json)
+
+
+@cli.command("cat")
+@click.argument("path")
+@rev_option
+@keg_dir_option
+def cat_cmd(path, rev, keg_dir):
+    """Print the bytes of the file at PATH."""
+    with _open(keg_dir) as store:
+        data = store.read(path, rev)
+    out = click.get_binary_stream("stdout")
+    out.write(data)
+    out.flush()
+
+
+@cli.command("ls")
+@click.argument("path", default="/")
+@rev_option
+@click.option("-l", "long", is_flag=True, help="Long form: kind, KID, size and path, tab-separated.")
+@keg_dir_option
+@json_option
+def ls_cmd(path, rev, long, keg_dir, as_json):
+    """List the directory at PATH (default /). Directories end in '/'."""
+    with _open(keg_dir) as store:
+        entry = store.stat(path, rev)
+        entries = store.list(path, rev) if entry.kind == "tree" else [entry]
+    if as_json:
+        _emit_json([e.to_json() for e in entries])
+        return
+    for e in entries:
+        shown = e.name + ("/" if e.kind == "tree" else "")
+        if long:
+            click.echo(f"{e.kind}\t{e.kid}\t{e.size}\t{shown}")
+        else:
+            click.echo(shown)
+
+
+@cli.command("rm")
+@click.argument("path")
+@click.option("-r", "--recursive", is_flag=True, help="Remove a directory and everything under it.")
+@click.option("--if-match", metavar="KID", help="Remove only if PATH currently has this KID.")
+@keg_dir_option
+@json_option
+def rm_cmd(path, recursive, if_match, keg_dir, as_json):
+    """Remove the file (or with -r the directory) at PATH."""
+    compares = (compare(path, if_match),) if if_match else ()
+    tx = Transaction((delete(path, recursive),), compares)
+    with _open(keg_dir) as store:
+        result = store.apply(tx)
+    _check_tx(result)
+    _print_result(result, as_json)
+
+
+@cli.command("tx")
+@click.argument("file", type=click.File("rb"), required=False)
+@keg_dir_option
+@json_option
+def tx_cmd(file, keg_dir, as_json):
+    """Apply a transaction given as JSON in FILE or on standard input.
+
+    \b
+    {"compare": [{"path": "/a/b.txt", "kid": "K-…"}, {"path": "/new.json", "kid": null}],
+     "ops": [{"op": "put", "path": "/a/b.txt", "value": "text"},
+             {"op": "put", "path": "/bin.dat", "base64": "…"},
+             {"op": "delete", "path": "/old.json"}]}
+
+    Every compare must hold (kid null: the path is absent) or nothing
+    changes and the exit code is 3. Prints each written path with its KID
+    and the revision, or with --json the whole answer.
+    """
+    raw = (file or click.get_binary_stream("stdin")).read(MAX_STDIN_TX + 1)
+    if len(raw) > MAX_STDIN_TX:
+        raise BadRequest(f"transaction is larger than {MAX_STDIN_TX >> 20} MiB")
+    try:
+        obj = json.loads(raw)
+    except ValueError as err:
+        raise BadRequest(f"the transaction is not valid JSON: {err}") from err
+    tx = parse_transaction(obj)
+    with _open(keg_dir) as store:
+        result = store.apply(tx)
+    if as_json:
+        _emit_json(result.to_json())
+        if not result.ok:
+            raise click.exceptions.Exit(result.error.exit_code)
+        return
+    _check_tx(result)
+    _print_result(result, as_json)
+
+
+@cli.command("kid")
+@click.argument("path")
+@rev_option
+@keg_dir_option
+def kid_cmd(path, rev, keg_dir):
+    """Print the KID of the value at PATH (the git object id, as K-…)."""
+    with _open(keg_dir) as store:
+        click.echo(store.kid(path, rev))
+
+
+@cli.command("resolve")
+@click.argument("kid_text", metavar="KID")
+@keg_dir_option
+@json_option
+def resolve_cmd(kid_text, keg_dir, as_json):
+    """Say what a KID names: a file or tree value, a revision, or an identity.
+
+    Short forms (K- and at least 8 hex digits) work like git short hashes;
+    an ambiguous one is refused with the candidates listed.
+    """
+    try:
+        kidlib.parse(kid_text)
+    except kidlib.KidError as err:
+        raise BadRequest(str(err)) from err
+    with _open(keg_dir) as store:
+        found = store.resolve_kid(kid_text)
+    if as_json:
+        _emit_json(found)
+        return
+    kind = found["kind"]
+    if kind == "revision":
+        click.echo(f"{found['kid']}\trevision\t{found['revision']}\t{found['summary']}")
+    elif kind in ("file", "tree"):
+        click.echo(f"{found['kid']}\t{kind}\t{found['size']}\t{' '.join(found['paths']) or '(not at head)'}")
+    else:
+        click.echo(f"{found['kid']}\t{kind}\t{found['path']}")
+
+
+@cli.command("log")
+@click.argument("path", default="/")
+@rev_option
+@click.option("-n", "limit", type=click.IntRange(min=1), default=None, help="Show at most this many revisions.")
+@keg_dir_option
+@json_option
+def log_cmd(path, rev, limit, keg_dir, as_json):
+    """Revisions that changed PATH (default: all), newest first.
+
+    Each line: revision, revision KID, time (UTC, ISO 8601), author, summary.
+    """
+    with _open(keg_dir) as store:
+        entries = store.log(path, rev, limit)
+    if as_json:
+        _emit_json([{**r.to_json(), "path_kid": k} for r, k in entries])
+        return
+    import datetime
+    for r, _ in entries:
+        when = datetime.datetime.fromtimestamp(r.time, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        click.echo(f"{r.number}\t{r.kid}\t{when}\t{r.author}\t{r.message.splitlines()[0]}")
+
+
+@cli.command("diff")
+@click.argument("rev_a", metavar="FROM")
+@click.argument("rev_b", metavar="TO", required=False)
+@click.option("--prefix", default="/", help="Only paths under this prefix.")
+@keg_dir_option
+@json_option
+def diff_cmd(rev_a, rev_b, prefix, keg_dir, as_json):
+    """Files that differ between revisions FROM and TO (default: head).
+
+    Each line: A (added), M (modified) or D (deleted), the path, old and new KID.
+    """
+    with _open(keg_dir) as store:
+        changes = store.diff(rev_a, rev_b, prefix)
+    if as_json:
+        _emit_json([{"path": p, "old_kid": a, "new_kid": b} for p, a, b in changes])
+        return
+    for path, old, new in changes:
+        status = "A" if old is None else "D" if new is None else "M"
+        click.echo(f"{status}\t{path}\t{old or '-'}\t{new or '-'}")
+
+
+@cli.command("watch", context_settings={"ignore_unknown_options": True})
+@click.argument("prefix", default="/")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--since", type=int, default=None,
+              help="Start after this revision (0: from the beginning). Default: only new changes.")
+@click.option("--timeout", type=float, default=None, help="Stop after this many seconds without a change.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many events.")
+@keg_dir_option
+@json_option
+def watch_cmd(prefix, command, since, timeout, count, keg_dir, as_json):
+    """Print one line per change under PREFIX, or run COMMAND per change.
+
+    \b
+    Lines: revision, action (create/update/delete), path, old KID, new KID.
+    With `-- COMMAND ARGS…` the command runs once per event with
+    KEG_REVISION, KEG_ACTION, KEG_PATH, KEG_OLD_KID, KEG_NEW_KID set.
+    Events come in revision order with no gaps; resume with --since.
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    seen = 0
+    with _open(keg_dir) as store:
+        for event in store.watch(prefix, since, timeout=timeout):
+            if command:
+                env = dict(os.environ, KEG_REVISION=str(event.revision), KEG_ACTION=event.action,
+                           KEG_PATH=event.path, KEG_OLD_KID=event.old_kid or "", KEG_NEW_KID=event.new_kid or "")
+                subprocess.run(list(command), env=env, check=False)
+            elif as_json:
+                _emit_json(event.to_json())
+            else:
+                click.echo(f"{event.revision}\t{event.action}\t{event.path}\t"
+                           f"{event.old_kid or '-'}\t{event.new_kid or '-'}")
+            sys.stdout.flush()
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+
+def main(argv=None) -> int:
+    """Run ``keg``; turn errors into the documented exit codes and one-line messages."""
+    try:
+        cli.main(args=argv, prog_name="keg", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("keg: interrupted", err=True)
+        return 130
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as err:
+        err.show()
+        return EXIT_USAGE if isinstance(err, click.UsageError) else err.exit_code
+    except CompareFailed as err:
+        click.echo(f"keg: {err}", err=True)
+        return EXIT_COMPARE
+    except KegError as err:
+        click.echo(f"keg: {err}", err=True)
+        return err.exit_code
+    except kidlib.KidError as err:
+        click.echo(f"keg: {err}", err=True)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+def entry_point() -> None:
+    """The console script: ``sys.exit(main())``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

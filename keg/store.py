@@ -458,6 +458,18 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
+    def lock(self) -> None:
+        """Become the keg's writer now: take the write lock and replay what a crash left in the journal.
+
+        Writes take the lock by themselves; call this to recover a keg (or to
+        hold it, as a master does) before the first write.
+
+        Raises:
+            KegBusy: another process kept the lock for longer than ``lock_timeout``.
+            CorruptKeg: the journal cannot be replayed onto the head.
+        """
+        self._acquire_write_lock()
+
     def _acquire_write_lock(self) -> None:
         if self._lock_fd is not None:
             return

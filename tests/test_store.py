@@ -1,0 +1,293 @@
+"""The store: reads, transactions, group commit, history, diff and watch."""
+
+import json
+import multiprocessing
+import os
+
+import pytest
+
+import keg
+from keg import Transaction, compare, delete, put
+from keg.errors import AmbiguousKid, BadPath, BadRequest, CompareFailed, NotFound, PathConflict
+
+from conftest import git
+
+
+def tx(*ops, compares=()):
+    return Transaction(tuple(ops), tuple(compares))
+
+
+def test_put_read_and_kid_is_the_git_blob_id(store, keg_dir):
+    r = store.apply(tx(put("/a/b.txt", "hi\n")))
+    assert r.ok and r.revision == 2
+    assert store.read("/a/b.txt") == b"hi\n"
+    store.checkpoint()
+    blob = git(keg_dir, "rev-parse", "main:a/b.txt").stdout.strip()
+    assert store.kid("/a/b.txt") == "K-" + blob == r.kids["/a/b.txt"]
+    assert git(keg_dir, "show", "main:a/b.txt").stdout == "hi\n"
+
+
+def test_stat_and_list_report_kind_size_and_kid(store):
+    store.apply(tx(put("/d/x.json", '{"a": 1}'), put("/d/sub/y", "yy"), put("/d/run.sh", "#!", mode=0o100755)))
+    entries = {e.name: e for e in store.list("/d")}
+    assert entries["x.json"].kind == "file" and entries["x.json"].size == 8
+    assert entries["sub"].kind == "tree" and entries["sub"].size == 1
+    assert entries["run.sh"].mode == 0o100755
+    assert store.stat("/d").kind == "tree"
+    assert [e.path for e in store.list("/")] == ["/d"]
+
+
+def test_time_travel_by_number_and_by_revision_kid(store):
+    first = store.apply(tx(put("/v", "one")))
+    store.apply(tx(put("/v", "two")))
+    assert store.read("/v") == b"two"
+    assert store.read("/v", rev=first.revision) == b"one"
+    assert store.read("/v", rev=first.revision_kid) == b"one"
+    assert store.read("/v", rev=first.revision_kid[:12]) == b"one"
+    assert store.read("/v", rev=-1) == b"two"
+    with pytest.raises(NotFound, match="revision 99 does not exist"):
+        store.read("/v", rev=99)
+    with pytest.raises(NotFound):
+        store.read("/v", rev=1)  # revision 1 is the empty namespace
+
+
+def test_failed_compare_changes_nothing(store):
+    store.apply(tx(put("/cfg.json", "{}")))
+    head = store.head_revision
+    r = store.apply(tx(put("/cfg.json", '{"x": 1}'), put("/other", "o"),
+                       compares=[compare("/cfg.json", "K-" + "0" * 40)]))
+    assert not r.ok and isinstance(r.error, CompareFailed) and r.error.path == "/cfg.json"
+    assert store.head_revision == head
+    assert store.read("/cfg.json") == b"{}" and not store.exists("/other")
+
+
+def test_compare_absent_and_compare_equal(store):
+    assert store.apply(tx(put("/new", "1"), compares=[compare("/new", None)])).ok
+    assert not store.apply(tx(put("/new", "2"), compares=[compare("/new", None)])).ok
+    current = store.kid("/new")
+    assert store.apply(tx(put("/new", "3"), compares=[compare("/new", current)])).ok
+    assert store.read("/new") == b"3"
+
+
+def test_group_commit_one_revision_with_per_transaction_results(store):
+    results = store.commit([
+        tx(put("/g/a", "a")),
+        tx(put("/g/b", "b"), compares=[compare("/g/a", "K-" + "1" * 40)]),  # fails
+        tx(put("/g/c", "c")),
+        tx(put("/g/a/x", "under a file")),  # fails: /g/a is a file
+    ])
+    assert [r.ok for r in results] == [True, False, True, False]
+    assert results[0].revision == results[2].revision == store.head_revision
+    assert isinstance(results[3].error, PathConflict)
+    assert sorted(e.name for e in store.list("/g")) == ["a", "c"]
+
+
+def test_compare_sees_earlier_transactions_of_the_same_group(store):
+    results = store.commit([tx(put("/k", "v1")), tx(put("/k", "v2"), compares=[compare("/k", None)])])
+    assert results[0].ok and not results[1].ok
+    assert store.read("/k") == b"v1"
+
+
+def test_failed_transaction_in_a_group_leaves_no_partial_writes(store):
+    results = store.commit([tx(put("/p/ok", "1"), put("/p/ok/bad", "2"))])
+    assert not results[0].ok
+    assert not store.exists("/p")
+    assert store.head_revision == 1
+
+
+def test_delete_file_directory_and_missing(store):
+    store.apply(tx(put("/d/a", "1"), put("/d/e/b", "2"), put("/keep", "k")))
+    with pytest.raises(PathConflict, match="recursively"):
+        _raise(store.apply(tx(delete("/d"))))
+    assert store.apply(tx(delete("/d/e/b"))).ok
+    assert not store.exists("/d/e")  # empty directories vanish, as in git
+    assert store.apply(tx(delete("/d", recursive=True))).ok
+    assert [e.path for e in store.list("/")] == ["/keep"]
+    with pytest.raises(NotFound):
+        _raise(store.apply(tx(delete("/nothing"))))
+
+
+def _raise(result):
+    if not result.ok:
+        raise result.error
+
+
+def test_put_where_a_directory_is_is_refused(store):
+    store.apply(tx(put("/dir/f", "1")))
+    with pytest.raises(PathConflict, match="is a directory"):
+        _raise(store.apply(tx(put("/dir", "x"))))
+
+
+@pytest.mark.parametrize("bad", ["relative", "/a/../b", "/a//b", "/.git/x", "/x\x00y"])
+def test_bad_paths_never_reach_the_store(store, bad):
+    with pytest.raises(BadPath):
+        store.apply(tx(put(bad, "x")))
+    assert store.head_revision == 1
+
+
+def test_transaction_json_form_is_validated_before_anything_is_written(store):
+    good = keg.parse_transaction({"compare": [{"path": "/n.json", "kid": None}],
+                                  "ops": [{"op": "put", "path": "/n.json", "value": "{}"},
+                                          {"op": "put", "path": "/bin", "base64": "AAEC"}]})
+    assert store.apply(good).ok and store.read("/bin") == b"\x00\x01\x02"
+    for bad, message in [
+        ({"ops": []}, "at least one op"),
+        ({"ops": [{"op": "put", "path": "/x"}]}, "exactly one of"),
+        ({"ops": [{"op": "put", "path": "/x", "base64": "!!"}]}, "not valid base64"),
+        ({"ops": [{"op": "move", "path": "/x"}]}, "unknown op"),
+        ({"ops": [{"op": "put", "path": "/x", "value": 1}]}, "wrong type"),
+        ({"compare": [{"path": "/x", "kid": "K-1234abcd"}], "ops": [{"op": "delete", "path": "/x"}]}, "full KID"),
+        ({"compare": [{"path": "/x"}], "ops": [{"op": "delete", "path": "/x"}]}, "missing field 'kid'"),
+        ({"ops": [{"op": "put", "path": "../x", "value": ""}]}, "absolute"),
+        ({"ops": [], "extra": 1}, "unknown fields"),
+        ([], "JSON object"),
+    ]:
+        with pytest.raises(BadRequest, match=message):
+            keg.parse_transaction(bad)
+    assert store.head_revision == 2
+
+
+def test_log_lists_revisions_that_changed_a_path(store):
+    store.apply(tx(put("/a", "1")))
+    store.apply(tx(put("/b", "1")))
+    store.apply(tx(put("/a", "2")))
+    store.apply(tx(delete("/a")))
+    log = store.log("/a")
+    assert [r.number for r, _ in log] == [5, 4, 2]
+    assert log[0][1] is None and log[1][1] == keg.Store.kid(store, "/a", 4)
+    assert [r.number for r, _ in store.log("/", limit=2)] == [5, 4]
+
+
+def test_diff_between_revisions_with_prefix(store):
+    store.apply(tx(put("/m/1/procs/a.json", "a"), put("/m/2/procs/b.json", "b")))
+    base = store.head_revision
+    store.apply(tx(put("/m/1/procs/a.json", "a2"), delete("/m/2/procs/b.json"), put("/m/3/x", "x")))
+    changes = store.diff(base, store.head_revision)
+    assert [c[0] for c in changes] == ["/m/1/procs/a.json", "/m/2/procs/b.json", "/m/3/x"]
+    assert changes[1][2] is None and changes[2][1] is None
+    assert [c[0] for c in store.diff(base, store.head_revision, "/m/1")] == ["/m/1/procs/a.json"]
+
+
+def test_diff_when_a_file_becomes_a_directory(store):
+    store.apply(tx(put("/x", "file")))
+    a = store.head_revision
+    store.apply(tx(delete("/x")))
+    store.apply(tx(put("/x/inner", "now a dir")))
+    assert [(p, o is None, n is None) for p, o, n in store.diff(a, store.head_revision)] == \
+        [("/x", False, True), ("/x/inner", True, False)]
+
+
+def test_events_are_ordered_gap_free_and_resumable(store):
+    for i in range(10):
+        store.apply(tx(put(f"/w/{i % 3}", str(i)), put("/other", str(i))))
+    events = list(store.events("/w", since=0))
+    assert [e.revision for e in events] == list(range(2, 12))
+    assert [e.action for e in events[:4]] == ["create", "create", "create", "update"]
+    resumed = list(store.events("/w", since=6))
+    assert resumed == events[5:]
+    with pytest.raises(BadRequest):
+        list(store.events("/w", since=99))
+
+
+def test_watch_follows_revisions_written_by_another_process(keg_dir):
+    keg.init(keg_dir, durable=False).close()
+    reader = keg.Store(keg_dir)
+    start = reader.head_revision
+    proc = multiprocessing.get_context("spawn").Process(target=_write_three, args=(keg_dir,))
+    proc.start()
+    seen = []
+    for event in reader.watch("/live", since=start, timeout=10):
+        seen.append((event.path, event.action))
+        if len(seen) == 3:
+            break
+    proc.join(10)
+    assert seen == [("/live/0", "create"), ("/live/1", "create"), ("/live/2", "create")]
+
+
+def _write_three(keg_dir):
+    for i in range(3):
+        with keg.Store(keg_dir, durable=False) as s:
+            s.apply(Transaction((put(f"/live/{i}", "x"),)))
+
+
+def test_concurrent_writers_to_different_paths_both_succeed(keg_dir):
+    keg.init(keg_dir, durable=False).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(keg_dir, f"/writer{w}", 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with keg.Store(keg_dir) as s:
+        assert s.head_revision == 1 + 4 * 25
+        for w in range(4):
+            assert len(s.list(f"/writer{w}")) == 25
+    assert git(keg_dir, "fsck", "--strict").returncode == 0
+
+
+def _write_many(keg_dir, prefix, n):
+    for i in range(n):
+        with keg.Store(keg_dir, durable=False) as s:
+            result = s.apply(Transaction((put(f"{prefix}/{i}", str(i)),)))
+            assert result.ok
+
+
+def test_reopen_after_checkpoint_and_from_journal(keg_dir):
+    s = keg.init(keg_dir, durable=False)
+    s.apply(tx(put("/a", "1")))
+    s.checkpoint()
+    s.apply(tx(put("/b", "2")))  # only in the journal
+    s._journal.close()
+    os.close(s._lock_fd)  # drop the lock without a checkpoint, as a crash would
+    s._lock_fd = None
+    reopened = keg.Store(keg_dir)
+    assert reopened.head_revision == 2  # a reader sees the checkpoint
+    reopened.apply(tx(put("/c", "3")))  # the next writer replays the journal first
+    assert reopened.read("/b") == b"2" and reopened.head_revision == 4
+    reopened.close()
+    assert git(keg_dir, "fsck", "--strict").returncode == 0
+    assert git(keg_dir, "log", "--format=%s", "main").stdout.split("\n")[:3] == ["put /c", "put /b", "put /a"]
+
+
+def test_resolve_kids_values_revisions_identities_and_ambiguity(store):
+    r = store.apply(tx(put("/users/ann/user.json", json.dumps({"email": "ann@example.com",
+                                                               "kid": keg_kid_user("ann@example.com")})),
+                       put("/docs/a.md", "# A"), put("/copy/a.md", "# A")))
+    value = store.resolve_kid(store.kid("/docs/a.md")[:10])
+    assert value["kind"] == "file" and value["paths"] == ["/copy/a.md", "/docs/a.md"]
+    rev = store.resolve_kid(r.revision_kid)
+    assert rev["kind"] == "revision" and rev["revision"] == 2
+    user = store.resolve_kid(keg_kid_user("ann@example.com"))
+    assert user["kind"] == "user" and user["name"] == "ann"
+    with pytest.raises(NotFound):
+        store.resolve_kid("K-" + "f" * 40)
+    with pytest.raises(BadRequest):
+        store.resolve_kid("K-xyz")
+
+
+def keg_kid_user(email):
+    import kid
+    return kid.user_kid(email)
+
+
+def test_ambiguous_short_kid_names_its_candidates(store):
+    from keg.objects import OBJ_BLOB, object_id
+    seen, i = {}, 0
+    while True:  # a birthday search: two values whose KIDs share 8 hex digits (about 80,000 tries)
+        data = f"value {i}".encode()
+        oid = object_id(OBJ_BLOB, data).hex()
+        if oid[:8] in seen:
+            break
+        seen[oid[:8]] = (data, oid)
+        i += 1
+    other_data, other_oid = seen[oid[:8]]
+    store.apply(tx(put("/one", other_data), put("/two", data)))
+    with pytest.raises(AmbiguousKid) as err:
+        store.resolve_kid("K-" + oid[:8])
+    assert sorted(err.value.candidates) == sorted(["K-" + oid, "K-" + other_oid])
+    assert "give more hex digits" in str(err.value)
+    store.checkpoint()  # once packed, libgit2 reports the ambiguity and Keg lists the candidates
+    with pytest.raises(AmbiguousKid):
+        store.resolve_kid("K-" + oid[:8])
+    assert store.resolve_kid("K-" + oid[:12])["paths"] == ["/two"]

@@ -181,6 +181,7 @@ class KegProfiler:
         """Save the raw profile to ``path`` and print the top entries by own time and by total time."""
         if self.profile is None:
             return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.profile.dump_stats(path)
         stats = pstats.Stats(self.profile)
         stats.strip_dirs()

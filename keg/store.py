@@ -739,7 +739,7 @@ class Store:
         after = self._lookup(self._root(number), path)
         while number >= 1 and (limit is None or len(out) < limit):
             before = self._lookup(self._root(number - 1), path)
-            if before != after:
+            if before != after or path == paths.ROOT:  # every revision is a change of the namespace
                 out.append((self.revision(number), _kid(after[1]) if after else None))
             number, after = number - 1, before
         return out

@@ -103,7 +103,7 @@ def put_cmd(path, file, if_match, if_absent, executable, keg_dir, as_json):
     if if_match or if_absent:
         compares.append(compare(path, if_match))
     op = put(path, b"", 0o100755 if executable else 0o100644)  # validate the path before reading input
-    data = (file or click.get_binary_stream("stdin")).read()
+    data = (file or sys.stdin.buffer).read()
     tx = Transaction((put(op.path, data, op.mode),), tuple(compares))
     with _open(keg_dir) as store:
         result = store.apply(tx)
@@ -119,7 +119,7 @@ def cat_cmd(path, rev, keg_dir):
     """Print the bytes of the file at PATH."""
     with _open(keg_dir) as store:
         data = store.read(path, rev)
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     out.write(data)
     out.flush()
 
@@ -179,7 +179,7 @@ def tx_cmd(file, keg_dir, as_json):
     changes and the exit code is 3. Prints each written path with its KID
     and the revision, or with --json the whole answer.
     """
-    raw = (file or click.get_binary_stream("stdin")).read(MAX_STDIN_TX + 1)
+    raw = (file or sys.stdin.buffer).read(MAX_STDIN_TX + 1)
     if len(raw) > MAX_STDIN_TX:
         raise BadRequest(f"transaction is larger than {MAX_STDIN_TX >> 20} MiB")
     try:
@@ -320,7 +320,7 @@ def watch_cmd(prefix, command, since, timeout, count, keg_dir, as_json):
 def main(argv=None) -> int:
     """Run ``keg``; turn errors into the documented exit codes and one-line messages."""
     try:
-        cli.main(args=argv, prog_name="keg", standalone_mode=False)
+        returned = cli.main(args=argv, prog_name="keg", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("keg: interrupted", err=True)
         return 130
@@ -342,7 +342,8 @@ def main(argv=None) -> int:
         return EXIT_OK
     except KeyboardInterrupt:
         return 130
-    return EXIT_OK
+    # Without standalone mode click returns the code of an Exit raised by a command.
+    return returned if isinstance(returned, int) else EXIT_OK
 
 
 def entry_point() -> None:

@@ -1,0 +1,388 @@
+"""Keg store benchmarks: each runs its anchor and Keg on the same work in one run and prints the ratio.
+
+Usage::
+
+    .venv/bin/python bench/run.py [--quick] [--profile] [NAME...]
+
+Benchmarks (DESIGN §9; figures and goals in docs/benchmarks.md):
+
+``single``     durable sequential single-key puts: etcd 3.4 over its HTTP/JSON
+               gateway (one keep-alive client) vs Keg ``Store.apply`` in process.
+``batched``    Keg transactions of 100 and 1,000 puts vs unbatched Keg, keys/s
+               (etcd txn of 100 puts as a side figure).
+``diffwatch``  ``Store.diff`` and ``Store.events`` of one changed file in a 20,000-entry
+               namespace (and in a 200-entry one); anchor: etcd range read of the
+               changed machine's prefix.
+``scale``      one-path durable commit on a 100-entry vs a 150,000-entry namespace.
+
+Every Keg timed region starts right after a checkpoint and ends with one, so
+the objects written are in a git pack before the clock stops (checkpoints are
+part of the cost).  Results go to ``bench/out/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import keg
+from keg import Transaction, put
+
+from etcd_anchor import EtcdClient, EtcdServer, etcd_version
+from measure import KegProfiler, Report, Stopwatch, environment, latency_text, summarize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VALUE_BYTES = 128
+WARMUP = 20
+
+
+class Context:
+    """What every benchmark gets: run options and the shared tools."""
+
+    def __init__(self, args, profiler: KegProfiler):
+        self.quick = args.quick
+        self.tmp = args.tmp
+        self.etcd = args.etcd
+        self.profiler = profiler
+
+    def size(self, full, quick):
+        """The full-run parameter, or the ``--quick`` one."""
+        return quick if self.quick else full
+
+
+# ------------------------------------------------------------------ workloads
+
+def value(i: int) -> bytes:
+    """A distinct ``VALUE_BYTES``-byte value per write (so every put makes a new blob)."""
+    return f"value {i} ".encode().ljust(VALUE_BYTES, b"x")
+
+
+def proc_path(machine: int, proc: int) -> str:
+    """The namespace path of one process file."""
+    return f"/machines/m{machine:04d}/procs/p{proc:02d}.json"
+
+
+def proc_spec(machine: int, proc: int, generation: int) -> bytes:
+    """A small process-spec JSON file, about 150 bytes."""
+    return (f'{{"machine": "m{machine:04d}", "name": "p{proc:02d}", "image": "K-{machine * 97 + proc:040x}", '
+            f'"argv": ["/usr/bin/worker", "--id", "{proc}"], "generation": {generation}}}').encode()
+
+
+@contextmanager
+def keg_store(ctx: Context):
+    """A new durable keg (default checkpoint settings) in a temporary directory, removed afterwards."""
+    tmp = tempfile.mkdtemp(prefix="keg-bench-", dir=ctx.tmp)
+    store = None
+    try:
+        store = keg.init(os.path.join(tmp, "keg"))
+        yield store
+    finally:
+        try:
+            if store is not None:
+                store.close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_machines(store, machines: int, procs: int, per_tx: int) -> int:
+    """Fill ``/machines`` with ``machines × procs`` files using transactions of ``per_tx`` puts.
+
+    Returns:
+        The number of revisions written.
+    """
+    ops, revisions = [], 0
+    for i in range(machines):
+        for j in range(procs):
+            ops.append(put(proc_path(i, j), proc_spec(i, j, 0)))
+            if len(ops) == per_tx:
+                assert store.apply(Transaction(tuple(ops))).ok
+                ops, revisions = [], revisions + 1
+    if ops:
+        assert store.apply(Transaction(tuple(ops))).ok
+        revisions += 1
+    return revisions
+
+
+def keg_single_puts(ctx: Context, store, n: int, first: int = 0) -> Stopwatch:
+    """``n`` sequential one-put transactions on keys ``/bench/k{i % 1000}``, checkpoint to checkpoint."""
+    store.checkpoint()
+    with ctx.profiler.section(), Stopwatch() as sw:
+        for i in range(first, first + n):
+            with sw.step():
+                res = store.apply(Transaction((put(f"/bench/k{i % 1000}", value(i)),)))
+            assert res.ok, res
+        store.checkpoint()
+    return sw
+
+
+# -------------------------------------------------------------------- single
+
+def bench_single(ctx: Context) -> Report:
+    """Durable sequential single-key puts, etcd over HTTP vs Keg in process."""
+    n = ctx.size(2000, 500)
+    rep = Report("single", {"n": n, "value_bytes": VALUE_BYTES, "keys": 1000, "warmup": WARMUP})
+
+    with EtcdServer(ctx.etcd, ctx.tmp) as server, EtcdClient(server.port) as client:
+        for i in range(WARMUP):
+            client.put(f"/warm/k{i}".encode(), value(i))
+        with Stopwatch() as etcd_sw:
+            for i in range(n):
+                with etcd_sw.step():
+                    client.put(f"/bench/k{i % 1000}".encode(), value(i))
+    etcd_lat = summarize(etcd_sw.steps)
+    etcd_rate = rep.figure("etcd 3.4 put, HTTP gateway, 1 keep-alive client", n / etcd_sw.total, "puts/s",
+                           latency_text(etcd_lat), latency=etcd_lat)
+
+    with keg_store(ctx) as store:
+        for i in range(WARMUP):
+            store.apply(Transaction((put(f"/warm/k{i}", value(i)),)))
+        keg_sw = keg_single_puts(ctx, store, n)
+        checkpoints = store.stats["checkpoints"]
+    keg_lat = summarize(keg_sw.steps)
+    keg_rate = rep.figure("keg Store.apply, in process, durable", n / keg_sw.total, "puts/s",
+                          latency_text(keg_lat), latency=keg_lat, checkpoints=checkpoints)
+    rep.goal("single ratio keg/etcd (puts/s)", keg_rate / etcd_rate, ">=", 1.0)
+    return rep
+
+
+# ------------------------------------------------------------------- batched
+
+def bench_batched(ctx: Context) -> Report:
+    """Keg transactions of 100 and 1,000 puts vs one put per transaction."""
+    n_single = ctx.size(1000, 300)
+    keys = ctx.size(20_000, 5_000)
+    etcd_txns = ctx.size(100, 20)
+    rep = Report("batched", {"unbatched_n": n_single, "batched_keys": keys, "value_bytes": VALUE_BYTES,
+                             "keys": 1000, "etcd_txns_of_100": etcd_txns})
+
+    with keg_store(ctx) as store:
+        for i in range(WARMUP):
+            store.apply(Transaction((put(f"/warm/k{i}", value(i)),)))
+        sw = keg_single_puts(ctx, store, n_single)
+        unbatched = rep.figure("keg unbatched: 1 put per transaction", n_single / sw.total, "keys/s",
+                               latency_text(summarize(sw.steps)))
+        first = n_single
+        rates = {}
+        for size in (100, 1000):
+            rates[size] = _keg_batches(ctx, rep, store, keys, size, first, grouped=False)
+            first += keys
+        _keg_batches(ctx, rep, store, keys, 100, first, grouped=True)
+
+    rep.goal("batched 100 vs unbatched (keys/s ratio)", rates[100] / unbatched, ">=", 10)
+    rep.goal("batched 1000 vs unbatched (keys/s ratio)", rates[1000] / unbatched, ">=", 10)
+    rep.goal("batched 100, keys/s", rates[100], ">=", 20_000)
+    rep.goal("batched 1000, keys/s", rates[1000], ">=", 20_000)
+
+    with EtcdServer(ctx.etcd, ctx.tmp) as server, EtcdClient(server.port) as client:
+        client.put(b"/warm/k", value(0))
+        with Stopwatch() as sw:
+            for t in range(etcd_txns):
+                with sw.step():
+                    client.put_many((f"/bench/k{(t * 100 + k) % 1000}".encode(), value(t * 100 + k))
+                                    for k in range(100))
+    etcd_rate = rep.figure("side: etcd txn of 100 puts, HTTP, 1 client", etcd_txns * 100 / sw.total, "keys/s",
+                           latency_text(summarize(sw.steps)))
+    rep.figure("side: keg tx of 100 / etcd txn of 100 (keys/s)", rates[100] / etcd_rate, "x")
+    return rep
+
+
+def _keg_batches(ctx, rep, store, keys: int, size: int, first: int, grouped: bool) -> float:
+    """Write ``keys`` puts in commits of ``size``: one transaction of ``size`` puts, or
+    (``grouped``) one group commit of ``size`` one-put transactions.  Returns keys/s."""
+    store.checkpoint()
+    before = store.head_revision
+    with ctx.profiler.section(), Stopwatch() as sw:
+        for start in range(first, first + keys, size):
+            with sw.step():
+                ops = [put(f"/bench/k{i % 1000}", value(i)) for i in range(start, start + size)]
+                if grouped:
+                    results = store.commit([Transaction((op,)) for op in ops])
+                    assert all(r.ok for r in results)
+                else:
+                    assert store.apply(Transaction(tuple(ops))).ok
+        store.checkpoint()
+    assert store.head_revision - before == keys // size
+    label = (f"side: keg group commit of {size} one-put transactions" if grouped
+             else f"keg batched: transactions of {size} puts")
+    return rep.figure(label, keys / sw.total, "keys/s", f"per commit: {latency_text(summarize(sw.steps))}")
+
+
+# ----------------------------------------------------------------- diffwatch
+
+def bench_diffwatch(ctx: Context) -> Report:
+    """Finding what one revision changed: Keg diff/events vs an etcd prefix read."""
+    machines, procs, small_machines = 1000, 20, 10
+    revisions = ctx.size(200, 50)
+    rep = Report("diffwatch", {"machines": machines, "procs": procs, "entries": machines * procs,
+                               "small_entries": small_machines * procs, "revisions": revisions,
+                               "load_tx_puts": 5000})
+    rng = random.Random(20240601)
+    changes = [(rng.randrange(machines), rng.randrange(procs)) for _ in range(revisions)]
+    small_changes = [(m % small_machines, p) for m, p in changes]
+
+    big = _keg_diffs(ctx, rep, machines, procs, changes, "20,000")
+    small = _keg_diffs(ctx, rep, small_machines, procs, small_changes, "200")
+
+    with EtcdServer(ctx.etcd, ctx.tmp) as server, EtcdClient(server.port) as client:
+        with Stopwatch() as load:
+            batch = []
+            for i in range(machines):
+                for j in range(procs):
+                    batch.append((proc_path(i, j).encode(), proc_spec(i, j, 0)))
+                    if len(batch) == 100:
+                        client.put_many(batch)
+                        batch = []
+        rep.figure("etcd load 20,000 keys (txns of 100), not compared", load.total, "s")
+        ranges = []
+        for gen, (i, j) in enumerate(changes, start=1):
+            client.put(proc_path(i, j).encode(), proc_spec(i, j, gen))
+            start = time.perf_counter()
+            kvs = client.range_prefix(f"/machines/m{i:04d}/".encode())
+            ranges.append(time.perf_counter() - start)
+            assert len(kvs) == procs
+    etcd_lat = summarize(ranges)
+    rep.figure("ANCHOR etcd range /machines/mXXXX/ over HTTP (find what changed)", etcd_lat["mean_ms"],
+               "ms mean", latency_text(etcd_lat), latency=etcd_lat)
+
+    rep.figure("keg diff mean / etcd range mean", big["diff"]["mean_ms"] / etcd_lat["mean_ms"], "x")
+    rep.figure("keg events mean / etcd range mean", big["events"]["mean_ms"] / etcd_lat["mean_ms"], "x")
+    rep.goal("diff tree reads, 20,000 minus 200 entries", big["tree_reads_max"] - small["tree_reads_max"],
+             "<=", 0, source="harness: cost must not grow with namespace size")
+    rep.goal("diff mean time, 20,000 / 200 entries", big["diff"]["mean_ms"] / small["diff"]["mean_ms"],
+             "<=", 2.0, source="harness: cost must not grow with namespace size")
+    return rep
+
+
+def _keg_diffs(ctx, rep, machines: int, procs: int, changes, label: str) -> dict:
+    """Load a namespace, then per changed file: one revision, its diff and its events, timed."""
+    with keg_store(ctx) as store:
+        with Stopwatch() as load:
+            load_machines(store, machines, procs, per_tx=5000)
+            store.checkpoint()
+        rep.figure(f"keg load {label} entries (tx of 5,000 puts) + checkpoint", load.total, "s")
+        diffs, events, reads = [], [], []
+        for gen, (i, j) in enumerate(changes, start=1):
+            path = proc_path(i, j)
+            res = store.apply(Transaction((put(path, proc_spec(i, j, gen)),)))
+            r = res.revision
+            with ctx.profiler.section():
+                reads_before = store.stats["tree_reads"]
+                start = time.perf_counter()
+                changed = store.diff(r - 1, r)
+                diffs.append(time.perf_counter() - start)
+                reads.append(store.stats["tree_reads"] - reads_before)
+                start = time.perf_counter()
+                seen = list(store.events("/machines", r - 1, r))
+                events.append(time.perf_counter() - start)
+            assert [c[0] for c in changed] == [path] and changed[0][2] == res.kids[path], changed
+            assert [(e.revision, e.path) for e in seen] == [(r, path)], seen
+    out = {"diff": summarize(diffs), "events": summarize(events),
+           "tree_reads_mean": sum(reads) / len(reads), "tree_reads_max": max(reads)}
+    rep.figure(f"keg diff(r-1, r) on {label} entries", out["diff"]["mean_ms"], "ms mean",
+               latency_text(out["diff"]), latency=out["diff"])
+    rep.figure(f"keg events('/machines', r-1, r) on {label} entries", out["events"]["mean_ms"], "ms mean",
+               latency_text(out["events"]), latency=out["events"])
+    rep.figure(f"keg tree reads per diff on {label} entries", out["tree_reads_mean"], "reads",
+               f"max {out['tree_reads_max']}")
+    return out
+
+
+# --------------------------------------------------------------------- scale
+
+def bench_scale(ctx: Context) -> Report:
+    """One-path durable commit cost on a small vs a large namespace."""
+    n = ctx.size(1000, 300)
+    big_machines, big_procs = ctx.size((5000, 30), (1000, 30))
+    rep = Report("scale", {"n": n, "small_entries": 100, "big_entries": big_machines * big_procs,
+                           "big_layout": f"{big_machines} machines x {big_procs} procs", "load_tx_puts": 5000,
+                           "checkpoint_revisions": 1000, "checkpoint_bytes": 64 << 20})
+    small = _keg_commits(ctx, rep, 10, 10, n, "100")
+    big = _keg_commits(ctx, rep, big_machines, big_procs, n, f"{big_machines * big_procs:,}")
+    rep.goal("scale mean commit, big / small namespace", big["mean_ms"] / small["mean_ms"], "<=", 2.0)
+    rep.figure("scale p99 commit, big / small namespace", big["p99_ms"] / small["p99_ms"], "x")
+    return rep
+
+
+def _keg_commits(ctx, rep, machines: int, procs: int, n: int, label: str) -> dict:
+    rng = random.Random(7)
+    with keg_store(ctx) as store:
+        with Stopwatch() as load:
+            revisions = load_machines(store, machines, procs, per_tx=5000)
+        with Stopwatch() as load_checkpoint:
+            store.checkpoint()
+        entries = machines * procs
+        rep.figure(f"keg load {label} entries ({revisions} tx of <=5,000 puts)", entries / load.total,
+                   "puts/s", f"{load.total:.2f} s, then checkpoint {load_checkpoint.total:.2f} s")
+        checkpoints_before = store.stats["checkpoints"]
+        with ctx.profiler.section(), Stopwatch() as sw:
+            for gen in range(1, n + 1):
+                i, j = rng.randrange(machines), rng.randrange(procs)
+                with sw.step():
+                    res = store.apply(Transaction((put(proc_path(i, j), proc_spec(i, j, gen)),)))
+                assert res.ok
+            with sw.step():  # no-op when the last commit checkpointed; otherwise its cost belongs here
+                store.checkpoint()
+        checkpoints = store.stats["checkpoints"] - checkpoints_before
+    lat = summarize(sw.steps[:-1])
+    lat["mean_ms"] = 1000 * sw.total / n  # checkpoints included
+    rep.figure(f"keg commit of 1 put on {label} entries", lat["mean_ms"], "ms mean",
+               f"{latency_text(lat)}; {checkpoints} checkpoints", latency=lat, checkpoints=checkpoints)
+    return lat
+
+
+# ----------------------------------------------------------------------- main
+
+BENCHMARKS = {"single": bench_single, "batched": bench_batched, "diffwatch": bench_diffwatch,
+              "scale": bench_scale}
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through every finally: etcd is killed, temp dirs removed
+
+
+def main(argv=None) -> int:
+    """Run the named benchmarks (default all); exit 1 with ``--check`` if a goal is missed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (about a minute)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the Keg parts; print the top entries")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument("--etcd", default="etcd", help="the etcd binary (default: etcd on PATH)")
+    parser.add_argument("--tmp", default=None, help="directory for temporary kegs and etcd data "
+                        "(default: the system's; keep it on the disk you mean to measure)")
+    parser.add_argument("--out", default=os.path.join(HERE, "out"), help="where result JSON goes")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    signal.signal(signal.SIGTERM, _terminate)
+
+    profiler = KegProfiler(args.profile)
+    ctx = Context(args, profiler)
+    env = environment(etcd_version(args.etcd))
+    env["quick"] = args.quick
+    print(f"Keg benchmarks: {env['cpus']} CPUs, {env['mem_gib']} GiB, Python {env['python']}, "
+          f"etcd {env['etcd']}, {env['date']}{'  (--quick)' if args.quick else ''}")
+    started = time.perf_counter()
+    goals = []
+    for name in args.names or list(BENCHMARKS):
+        report = BENCHMARKS[name](ctx)
+        path = report.write(args.out, env)
+        print(f"  -> {os.path.relpath(path)}")
+        goals.extend(report.goals)
+    print(f"\n== summary ({time.perf_counter() - started:.0f} s)")
+    for goal in goals:
+        print(f"  {'MET   ' if goal.met else 'MISSED'}  {goal.name}: {goal.value:,.2f} (goal {goal.op} {goal.target:g})")
+    profiler.dump(os.path.join(args.out, "profile.pstats"))
+    return 1 if args.check and not all(g.met for g in goals) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -91,6 +91,43 @@ def keg_store(ctx: Context):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class CheckpointTimer:
+    """Counts the time a store spends in ``checkpoint`` (wraps the instance's method; Keg is not changed)."""
+
+    def __init__(self, store):
+        self.seconds = 0.0
+        self.count = 0
+        inner = store.checkpoint
+
+        def timed():
+            start = time.perf_counter()
+            before = store.stats["checkpoints"]
+            try:
+                inner()
+            finally:
+                if store.stats["checkpoints"] != before:
+                    self.seconds += time.perf_counter() - start
+                    self.count += 1
+
+        store.checkpoint = timed
+
+    def text(self, total: float) -> str:
+        """``N checkpoints, S s (P%)`` of a timed region lasting ``total`` seconds."""
+        return f"{self.count} checkpoints took {self.seconds:.2f} s ({100 * self.seconds / total:.0f}% of the time)"
+
+
+def disk_bytes(directory: str) -> int:
+    """Bytes of the files under ``directory``."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
 def load_machines(store, machines: int, procs: int, per_tx: int) -> int:
     """Fill ``/machines`` with ``machines × procs`` files using transactions of ``per_tx`` puts.
 
@@ -110,16 +147,21 @@ def load_machines(store, machines: int, procs: int, per_tx: int) -> int:
     return revisions
 
 
-def keg_single_puts(ctx: Context, store, n: int, first: int = 0) -> Stopwatch:
-    """``n`` sequential one-put transactions on keys ``/bench/k{i % 1000}``, checkpoint to checkpoint."""
+def keg_single_puts(ctx: Context, store, n: int, first: int = 0):
+    """``n`` sequential one-put transactions on keys ``/bench/k{i % 1000}``, checkpoint to checkpoint.
+
+    Returns:
+        The ``Stopwatch`` and the ``CheckpointTimer`` of the timed region.
+    """
     store.checkpoint()
+    timer = CheckpointTimer(store)
     with ctx.profiler.section(), Stopwatch() as sw:
         for i in range(first, first + n):
             with sw.step():
                 res = store.apply(Transaction((put(f"/bench/k{i % 1000}", value(i)),)))
             assert res.ok, res
         store.checkpoint()
-    return sw
+    return sw, timer
 
 
 # -------------------------------------------------------------------- single
@@ -143,11 +185,12 @@ def bench_single(ctx: Context) -> Report:
     with keg_store(ctx) as store:
         for i in range(WARMUP):
             store.apply(Transaction((put(f"/warm/k{i}", value(i)),)))
-        keg_sw = keg_single_puts(ctx, store, n)
-        checkpoints = store.stats["checkpoints"]
+        keg_sw, timer = keg_single_puts(ctx, store, n)
     keg_lat = summarize(keg_sw.steps)
     keg_rate = rep.figure("keg Store.apply, in process, durable", n / keg_sw.total, "puts/s",
-                          latency_text(keg_lat), latency=keg_lat, checkpoints=checkpoints)
+                          latency_text(keg_lat), latency=keg_lat)
+    rep.figure("  of which in checkpoints", timer.seconds, "s", timer.text(keg_sw.total),
+               checkpoints=timer.count)
     rep.goal("single ratio keg/etcd (puts/s)", keg_rate / etcd_rate, ">=", 1.0)
     return rep
 
@@ -165,9 +208,9 @@ def bench_batched(ctx: Context) -> Report:
     with keg_store(ctx) as store:
         for i in range(WARMUP):
             store.apply(Transaction((put(f"/warm/k{i}", value(i)),)))
-        sw = keg_single_puts(ctx, store, n_single)
+        sw, timer = keg_single_puts(ctx, store, n_single)
         unbatched = rep.figure("keg unbatched: 1 put per transaction", n_single / sw.total, "keys/s",
-                               latency_text(summarize(sw.steps)))
+                               f"{latency_text(summarize(sw.steps))}; {timer.text(sw.total)}")
         first = n_single
         rates = {}
         for size in (100, 1000):
@@ -198,6 +241,7 @@ def _keg_batches(ctx, rep, store, keys: int, size: int, first: int, grouped: boo
     (``grouped``) one group commit of ``size`` one-put transactions.  Returns keys/s."""
     store.checkpoint()
     before = store.head_revision
+    timer = CheckpointTimer(store)
     with ctx.profiler.section(), Stopwatch() as sw:
         for start in range(first, first + keys, size):
             with sw.step():
@@ -211,7 +255,8 @@ def _keg_batches(ctx, rep, store, keys: int, size: int, first: int, grouped: boo
     assert store.head_revision - before == keys // size
     label = (f"side: keg group commit of {size} one-put transactions" if grouped
              else f"keg batched: transactions of {size} puts")
-    return rep.figure(label, keys / sw.total, "keys/s", f"per commit: {latency_text(summarize(sw.steps))}")
+    return rep.figure(label, keys / sw.total, "keys/s",
+                      f"per commit: {latency_text(summarize(sw.steps))}; {timer.text(sw.total)}")
 
 
 # ----------------------------------------------------------------- diffwatch
@@ -257,6 +302,7 @@ def bench_diffwatch(ctx: Context) -> Report:
              "<=", 0, source="harness: cost must not grow with namespace size")
     rep.goal("diff mean time, 20,000 / 200 entries", big["diff"]["mean_ms"] / small["diff"]["mean_ms"],
              "<=", 2.0, source="harness: cost must not grow with namespace size")
+    rep.figure("diff p50 time, 20,000 / 200 entries", big["diff"]["p50_ms"] / small["diff"]["p50_ms"], "x")
     return rep
 
 
@@ -320,7 +366,9 @@ def _keg_commits(ctx, rep, machines: int, procs: int, n: int, label: str) -> dic
         entries = machines * procs
         rep.figure(f"keg load {label} entries ({revisions} tx of <=5,000 puts)", entries / load.total,
                    "puts/s", f"{load.total:.2f} s, then checkpoint {load_checkpoint.total:.2f} s")
-        checkpoints_before = store.stats["checkpoints"]
+        objects_dir = os.path.join(store.path, "objects")
+        disk_before = disk_bytes(objects_dir)
+        timer = CheckpointTimer(store)
         with ctx.profiler.section(), Stopwatch() as sw:
             for gen in range(1, n + 1):
                 i, j = rng.randrange(machines), rng.randrange(procs)
@@ -329,11 +377,14 @@ def _keg_commits(ctx, rep, machines: int, procs: int, n: int, label: str) -> dic
                 assert res.ok
             with sw.step():  # no-op when the last commit checkpointed; otherwise its cost belongs here
                 store.checkpoint()
-        checkpoints = store.stats["checkpoints"] - checkpoints_before
+        disk_added = disk_bytes(objects_dir) - disk_before
     lat = summarize(sw.steps[:-1])
     lat["mean_ms"] = 1000 * sw.total / n  # checkpoints included
     rep.figure(f"keg commit of 1 put on {label} entries", lat["mean_ms"], "ms mean",
-               f"{latency_text(lat)}; {checkpoints} checkpoints", latency=lat, checkpoints=checkpoints)
+               latency_text(lat), latency=lat)
+    rep.figure("  of which in checkpoints", timer.seconds, "s", timer.text(sw.total), checkpoints=timer.count)
+    rep.figure(f"  git objects added by the {n} commits", disk_added / n / 1024, "KiB/commit",
+               f"{disk_added / 2**20:.1f} MiB in all")
     return lat
 
 

@@ -59,6 +59,10 @@ class CorruptKeg(KegError):
     exit_code = 4
 
 
+class MissingObject(CorruptKeg):
+    """A git object the keg needs is not in its object database."""
+
+
 class KegBusy(KegError):
     """Another process holds the keg's write lock for longer than we may wait."""
 

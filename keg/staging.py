@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from keg import paths
 from keg.errors import NotFound, PathConflict
-from keg.objects import EMPTY_TREE, MODE_TREE, OBJ_TREE, object_id
+from keg.objects import EMPTY_TREE, MODE_GITLINK, MODE_TREE, OBJ_TREE, object_id
 
 _UNBUILT = b"\x00" * 20  # a new directory's id, filled in by build()
 
@@ -25,13 +25,19 @@ class Staging:
 
     Args:
         load_tree: returns the ``Tree`` for an object id.
-        root: the id of the root tree the group starts from.
+        root_tree: the ``Tree`` the group starts from.
+        is_volatile: tells whether a directory path is volatile (stored as a
+            gitlink to its tree, see ``keg.volatile``).
     """
 
-    def __init__(self, load_tree, root_tree):
+    def __init__(self, load_tree, root_tree, is_volatile=lambda path: False):
         self._load_tree = load_tree
+        self._is_volatile = is_volatile
         self.dirs = {paths.ROOT: root_tree}
         self.dirty: set = set()
+
+    def _is_dir(self, path: str, entry) -> bool:
+        return entry[0] == MODE_TREE or (entry[0] == MODE_GITLINK and self._is_volatile(path))
 
     def snapshot(self):
         """A cheap copy to restore if a transaction fails (trees are immutable)."""
@@ -57,7 +63,7 @@ class Staging:
             self._set(parent_path, name, (MODE_TREE, _UNBUILT))
             self.dirs[path] = EMPTY_TREE
             return EMPTY_TREE
-        if entry[0] != MODE_TREE:
+        if not self._is_dir(path, entry):
             if create:
                 raise PathConflict(f"{path} is a file; it cannot hold other paths")
             return None
@@ -85,8 +91,8 @@ class Staging:
         if parent is None:
             return None
         entry = parent.get(path.rsplit("/", 1)[1].encode("utf-8"))
-        if entry is not None and entry[0] == MODE_TREE and path in self.dirty:
-            return (MODE_TREE, self._peek(path))
+        if entry is not None and self._is_dir(path, entry):
+            return (MODE_TREE, self._peek(path) if path in self.dirty else entry[1])
         return entry
 
     def put(self, path: str, mode: int, oid: bytes) -> None:
@@ -95,7 +101,7 @@ class Staging:
         parent = self._dir(parent_path, create=True)
         name = path.rsplit("/", 1)[1].encode("utf-8")
         old = parent.get(name)
-        if old is not None and old[0] == MODE_TREE:
+        if old is not None and self._is_dir(path, old):
             raise PathConflict(f"{path} is a directory; delete it first to put a file there")
         self._set(parent_path, name, (mode, oid))
 
@@ -107,7 +113,7 @@ class Staging:
         old = parent.get(name) if parent is not None else None
         if old is None:
             raise NotFound(f"{path} does not exist")
-        if old[0] == MODE_TREE:
+        if self._is_dir(path, old):
             if not recursive:
                 raise PathConflict(f"{path} is a directory; delete it recursively (keg rm -r)")
             for d in [d for d in self.dirs if paths.is_under(d, path)]:
@@ -150,5 +156,6 @@ class Staging:
             if path == paths.ROOT:
                 self.dirty.clear()
                 return oid
-            self.dirs[parent_path] = self.dirs[parent_path].with_changes({name: (MODE_TREE, oid)})
+            mode = MODE_GITLINK if self._is_volatile(path) else MODE_TREE
+            self.dirs[parent_path] = self.dirs[parent_path].with_changes({name: (mode, oid)})
         raise AssertionError("the root is always dirty when anything changed")

@@ -29,20 +29,23 @@ import os
 import subprocess
 import time
 from collections import OrderedDict
+from fnmatch import fnmatchcase
 from dataclasses import dataclass
 
 import pygit2
 
 import kid as kidlib
 from keg import paths
-from keg.errors import AmbiguousKid, BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, NotFound
+from keg.errors import (AmbiguousKid, BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, MissingObject,
+                        NotFound)
 from keg.fsio import write_file_atomic
 from keg.journal import Journal, Record
-from keg.objects import (EMPTY_TREE, EMPTY_TREE_OID, MODE_TREE, OBJ_BLOB, OBJ_COMMIT, OBJ_TREE,
+from keg.objects import (EMPTY_TREE, EMPTY_TREE_OID, MODE_GITLINK, MODE_TREE, OBJ_BLOB, OBJ_COMMIT, OBJ_TREE,
                          Commit, Person, Tree, kind_of_mode, object_id)
 from keg.pack import write_pack
 from keg.staging import Staging
 from keg.transaction import Author, Delete, Put, Transaction, TxResult
+from keg.volatile import DEFAULT_PATTERNS, RETENTION_REF, VolatileRules
 
 FORMAT = 1
 BRANCH = "refs/heads/main"
@@ -158,7 +161,8 @@ def init(path: str, durable: bool = True, exist_ok: bool = False) -> "Store":
     repo.config["gc.auto"] = "0"  # Keg packs on its own schedule, under its write lock.
     repo.config["core.logAllRefUpdates"] = "false"
     os.makedirs(os.path.join(path, "keg", "journal"), exist_ok=True)
-    write_file_atomic(config, json.dumps({"format": FORMAT, "volatile": []}, indent=2).encode() + b"\n",
+    write_file_atomic(config, json.dumps({"format": FORMAT, "volatile": list(DEFAULT_PATTERNS)}, indent=2).encode()
+                      + b"\n",
                       durable=durable)
     store = Store(path, durable=durable)
     store._commit_ops_initial()
@@ -185,6 +189,7 @@ class Store:
             self.config = json.load(f)
         if self.config.get("format") != FORMAT:
             raise CorruptKeg(f"{self.path} has keg format {self.config.get('format')}, this Keg reads {FORMAT}")
+        self.volatile = VolatileRules(self.config.get("volatile", []))
         self.durable = durable
         self.checkpoint_revisions = checkpoint_revisions
         self.checkpoint_bytes = checkpoint_bytes
@@ -339,7 +344,7 @@ class Store:
         try:
             obj_type, data = self._repo.odb.read(oid.hex())
         except KeyError as err:
-            raise CorruptKeg(f"object {oid.hex()} is missing from {self.path}") from err
+            raise MissingObject(f"object {oid.hex()} is missing from {self.path}") from err
         return int(obj_type), data
 
     def _commit(self, oid: bytes) -> Commit:
@@ -371,15 +376,33 @@ class Store:
     def _root(self, number: int) -> bytes:
         return EMPTY_TREE_OID if number == 0 else self._commit(self._revs[number]).tree
 
+    def _view(self, path: str, entry):
+        """An entry as readers see it: a volatile directory's gitlink reads as its tree."""
+        if entry is not None and entry[0] == MODE_GITLINK and self.volatile.matches(path):
+            return (MODE_TREE, entry[1])
+        return entry
+
+    def _dir_tree(self, path: str, oid: bytes) -> Tree:
+        """The tree of the directory at ``path``; a compacted volatile one is a clear NotFound."""
+        try:
+            return self._tree(oid)
+        except MissingObject as err:
+            if self.volatile.matches(path) or any(self.volatile.matches(p) for p in _ancestors(path)):
+                raise NotFound(f"the history of volatile {path} was compacted; this revision is older "
+                               f"than the window kept (see 'keg compact')") from err
+            raise
+
     def _lookup(self, root: bytes, path: str):
         """``(mode, oid)`` of ``path`` under the root tree, or ``None``."""
-        entry = (MODE_TREE, root)
+        entry, current = (MODE_TREE, root), paths.ROOT
         for name in paths.split(path):
             if entry[0] != MODE_TREE:
                 return None
-            entry = self._tree(entry[1]).get(name.encode("utf-8"))
+            entry = self._dir_tree(current, entry[1]).get(name.encode("utf-8"))
+            current = paths.join(current, name)
             if entry is None:
                 return None
+            entry = self._view(current, entry)
         return entry
 
     def _size(self, mode: int, oid: bytes) -> int:
@@ -442,8 +465,9 @@ class Store:
         if entry[0] != MODE_TREE:
             raise BadRequest(f"{path} is a file, not a directory")
         out = []
-        for name, mode, oid in self._tree(entry[1]).items():
+        for name, mode, oid in self._dir_tree(path, entry[1]).items():
             child = paths.join(path, name.decode("utf-8", "surrogateescape"))
+            mode, oid = self._view(child, (mode, oid))
             out.append(Entry(child, kind_of_mode(mode), _kid(oid), self._size(mode, oid), mode))
         out.sort(key=lambda e: e.path)
         return out
@@ -526,7 +550,7 @@ class Store:
         for op in record.ops:
             ops.append(Put(op[1], op[3], op[2]) if op[0] == "put" else Delete(op[1], op[2]))
         new_objects: dict = {}
-        staging = Staging(self._tree, self._tree(self._root(self.head_revision)))
+        staging = Staging(self._tree, self._tree(self._root(self.head_revision)), self.volatile.matches)
         for op in ops:
             self._stage(staging, op, new_objects)
         root = staging.build(self._collector(new_objects))
@@ -580,7 +604,7 @@ class Store:
         transactions = list(transactions)
         self._acquire_write_lock()
         head = self.head_revision
-        staging = Staging(self._tree, self._tree(self._root(head)))
+        staging = Staging(self._tree, self._tree(self._root(head)), self.volatile.matches)
         new_objects: dict = {}
         results, applied, authors = [], [], []
         for tx in transactions:
@@ -690,6 +714,67 @@ class Store:
         subprocess.run(["git", "-C", self.path, "repack", "-d", "-q", "--geometric=2"],
                        check=True, capture_output=True, env=_git_env())
 
+    # -------------------------------------------------------------- volatile
+
+    def _volatile_dirs(self, root: bytes):
+        """``(path, tree oid)`` of every volatile directory stored as a gitlink under ``root``."""
+        for pattern in self.volatile.patterns:
+            level = [(paths.ROOT, root)]
+            for depth, segment in enumerate(pattern):
+                last = depth == len(pattern) - 1
+                following = []
+                for path, oid in level:
+                    for name, mode, child in self._tree(oid).items():
+                        child_path = paths.join(path, name.decode("utf-8", "surrogateescape"))
+                        if not fnmatchcase(child_path.rsplit("/", 1)[1], segment):
+                            continue
+                        if last and mode == MODE_GITLINK:
+                            yield child_path, child
+                        elif not last and mode == MODE_TREE:
+                            following.append((child_path, child))
+                level = following
+
+    def compact(self, window: int = 1000) -> dict:
+        """Drop the history of volatile directories older than the newest ``window`` revisions.
+
+        The trees of volatile directories in the kept revisions are listed by
+        one retention commit at ``refs/keg/volatile``; ``git repack -a -d``
+        then drops every object nothing reaches any more.  History of
+        everything that is not volatile is untouched, and no revision KID
+        changes.
+
+        Returns:
+            ``{"from_revision": first kept revision, "kept_trees": count}``.
+        """
+        if window < 1:
+            raise BadRequest("the window must keep at least the newest revision")
+        self._acquire_write_lock()
+        self.checkpoint()
+        head = self.head_revision
+        first = max(1, head - window + 1)
+        kept = set()
+        for number in range(first, head + 1):
+            kept.update(oid for _, oid in self._volatile_dirs(self._root(number)))
+        retention = Tree().with_changes({f"{i:08d}".encode(): (MODE_TREE, oid) for i, oid in enumerate(sorted(kept))})
+        tree_data = retention.encode()
+        tree_oid = object_id(OBJ_TREE, tree_data)
+        commit = Commit(tree_oid, (), COMMITTER, COMMITTER, int(time.time()),
+                        f"volatile history kept from revision {first}\n\nKeg-Volatile-From: {first}\n")
+        commit_data = commit.encode()
+        commit_oid = object_id(OBJ_COMMIT, commit_data)
+        pack_dir = os.path.join(self.path, "objects", "pack")
+        write_pack(pack_dir, [(tree_oid, OBJ_TREE, tree_data), (commit_oid, OBJ_COMMIT, commit_data)],
+                   durable=self.durable)
+        ref_path = os.path.join(self.path, *RETENTION_REF.split("/"))
+        os.makedirs(os.path.dirname(ref_path), exist_ok=True)
+        write_file_atomic(ref_path, commit_oid.hex().encode() + b"\n", durable=self.durable)
+        subprocess.run(["git", "-C", self.path, "repack", "-a", "-d", "-q"], check=True, capture_output=True,
+                       env=_git_env())
+        # libgit2 keeps the old packs open; reopen so this process sees what the repack dropped.
+        self._repo = pygit2.Repository(self.path)
+        self._trees.clear()
+        return {"from_revision": first, "kept_trees": len(kept)}
+
     # ----------------------------------------------------------- diff and log
 
     def diff(self, rev_a, rev_b, prefix: str = "/") -> list:
@@ -718,12 +803,12 @@ class Store:
             return
         if ea is not None and not a_tree:
             out.append((path, _kid(ea[1]), None))
-        ta = self._tree(ea[1]) if a_tree else EMPTY_TREE
-        tb = self._tree(eb[1]) if b_tree else EMPTY_TREE
+        ta = self._dir_tree(path, ea[1]) if a_tree else EMPTY_TREE
+        tb = self._dir_tree(path, eb[1]) if b_tree else EMPTY_TREE
         changed = {e[e.index(b" ") + 1:e.index(b"\x00")] for e in set(ta._encoded) ^ set(tb._encoded)}
         for name in sorted(changed):
             child = paths.join(path, name.decode("utf-8", "surrogateescape"))
-            self._diff_entries(child, ta.get(name), tb.get(name), out)
+            self._diff_entries(child, self._view(child, ta.get(name)), self._view(child, tb.get(name)), out)
         if eb is not None and not b_tree:
             out.append((path, None, _kid(eb[1])))
 
@@ -738,7 +823,10 @@ class Store:
         out = []
         after = self._lookup(self._root(number), path)
         while number >= 1 and (limit is None or len(out) < limit):
-            before = self._lookup(self._root(number - 1), path)
+            try:
+                before = self._lookup(self._root(number - 1), path)
+            except NotFound:
+                break  # volatile history older than this was compacted
             if before != after or path == paths.ROOT:  # every revision is a change of the namespace
                 out.append((self.revision(number), _kid(after[1]) if after else None))
             number, after = number - 1, before
@@ -848,6 +936,7 @@ class Store:
             path, tree_oid = stack.pop()
             for name, mode, child in self._tree(tree_oid).items():
                 child_path = paths.join(path, name.decode("utf-8", "surrogateescape"))
+                mode, child = self._view(child_path, (mode, child))
                 if child == oid:
                     found.append(child_path)
                 if mode == MODE_TREE and child != oid:
@@ -884,6 +973,12 @@ class Store:
             return json.loads(self.read(path))
         except (KegError, ValueError):
             return None
+
+
+def _ancestors(path: str):
+    while path != paths.ROOT:
+        path = paths.parent_of(path)
+        yield path
 
 
 def obj_type_name(obj_type: int) -> str:

@@ -317,6 +317,27 @@ def watch_cmd(prefix, command, since, timeout, count, keg_dir, as_json):
                 return
 
 
+@cli.command("compact")
+@click.option("--window", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Keep the history of volatile directories for this many newest revisions.")
+@keg_dir_option
+@json_option
+def compact_cmd(window, keg_dir, as_json):
+    """Drop old history of volatile directories (heartbeats, status).
+
+    Volatile directories are those matching the patterns in the keg's
+    keg/config.json ("volatile", by default /machines/*/status). Reading
+    one at a revision older than the window kept says it was compacted.
+    Nothing else loses history, and no revision KID changes.
+    """
+    with _open(keg_dir) as store:
+        done = store.compact(window)
+    if as_json:
+        _emit_json(done)
+    else:
+        click.echo(f"volatile history kept from revision {done['from_revision']} ({done['kept_trees']} trees)")
+
+
 def main(argv=None) -> int:
     """Run ``keg``; turn errors into the documented exit codes and one-line messages."""
     try:

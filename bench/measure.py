@@ -31,6 +31,13 @@ def percentile(values, pct: float) -> float:
     return ordered[rank - 1]
 
 
+def median(values) -> float:
+    """The median of ``values`` (the mean of the middle two for an even count)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def summarize(seconds) -> dict:
     """Mean, p50, p99 and max of latencies given in seconds, as milliseconds."""
     seconds = list(seconds)

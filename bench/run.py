@@ -15,9 +15,11 @@ Benchmarks (DESIGN §9; figures and goals in docs/benchmarks.md):
                changed machine's prefix.
 ``scale``      one-path durable commit on a 100-entry vs a 150,000-entry namespace.
 
-Every Keg timed region starts right after a checkpoint and ends with one, so
-the objects written are in a git pack before the clock stops (checkpoints are
-part of the cost).  Results go to ``bench/out/<name>.json``.
+Every timed Keg write region starts right after a checkpoint and ends with
+one, so the objects written are in a git pack before the clock stops
+(checkpoints are part of the cost), and every timed region starts after
+``settle()`` (``sync`` and a short pause) so one system's background disk
+writes do not land in the other's figures.  Results go to ``bench/out/<name>.json``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ import keg
 from keg import Transaction, put
 
 from etcd_anchor import EtcdClient, EtcdServer, etcd_version
-from measure import KegProfiler, Report, Stopwatch, environment, latency_text, summarize
+from measure import KegProfiler, Report, Stopwatch, environment, latency_text, median, summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VALUE_BYTES = 128
 WARMUP = 20
+SETTLE_SECONDS = 0.3
 
 
 class Context:
@@ -48,6 +51,7 @@ class Context:
 
     def __init__(self, args, profiler: KegProfiler):
         self.quick = args.quick
+        self.rounds = args.rounds if args.rounds else (1 if args.quick else 3)
         self.tmp = args.tmp
         self.etcd = args.etcd
         self.profiler = profiler
@@ -92,12 +96,18 @@ def keg_store(ctx: Context):
 
 
 class CheckpointTimer:
-    """Counts the time a store spends in ``checkpoint`` (wraps the instance's method; Keg is not changed)."""
+    """Counts the time a store spends in ``checkpoint`` while in a ``with`` block.
+
+    It wraps the instance's method for the block only; Keg itself is not changed.
+    """
 
     def __init__(self, store):
+        self.store = store
         self.seconds = 0.0
         self.count = 0
-        inner = store.checkpoint
+
+    def __enter__(self) -> "CheckpointTimer":
+        store, inner = self.store, self.store.checkpoint
 
         def timed():
             start = time.perf_counter()
@@ -105,14 +115,18 @@ class CheckpointTimer:
             try:
                 inner()
             finally:
-                if store.stats["checkpoints"] != before:
+                if store.stats["checkpoints"] != before:  # it did something
                     self.seconds += time.perf_counter() - start
                     self.count += 1
 
         store.checkpoint = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.store.checkpoint  # back to the class's method
 
     def text(self, total: float) -> str:
-        """``N checkpoints, S s (P%)`` of a timed region lasting ``total`` seconds."""
+        """``N checkpoints took S s (P% of the time)`` for a timed region of ``total`` seconds."""
         return f"{self.count} checkpoints took {self.seconds:.2f} s ({100 * self.seconds / total:.0f}% of the time)"
 
 
@@ -147,6 +161,14 @@ def load_machines(store, machines: int, procs: int, per_tx: int) -> int:
     return revisions
 
 
+def settle() -> None:
+    """Let the previous phase's disk writes finish (etcd commits its backend up to 100 ms after a
+    write), so one system's background flushes do not land in the other's timed region."""
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
+    os.sync()
+
+
 def keg_single_puts(ctx: Context, store, n: int, first: int = 0):
     """``n`` sequential one-put transactions on keys ``/bench/k{i % 1000}``, checkpoint to checkpoint.
 
@@ -154,8 +176,7 @@ def keg_single_puts(ctx: Context, store, n: int, first: int = 0):
         The ``Stopwatch`` and the ``CheckpointTimer`` of the timed region.
     """
     store.checkpoint()
-    timer = CheckpointTimer(store)
-    with ctx.profiler.section(), Stopwatch() as sw:
+    with CheckpointTimer(store) as timer, ctx.profiler.section(), Stopwatch() as sw:
         for i in range(first, first + n):
             with sw.step():
                 res = store.apply(Transaction((put(f"/bench/k{i % 1000}", value(i)),)))
@@ -166,65 +187,105 @@ def keg_single_puts(ctx: Context, store, n: int, first: int = 0):
 
 # -------------------------------------------------------------------- single
 
-def bench_single(ctx: Context) -> Report:
-    """Durable sequential single-key puts, etcd over HTTP vs Keg in process."""
-    n = ctx.size(2000, 500)
-    rep = Report("single", {"n": n, "value_bytes": VALUE_BYTES, "keys": 1000, "warmup": WARMUP})
+def etcd_single_puts(client: EtcdClient, n: int, first: int = 0) -> Stopwatch:
+    """``n`` sequential puts on keys ``/bench/k{i % 1000}`` over one keep-alive connection."""
+    with Stopwatch() as sw:
+        for i in range(first, first + n):
+            with sw.step():
+                client.put(f"/bench/k{i % 1000}".encode(), value(i))
+    return sw
 
-    with EtcdServer(ctx.etcd, ctx.tmp) as server, EtcdClient(server.port) as client:
+
+def bench_single(ctx: Context) -> Report:
+    """Durable sequential single-key puts, etcd over HTTP vs Keg in process, in paired rounds."""
+    n = ctx.size(2000, 500)
+    rounds = ctx.rounds
+    rep = Report("single", {"n": n, "rounds": rounds, "value_bytes": VALUE_BYTES, "keys": 1000,
+                            "warmup": WARMUP})
+    etcd_rates, keg_rates, etcd_steps, keg_steps = [], [], [], []
+    cp_seconds, cp_count, keg_total = 0.0, 0, 0.0
+    with EtcdServer(ctx.etcd, ctx.tmp) as server, EtcdClient(server.port) as client, keg_store(ctx) as store:
         for i in range(WARMUP):
             client.put(f"/warm/k{i}".encode(), value(i))
-        with Stopwatch() as etcd_sw:
-            for i in range(n):
-                with etcd_sw.step():
-                    client.put(f"/bench/k{i % 1000}".encode(), value(i))
-    etcd_lat = summarize(etcd_sw.steps)
-    etcd_rate = rep.figure("etcd 3.4 put, HTTP gateway, 1 keep-alive client", n / etcd_sw.total, "puts/s",
-                           latency_text(etcd_lat), latency=etcd_lat)
-
-    with keg_store(ctx) as store:
-        for i in range(WARMUP):
             store.apply(Transaction((put(f"/warm/k{i}", value(i)),)))
-        keg_sw, timer = keg_single_puts(ctx, store, n)
-    keg_lat = summarize(keg_sw.steps)
-    keg_rate = rep.figure("keg Store.apply, in process, durable", n / keg_sw.total, "puts/s",
-                          latency_text(keg_lat), latency=keg_lat)
-    rep.figure("  of which in checkpoints", timer.seconds, "s", timer.text(keg_sw.total),
-               checkpoints=timer.count)
-    rep.goal("single ratio keg/etcd (puts/s)", keg_rate / etcd_rate, ">=", 1.0)
+        for r in range(rounds):
+            # Alternate which system goes first, so neither always runs on a fresher disk.
+            for system in (("etcd", "keg") if r % 2 == 0 else ("keg", "etcd")):
+                settle()
+                if system == "etcd":
+                    etcd_sw = etcd_single_puts(client, n, first=r * n)
+                else:
+                    keg_sw, timer = keg_single_puts(ctx, store, n, first=r * n)
+            etcd_rates.append(n / etcd_sw.total)
+            keg_rates.append(n / keg_sw.total)
+            etcd_steps += etcd_sw.steps
+            keg_steps += keg_sw.steps
+            cp_seconds, cp_count, keg_total = cp_seconds + timer.seconds, cp_count + timer.count, \
+                keg_total + keg_sw.total
+            print(f"    round {r + 1}: etcd {etcd_rates[-1]:,.0f} puts/s, keg {keg_rates[-1]:,.0f} puts/s, "
+                  f"ratio {keg_rates[-1] / etcd_rates[-1]:.2f}", flush=True)
+    etcd_lat, keg_lat = summarize(etcd_steps), summarize(keg_steps)
+    rep.figure("etcd 3.4 put, HTTP gateway, 1 keep-alive client (median)", median(etcd_rates), "puts/s",
+               latency_text(etcd_lat), latency=etcd_lat, rounds=etcd_rates)
+    rep.figure("keg Store.apply, in process, durable (median)", median(keg_rates), "puts/s",
+               latency_text(keg_lat), latency=keg_lat, rounds=keg_rates)
+    rep.figure("  of which in checkpoints", cp_seconds, "s",
+               f"{cp_count} checkpoints, {100 * cp_seconds / keg_total:.0f}% of Keg's time", checkpoints=cp_count)
+    ratios = [k / e for k, e in zip(keg_rates, etcd_rates)]
+    rep.goal("single ratio keg/etcd (puts/s, median of rounds)", median(ratios), ">=", 1.0)
     return rep
 
 
 # ------------------------------------------------------------------- batched
 
+BATCH_PHASES = (("unbatched", 1, False), ("tx100", 100, False), ("tx1000", 1000, False),
+                ("group100", 100, True))
+BATCH_LABELS = {"unbatched": "keg unbatched: 1 put per transaction",
+                "tx100": "keg batched: transactions of 100 puts",
+                "tx1000": "keg batched: transactions of 1000 puts",
+                "group100": "side: keg group commit of 100 one-put transactions"}
+
+
 def bench_batched(ctx: Context) -> Report:
-    """Keg transactions of 100 and 1,000 puts vs one put per transaction."""
+    """Keg transactions of 100 and 1,000 puts vs one put per transaction, in rounds."""
     n_single = ctx.size(1000, 300)
     keys = ctx.size(20_000, 5_000)
     etcd_txns = ctx.size(100, 20)
-    rep = Report("batched", {"unbatched_n": n_single, "batched_keys": keys, "value_bytes": VALUE_BYTES,
-                             "keys": 1000, "etcd_txns_of_100": etcd_txns})
-
+    rounds = ctx.rounds
+    rep = Report("batched", {"unbatched_n": n_single, "batched_keys": keys, "rounds": rounds,
+                             "value_bytes": VALUE_BYTES, "keys": 1000, "etcd_txns_of_100": etcd_txns})
+    rates = {name: [] for name, _, _ in BATCH_PHASES}
+    steps = {name: [] for name, _, _ in BATCH_PHASES}
+    checkpoint_share = {name: [] for name, _, _ in BATCH_PHASES}
     with keg_store(ctx) as store:
         for i in range(WARMUP):
             store.apply(Transaction((put(f"/warm/k{i}", value(i)),)))
-        sw, timer = keg_single_puts(ctx, store, n_single)
-        unbatched = rep.figure("keg unbatched: 1 put per transaction", n_single / sw.total, "keys/s",
-                               f"{latency_text(summarize(sw.steps))}; {timer.text(sw.total)}")
-        first = n_single
-        rates = {}
-        for size in (100, 1000):
-            rates[size] = _keg_batches(ctx, rep, store, keys, size, first, grouped=False)
-            first += keys
-        _keg_batches(ctx, rep, store, keys, 100, first, grouped=True)
-
-    rep.goal("batched 100 vs unbatched (keys/s ratio)", rates[100] / unbatched, ">=", 10)
-    rep.goal("batched 1000 vs unbatched (keys/s ratio)", rates[1000] / unbatched, ">=", 10)
-    rep.goal("batched 100, keys/s", rates[100], ">=", 20_000)
-    rep.goal("batched 1000, keys/s", rates[1000], ">=", 20_000)
+        first = 0
+        for r in range(rounds):
+            for name, size, grouped in BATCH_PHASES:
+                count = n_single if size == 1 else keys
+                settle()
+                sw, timer = _keg_batches(ctx, store, count, size, first, grouped)
+                first += count
+                rates[name].append(count / sw.total)
+                steps[name] += sw.steps
+                checkpoint_share[name].append(timer.seconds / sw.total)
+            print(f"    round {r + 1}: " + ", ".join(f"{name} {rates[name][-1]:,.0f}" for name in rates)
+                  + " keys/s", flush=True)
+    for name, _, _ in BATCH_PHASES:
+        lat = summarize(steps[name])
+        rep.figure(BATCH_LABELS[name] + " (median)", median(rates[name]), "keys/s",
+                   f"per commit: {latency_text(lat)}; checkpoints {100 * median(checkpoint_share[name]):.0f}% "
+                   "of the time", latency=lat, rounds=rates[name])
+    ratio = {name: median([b / u for b, u in zip(rates[name], rates["unbatched"])]) for name in ("tx100", "tx1000")}
+    rep.goal("batched 100 vs unbatched (keys/s ratio, median)", ratio["tx100"], ">=", 10)
+    rep.goal("batched 1000 vs unbatched (keys/s ratio, median)", ratio["tx1000"], ">=", 10)
+    rep.goal("batched 100, keys/s (median)", median(rates["tx100"]), ">=", 20_000)
+    rep.goal("batched 1000, keys/s (median)", median(rates["tx1000"]), ">=", 20_000)
 
     with EtcdServer(ctx.etcd, ctx.tmp) as server, EtcdClient(server.port) as client:
         client.put(b"/warm/k", value(0))
+        settle()
         with Stopwatch() as sw:
             for t in range(etcd_txns):
                 with sw.step():
@@ -232,17 +293,22 @@ def bench_batched(ctx: Context) -> Report:
                                     for k in range(100))
     etcd_rate = rep.figure("side: etcd txn of 100 puts, HTTP, 1 client", etcd_txns * 100 / sw.total, "keys/s",
                            latency_text(summarize(sw.steps)))
-    rep.figure("side: keg tx of 100 / etcd txn of 100 (keys/s)", rates[100] / etcd_rate, "x")
+    rep.figure("side: keg tx of 100 / etcd txn of 100 (keys/s)", median(rates["tx100"]) / etcd_rate, "x")
     return rep
 
 
-def _keg_batches(ctx, rep, store, keys: int, size: int, first: int, grouped: bool) -> float:
-    """Write ``keys`` puts in commits of ``size``: one transaction of ``size`` puts, or
-    (``grouped``) one group commit of ``size`` one-put transactions.  Returns keys/s."""
+def _keg_batches(ctx, store, keys: int, size: int, first: int, grouped: bool):
+    """Write ``keys`` puts in commits of ``size``, checkpoint to checkpoint.
+
+    A commit is one transaction of ``size`` puts, or (``grouped``) one group
+    commit of ``size`` one-put transactions.
+
+    Returns:
+        The ``Stopwatch`` (one step per commit) and the ``CheckpointTimer``.
+    """
     store.checkpoint()
     before = store.head_revision
-    timer = CheckpointTimer(store)
-    with ctx.profiler.section(), Stopwatch() as sw:
+    with CheckpointTimer(store) as timer, ctx.profiler.section(), Stopwatch() as sw:
         for start in range(first, first + keys, size):
             with sw.step():
                 ops = [put(f"/bench/k{i % 1000}", value(i)) for i in range(start, start + size)]
@@ -253,10 +319,7 @@ def _keg_batches(ctx, rep, store, keys: int, size: int, first: int, grouped: boo
                     assert store.apply(Transaction(tuple(ops))).ok
         store.checkpoint()
     assert store.head_revision - before == keys // size
-    label = (f"side: keg group commit of {size} one-put transactions" if grouped
-             else f"keg batched: transactions of {size} puts")
-    return rep.figure(label, keys / sw.total, "keys/s",
-                      f"per commit: {latency_text(summarize(sw.steps))}; {timer.text(sw.total)}")
+    return sw, timer
 
 
 # ----------------------------------------------------------------- diffwatch
@@ -286,6 +349,7 @@ def bench_diffwatch(ctx: Context) -> Report:
                         batch = []
         rep.figure("etcd load 20,000 keys (txns of 100), not compared", load.total, "s")
         ranges = []
+        settle()
         for gen, (i, j) in enumerate(changes, start=1):
             client.put(proc_path(i, j).encode(), proc_spec(i, j, gen))
             start = time.perf_counter()
@@ -314,6 +378,7 @@ def _keg_diffs(ctx, rep, machines: int, procs: int, changes, label: str) -> dict
             store.checkpoint()
         rep.figure(f"keg load {label} entries (tx of 5,000 puts) + checkpoint", load.total, "s")
         diffs, events, reads = [], [], []
+        settle()
         for gen, (i, j) in enumerate(changes, start=1):
             path = proc_path(i, j)
             res = store.apply(Transaction((put(path, proc_spec(i, j, gen)),)))
@@ -352,11 +417,17 @@ def bench_scale(ctx: Context) -> Report:
     small = _keg_commits(ctx, rep, 10, 10, n, "100")
     big = _keg_commits(ctx, rep, big_machines, big_procs, n, f"{big_machines * big_procs:,}")
     rep.goal("scale mean commit, big / small namespace", big["mean_ms"] / small["mean_ms"], "<=", 2.0)
+    rep.figure("scale p50 commit, big / small namespace", big["p50_ms"] / small["p50_ms"], "x")
     rep.figure("scale p99 commit, big / small namespace", big["p99_ms"] / small["p99_ms"], "x")
     return rep
 
 
 def _keg_commits(ctx, rep, machines: int, procs: int, n: int, label: str) -> dict:
+    """Load ``machines × procs`` files, then time ``n`` one-put commits to random ones.
+
+    Returns:
+        The per-commit latency summary; ``mean_ms`` includes every checkpoint.
+    """
     rng = random.Random(7)
     with keg_store(ctx) as store:
         with Stopwatch() as load:
@@ -368,8 +439,8 @@ def _keg_commits(ctx, rep, machines: int, procs: int, n: int, label: str) -> dic
                    "puts/s", f"{load.total:.2f} s, then checkpoint {load_checkpoint.total:.2f} s")
         objects_dir = os.path.join(store.path, "objects")
         disk_before = disk_bytes(objects_dir)
-        timer = CheckpointTimer(store)
-        with ctx.profiler.section(), Stopwatch() as sw:
+        settle()
+        with CheckpointTimer(store) as timer, ctx.profiler.section(), Stopwatch() as sw:
             for gen in range(1, n + 1):
                 i, j = rng.randrange(machines), rng.randrange(procs)
                 with sw.step():
@@ -403,6 +474,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)}")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (about a minute)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="paired rounds of single and batched, reported as medians (default 3, quick 1)")
     parser.add_argument("--profile", action="store_true", help="cProfile the Keg parts; print the top entries")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--etcd", default="etcd", help="the etcd binary (default: etcd on PATH)")

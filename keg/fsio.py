@@ -14,7 +14,8 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: str, data: bytes, durable: bool = True, sync_dir: bool = True) -> None:
+def write_file_atomic(path: str, data: bytes, durable: bool = True, sync_dir: bool = True,
+                      tmp: str | None = None) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never a mix.
 
     Args:
@@ -22,8 +23,10 @@ def write_file_atomic(path: str, data: bytes, durable: bool = True, sync_dir: bo
         data: its new content.
         durable: fsync the file (and the directory when ``sync_dir``) before returning.
         sync_dir: also fsync the containing directory, making the rename itself durable.
+        tmp: where to write before the rename; inside a git repository it must be a
+            name git ignores if a crash leaves it behind (``<ref>.lock``, ``tmp_pack_…``).
     """
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = tmp or f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)

@@ -59,9 +59,11 @@ def write_pack(pack_dir: str, objects, durable: bool = True):
     body += pack_sha
     name = "pack-" + pack_sha.hex()
     # The pack goes first: git and libgit2 only use a pack once its .idx exists.
-    write_file_atomic(os.path.join(pack_dir, name + ".pack"), bytes(body), durable=durable, sync_dir=False)
+    # Temporary names are git's own (tmp_pack_*, tmp_idx_*): git ignores them and gc removes strays.
+    write_file_atomic(os.path.join(pack_dir, name + ".pack"), bytes(body), durable=durable, sync_dir=False,
+                      tmp=os.path.join(pack_dir, "tmp_pack_" + pack_sha.hex()))
     write_file_atomic(os.path.join(pack_dir, name + ".idx"), _encode_index(index, pack_sha),
-                      durable=durable, sync_dir=False)
+                      durable=durable, sync_dir=False, tmp=os.path.join(pack_dir, "tmp_idx_" + pack_sha.hex()))
     if durable:
         fsync_dir(pack_dir)
     return name

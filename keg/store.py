@@ -295,9 +295,27 @@ class Store:
         if self._lock_fd is None:
             head = self._read_ref()
             known = self._revs[-1] if len(self._revs) > 1 else None
-            if head != known:
+            if head != known and not self._extend_revs(head):
                 self._load_head()
         return self.head_revision
+
+    def _extend_revs(self, head: bytes) -> bool:
+        """Append the revisions a writer added after ours, reading only the new tail of the index."""
+        number = _revision_of_message(self._commit(head).message)
+        start = len(self._revs)
+        if number is None or number < start:
+            return False
+        with open(os.path.join(self.path, "keg", "revs"), "rb") as f:
+            f.seek(20 * start)
+            raw = f.read(20 * (number + 1 - start))
+        tail = [raw[i:i + 20] for i in range(0, len(raw), 20)]
+        if len(tail) != number + 1 - start or tail[-1] != head:
+            return False
+        if self._commit(tail[0]).parents[:1] != (self._revs[-1],):
+            return False  # history does not continue ours: reload from scratch
+        self._revs.extend(tail)
+        self._checkpoint_rev = number
+        return True
 
     def revision(self, spec=None) -> Revision:
         """Look up a revision by number, revision KID (short forms too), or ``None`` for the head.
@@ -527,6 +545,7 @@ class Store:
         """Load the head from disk and replay journal records a crash left behind."""
         self._pending.clear()
         self._pending_bytes = 0
+        self._remove_crash_leftovers()
         self._load_head()
         records, intact = self._journal.read()
         if os.path.exists(self._journal.path) and intact < os.path.getsize(self._journal.path):
@@ -694,15 +713,31 @@ class Store:
         pack_dir = os.path.join(self.path, "objects", "pack")
         write_pack(pack_dir, ((oid, t, d) for oid, (t, d) in self._pending.items()), durable=self.durable)
         self._write_revs_index(self._revs, self._checkpoint_rev + 1)
-        ref_path = os.path.join(self.path, *BRANCH.split("/"))
-        os.makedirs(os.path.dirname(ref_path), exist_ok=True)
-        write_file_atomic(ref_path, self._revs[-1].hex().encode() + b"\n", durable=self.durable)
+        self._write_ref(BRANCH, self._revs[-1])
         self._journal.reset()
         self._pending.clear()
         self._pending_bytes = 0
         self._checkpoint_rev = self.head_revision
         self.stats["checkpoints"] += 1
         self._maybe_repack(pack_dir)
+
+    def _write_ref(self, name: str, oid: bytes) -> None:
+        """Point a loose ref at ``oid`` atomically; the temporary file is git's own ``<ref>.lock``."""
+        ref_path = os.path.join(self.path, *name.split("/"))
+        os.makedirs(os.path.dirname(ref_path), exist_ok=True)
+        write_file_atomic(ref_path, oid.hex().encode() + b"\n", durable=self.durable, tmp=ref_path + ".lock")
+
+    def _remove_crash_leftovers(self) -> None:
+        """Temporary files a crashed writer left; only the lock holder may call this."""
+        for name in (BRANCH, RETENTION_REF):
+            try:
+                os.unlink(os.path.join(self.path, *name.split("/")) + ".lock")
+            except FileNotFoundError:
+                pass
+        pack_dir = os.path.join(self.path, "objects", "pack")
+        for name in os.listdir(pack_dir):
+            if name.startswith(("tmp_pack_", "tmp_idx_")):
+                os.unlink(os.path.join(pack_dir, name))
 
     def _maybe_repack(self, pack_dir: str) -> None:
         packs = [n for n in os.listdir(pack_dir) if n.endswith(".pack")]
@@ -765,9 +800,7 @@ class Store:
         pack_dir = os.path.join(self.path, "objects", "pack")
         write_pack(pack_dir, [(tree_oid, OBJ_TREE, tree_data), (commit_oid, OBJ_COMMIT, commit_data)],
                    durable=self.durable)
-        ref_path = os.path.join(self.path, *RETENTION_REF.split("/"))
-        os.makedirs(os.path.dirname(ref_path), exist_ok=True)
-        write_file_atomic(ref_path, commit_oid.hex().encode() + b"\n", durable=self.durable)
+        self._write_ref(RETENTION_REF, commit_oid)
         subprocess.run(["git", "-C", self.path, "repack", "-a", "-d", "-q"], check=True, capture_output=True,
                        env=_git_env())
         # libgit2 keeps the old packs open; reopen so this process sees what the repack dropped.

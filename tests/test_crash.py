@@ -36,6 +36,10 @@ def test_sigkill_at_50_random_moments_loses_no_acknowledged_revision(keg_dir):
             revision, revision_kid, path, value = line.split("\t")
             acknowledged.setdefault(int(revision), (revision_kid, {}))[1][path] = value
 
+        # Straight after the kill, before Keg recovers anything, stock git sees a valid repository.
+        fsck = git(keg_dir, "fsck", "--strict", "--no-dangling")
+        assert fsck.returncode == 0, f"cycle {cycle}, before recovery: {fsck.stdout}{fsck.stderr}"
+
         store = keg.Store(keg_dir)
         store.lock()  # recovery: replay the journal, checkpoint
         try:

@@ -291,3 +291,25 @@ def test_ambiguous_short_kid_names_its_candidates(store):
     with pytest.raises(AmbiguousKid):
         store.resolve_kid("K-" + oid[:8])
     assert store.resolve_kid("K-" + oid[:12])["paths"] == ["/two"]
+
+
+def test_a_second_writer_waits_then_reports_busy(keg_dir):
+    holder = keg.init(keg_dir, durable=False)
+    holder.lock()
+    other = keg.Store(keg_dir, lock_timeout=0.2)
+    with pytest.raises(keg.KegBusy, match=f"pid {os.getpid()}"):
+        other.apply(Transaction((put("/x", "1"),)))
+    holder.close()
+    assert other.apply(Transaction((put("/x", "1"),))).ok
+    other.close()
+
+
+def test_reader_follows_many_checkpoints_incrementally(keg_dir):
+    writer = keg.init(keg_dir, durable=False)
+    reader = keg.Store(keg_dir)
+    for i in range(5):
+        writer.apply(Transaction((put("/n", str(i)),)))
+        writer.checkpoint()
+        assert reader.refresh() == writer.head_revision
+        assert reader.read("/n") == str(i).encode()
+    writer.close()

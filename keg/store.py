@@ -23,9 +23,11 @@ Other processes may read at any time; they see the newest checkpoint.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import time
 from collections import OrderedDict
@@ -746,8 +748,7 @@ class Store:
 
     def repack(self) -> None:
         """Roll small packs into larger ones (geometric), so pack count and disk use stay bounded."""
-        subprocess.run(["git", "-C", self.path, "repack", "-d", "-q", "--geometric=2"],
-                       check=True, capture_output=True, env=_git_env())
+        _run_git_under_lock(self.path, "repack", "-d", "-q", "--geometric=2")
 
     # -------------------------------------------------------------- volatile
 
@@ -801,8 +802,7 @@ class Store:
         write_pack(pack_dir, [(tree_oid, OBJ_TREE, tree_data), (commit_oid, OBJ_COMMIT, commit_data)],
                    durable=self.durable)
         self._write_ref(RETENTION_REF, commit_oid)
-        subprocess.run(["git", "-C", self.path, "repack", "-a", "-d", "-q"], check=True, capture_output=True,
-                       env=_git_env())
+        _run_git_under_lock(self.path, "repack", "-a", "-d", "-q")
         # libgit2 keeps the old packs open; reopen so this process sees what the repack dropped.
         self._repo = pygit2.Repository(self.path)
         self._trees.clear()
@@ -1023,3 +1023,20 @@ def _git_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env["GIT_CONFIG_NOSYSTEM"] = "1"
     return env
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # A git child must not outlive the writer that holds the lock: if the writer
+    # is killed, an unfinished repack is killed too (git leaves the old packs in place).
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _run_git_under_lock(keg_path: str, *args: str) -> None:
+    """Run a git maintenance command on the keg, tied to this (lock-holding) process's life."""
+    done = subprocess.run(["git", "-C", keg_path, *args], capture_output=True, env=_git_env(),
+                          preexec_fn=_die_with_parent, check=False)
+    if done.returncode != 0:
+        raise CorruptKeg(f"git {' '.join(args)} failed in {keg_path}: {done.stderr.decode(errors='replace').strip()}")

@@ -22,14 +22,17 @@ def test_sigkill_at_50_random_moments_loses_no_acknowledged_revision(keg_dir):
     rng = random.Random(20261121)
     acknowledged = {}  # revision -> (revision KID, {path: value})
     for cycle in range(50):
+        errors = open(os.path.join(os.path.dirname(keg_dir), f"writer{cycle}.err"), "w+")
         writer = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_writer.py"), keg_dir, str(cycle)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=errors, text=True)
         # Wait for the writer to start writing, then kill it at a random moment.
         first = writer.stdout.readline()
-        assert first, writer.stderr.read()
+        assert first, errors.seek(0) or errors.read()
         time.sleep(rng.uniform(0.0, 0.25))
         writer.send_signal(signal.SIGKILL)
-        rest = writer.communicate()[0]
+        rest = writer.stdout.read()  # through the same buffered stream that read the first line
+        writer.wait()
+        errors.close()
         # The kill may cut the last line short; an unfinished line is not an acknowledgement.
         lines = [first.rstrip("\n")] + rest.split("\n")[:-1]
         for line in lines:

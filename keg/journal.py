@@ -94,6 +94,7 @@ class Journal:
         self.path = os.path.join(directory, SEGMENT)
         self._fd = None
         self.size = 0
+        self._broken = None
 
     def _open(self):
         if self._fd is None:
@@ -106,14 +107,37 @@ class Journal:
         return self._fd
 
     def append(self, record: Record) -> None:
-        """Append one record and make it durable; only then may it be acknowledged."""
+        """Append one record and make it durable; only then may it be acknowledged.
+
+        Raises:
+            OSError: the record could not be written or synced; it was cut off again.
+            CorruptKeg: an earlier failure could not be undone; reopen the keg.
+        """
+        if self._broken:
+            raise CorruptKeg(f"the journal {self.path} failed earlier ({self._broken}); "
+                             "no write is accepted until the keg is reopened")
         data = record.encode()
         fd = self._open()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if self.durable:
-            os.fdatasync(fd)
+        start = self.size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.durable:
+                os.fdatasync(fd)
+        except OSError as err:
+            # The record was never acknowledged and must not come back at replay, where it
+            # would shadow the next record of the same revision: cut it off, or stop writing.
+            try:
+                os.ftruncate(fd, start)
+                if self.durable:
+                    os.fsync(fd)
+            except OSError as undo:
+                self._broken = f"{err}; then {undo}"
+            else:
+                # After a failed fsync the kernel may have dropped dirty pages: trust nothing more.
+                self._broken = str(err) if self.durable else None
+            raise
         self.size += len(data)
 
     def read(self):

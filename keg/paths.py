@@ -8,11 +8,14 @@ component, and names longer than a file system allows.
 
 from __future__ import annotations
 
+import re
+
 from keg.errors import BadPath
 
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 ROOT = "/"
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def _check_name(name: str, path: str) -> None:
@@ -20,9 +23,9 @@ def _check_name(name: str, path: str) -> None:
         raise BadPath(f"path {path!r} has a {name!r} segment; give the path without it")
     if name.lower() == ".git":
         raise BadPath(f"path {path!r} has a '.git' segment, which Keg never stores")
-    for ch in name:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise BadPath(f"path {path!r} has a control character (code {ord(ch)}) in a name")
+    control = _CONTROL.search(name)
+    if control:
+        raise BadPath(f"path {path!r} has a control character (code {ord(control.group())}) in a name")
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError as err:

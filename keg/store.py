@@ -206,6 +206,7 @@ class Store:
         self._trees: OrderedDict = OrderedDict()
         self._listeners: list = []
         self.stats = {"tree_reads": 0, "checkpoints": 0}
+        self.last_checkpoint_error: OSError | None = None
         self._load_head()
 
     # ----------------------------------------------------------------- context
@@ -595,7 +596,9 @@ class Store:
     def _stage(self, staging: Staging, op, new_objects: dict) -> bytes | None:
         if isinstance(op, Put):
             oid = object_id(OBJ_BLOB, op.data)
-            if oid not in self._pending and oid not in new_objects and not self._repo.odb.exists(oid.hex()):
+            # A blob already packed may be packed again (harmless; repacking drops the copy):
+            # asking every pack for it on each put costs more than the copy.
+            if oid not in self._pending and oid not in new_objects:
                 new_objects[oid] = (OBJ_BLOB, op.data)
             staging.put(op.path, op.mode, oid)
             return oid
@@ -676,7 +679,11 @@ class Store:
         self._install(new_objects, commit_oid)
         if (number - self._checkpoint_rev >= self.checkpoint_revisions
                 or self._pending_bytes >= self.checkpoint_bytes):
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except OSError as err:
+                # The group is journaled and acknowledged; the checkpoint is retried by the next one.
+                self.last_checkpoint_error = err
         for listener in list(self._listeners):
             listener(number)
         return commit_oid
@@ -720,6 +727,7 @@ class Store:
         self._pending.clear()
         self._pending_bytes = 0
         self._checkpoint_rev = self.head_revision
+        self.last_checkpoint_error = None
         self.stats["checkpoints"] += 1
         self._maybe_repack(pack_dir)
 
@@ -874,6 +882,8 @@ class Store:
         until = head if until is None else until
         if since < 0 or since > head:
             raise BadRequest(f"--since {since} is outside the keg's revisions 0..{head}")
+        if until < since or until > head:
+            raise BadRequest(f"until={until} is outside revisions {since}..{head}")
         for number in range(since + 1, until + 1):
             for path, old, new in self.diff(number - 1, number, prefix):
                 yield Event(number, path, old, new)

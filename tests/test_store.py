@@ -313,3 +313,26 @@ def test_reader_follows_many_checkpoints_incrementally(keg_dir):
         assert reader.refresh() == writer.head_revision
         assert reader.read("/n") == str(i).encode()
     writer.close()
+
+
+def test_a_failed_journal_sync_acknowledges_nothing_and_stops_writes(keg_dir, monkeypatch):
+    store = keg.init(keg_dir)  # durable: the journal is fdatasync'ed
+    assert store.apply(Transaction((put("/a", "1"),))).ok
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        store.apply(Transaction((put("/b", "never acknowledged"),)))
+    monkeypatch.undo()
+    assert store.head_revision == 2 and not store.exists("/b")
+    with pytest.raises(keg.CorruptKeg, match="reopen"):
+        store.apply(Transaction((put("/c", "3"),)))
+    store._journal.close()
+    os.close(store._lock_fd)
+    store._lock_fd = None
+    again = keg.Store(keg_dir)
+    again.lock()  # replay: the failed record was cut off, so it cannot shadow a later revision 3
+    assert again.apply(Transaction((put("/d", "4"),))).revision == 3
+    assert not again.exists("/b") and again.read("/d") == b"4"
+    again.close()

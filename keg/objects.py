@@ -59,80 +59,92 @@ def _encode_entry(name: bytes, mode: int, oid: bytes) -> bytes:
 class Tree:
     """An immutable git tree: entries kept sorted as git sorts them.
 
-    Updates return a new ``Tree`` (copy-on-write) so that a transaction that
-    fails midway can be dropped without undoing anything.
+    Two parallel sorted lists (sort keys and encoded entries) and no dict: an
+    update copies two lists of pointers, which is what keeps a commit into a
+    5,000-entry directory cheap.  Updates return a new ``Tree``
+    (copy-on-write), so a transaction that fails midway is simply dropped.
     """
 
-    __slots__ = ("_entries", "_keys", "_encoded")
+    __slots__ = ("_keys", "_encoded", "_raw")
 
-    def __init__(self, entries=None, keys=None, encoded=None):
-        self._entries: dict[bytes, tuple[int, bytes]] = entries if entries is not None else {}
+    def __init__(self, keys=None, encoded=None, raw=None):
         self._keys: list[bytes] = keys if keys is not None else []
         self._encoded: list[bytes] = encoded if encoded is not None else []
+        self._raw: bytes | None = raw
 
     @classmethod
     def parse(cls, data: bytes) -> "Tree":
         """Decode git tree bytes."""
-        entries, keys, encoded = {}, [], []
+        keys, encoded = [], []
         pos, end = 0, len(data)
         while pos < end:
             space = data.index(b" ", pos)
             nul = data.index(b"\x00", space)
-            mode = int(data[pos:space], 8)
             name = data[space + 1:nul]
-            oid = data[nul + 1:nul + 21]
-            entries[name] = (mode, oid)
-            keys.append(_sort_key(name, mode))
+            keys.append(name + b"/" if data[pos:space] == b"40000" else name)
             encoded.append(data[pos:nul + 21])
             pos = nul + 21
         if keys != sorted(keys):
             # Trees written by other tools are sorted too; re-sort rather than trust.
             order = sorted(range(len(keys)), key=keys.__getitem__)
-            keys = [keys[i] for i in order]
-            encoded = [encoded[i] for i in order]
-        return cls(entries, keys, encoded)
+            return cls([keys[i] for i in order], [encoded[i] for i in order])
+        return cls(keys, encoded, bytes(data))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._keys)
+
+    def _find(self, name: bytes) -> int:
+        """The index of ``name``'s entry, or -1."""
+        keys = self._keys
+        for key in (name, name + b"/"):
+            i = bisect.bisect_left(keys, key)
+            if i < len(keys) and keys[i] == key:
+                return i
+        return -1
 
     def __contains__(self, name: bytes) -> bool:
-        return name in self._entries
+        return self._find(name) >= 0
+
+    @staticmethod
+    def _decode(entry: bytes):
+        space = entry.index(b" ")
+        return int(entry[:space], 8), entry[-20:]
 
     def get(self, name: bytes):
         """``(mode, oid)`` of an entry, or ``None``."""
-        return self._entries.get(name)
+        i = self._find(name)
+        return None if i < 0 else self._decode(self._encoded[i])
 
     def items(self):
         """``(name, mode, oid)`` in git order."""
-        for key in self._keys:
-            name = key[:-1] if key.endswith(b"/") else key
-            mode, oid = self._entries[name]
-            yield name, mode, oid
+        for key, entry in zip(self._keys, self._encoded):
+            mode, oid = self._decode(entry)
+            yield (key[:-1] if mode == MODE_TREE else key), mode, oid
 
     def with_changes(self, changes: dict) -> "Tree":
         """A new tree with ``changes`` applied: name -> ``(mode, oid)``, or ``None`` to remove."""
-        entries = dict(self._entries)
         keys = list(self._keys)
         encoded = list(self._encoded)
         for name, new in changes.items():
-            old = entries.get(name)
-            if old is not None:
-                i = bisect.bisect_left(keys, _sort_key(name, old[0]))
-                del keys[i]
-                del encoded[i]
-                del entries[name]
+            for key in (name, name + b"/"):
+                i = bisect.bisect_left(keys, key)
+                if i < len(keys) and keys[i] == key:
+                    del keys[i]
+                    del encoded[i]
+                    break
             if new is not None:
                 mode, oid = new
                 key = _sort_key(name, mode)
                 i = bisect.bisect_left(keys, key)
                 keys.insert(i, key)
                 encoded.insert(i, _encode_entry(name, mode, oid))
-                entries[name] = (mode, oid)
-        return Tree(entries, keys, encoded)
+        return Tree(keys, encoded)
 
     def encode(self) -> bytes:
-        """The git tree bytes."""
-        return b"".join(self._encoded)
+        """The git tree bytes (computed once)."""
+        if self._raw is None:
+            self._raw = b"".join(self._encoded)
+        return self._raw
 
 
 EMPTY_TREE = Tree()

@@ -17,6 +17,7 @@ import zlib
 from keg.fsio import fsync_dir, write_file_atomic
 
 IDX_MAGIC = b"\xfftOc"
+OBJ_OFS_DELTA = 6
 COMPRESSION_LEVEL = 1
 
 
@@ -37,8 +38,9 @@ def write_pack(pack_dir: str, objects, durable: bool = True):
 
     Args:
         pack_dir: the repository's ``objects/pack`` directory.
-        objects: iterable of ``(oid, obj_type, data)``; each oid must be the
-            git id of its data.
+        objects: iterable of ``(oid, obj_type, data)``, or of
+            ``(oid, obj_type, None, base_oid, delta)`` for an object stored as a
+            delta (``keg.delta``) against an object earlier in the same iterable.
         durable: fsync the pack, the index and the directory before returning.
 
     Returns:
@@ -50,10 +52,20 @@ def write_pack(pack_dir: str, objects, durable: bool = True):
         return None
     body = bytearray(b"PACK" + struct.pack(">II", 2, len(objects)))
     index = []  # (oid, crc32, offset)
-    for oid, obj_type, data in objects:
+    offsets = {}
+    for obj in objects:
+        oid, obj_type, data = obj[0], obj[1], obj[2]
         offset = len(body)
-        record = _object_header(obj_type, len(data)) + zlib.compress(data, COMPRESSION_LEVEL)
+        if data is None:  # a delta against an object earlier in this pack
+            base, delta = obj[3], obj[4]
+            if base not in offsets:
+                raise ValueError(f"delta base {base.hex()} of {oid.hex()} is not earlier in the pack")
+            record = (_object_header(OBJ_OFS_DELTA, len(delta)) + _negative_offset(offset - offsets[base])
+                      + zlib.compress(delta, COMPRESSION_LEVEL))
+        else:
+            record = _object_header(obj_type, len(data)) + zlib.compress(data, COMPRESSION_LEVEL)
         body += record
+        offsets[oid] = offset
         index.append((oid, zlib.crc32(record) & 0xFFFFFFFF, offset))
     pack_sha = hashlib.sha1(body).digest()
     body += pack_sha
@@ -67,6 +79,17 @@ def write_pack(pack_dir: str, objects, durable: bool = True):
     if durable:
         fsync_dir(pack_dir)
     return name
+
+
+def _negative_offset(distance: int) -> bytes:
+    # git's offset encoding for OFS_DELTA: big-endian base-128, each continuation minus one.
+    out = [distance & 0x7F]
+    distance >>= 7
+    while distance:
+        distance -= 1
+        out.append(0x80 | (distance & 0x7F))
+        distance >>= 7
+    return bytes(reversed(out))
 
 
 def _encode_index(index, pack_sha: bytes) -> bytes:

@@ -28,12 +28,15 @@ class Staging:
         root_tree: the ``Tree`` the group starts from.
         is_volatile: tells whether a directory path is volatile (stored as a
             gitlink to its tree, see ``keg.volatile``).
+        root_oid: the id of ``root_tree``, so the new root can be stored as a
+            delta against it.
     """
 
-    def __init__(self, load_tree, root_tree, is_volatile=lambda path: False):
+    def __init__(self, load_tree, root_tree, is_volatile=lambda path: False, root_oid=None):
         self._load_tree = load_tree
         self._is_volatile = is_volatile
         self.dirs = {paths.ROOT: root_tree}
+        self.base = {paths.ROOT: (root_oid, root_tree)} if root_oid is not None else {}
         self.dirty: set = set()
 
     def _is_dir(self, path: str, entry) -> bool:
@@ -69,6 +72,7 @@ class Staging:
             return None
         tree = self._load_tree(entry[1])
         self.dirs[path] = tree
+        self.base[path] = (entry[1], tree)
         return tree
 
     def _set(self, dir_path: str, name: bytes, value) -> None:
@@ -140,7 +144,9 @@ class Staging:
         Empty directories disappear, as git has no empty directories.
 
         Args:
-            store_object: called with ``(oid, OBJ_TREE, data, tree)`` for each new tree.
+            store_object: called with ``(oid, OBJ_TREE, data, tree, base)`` for each
+                new tree; ``base`` is ``(oid, Tree)`` of the directory's previous
+                version, or ``None`` for a new directory.
         """
         for path in sorted(self.dirty, key=_depth, reverse=True):
             tree = self.dirs[path]
@@ -152,7 +158,7 @@ class Staging:
                     continue
             data = tree.encode()
             oid = object_id(OBJ_TREE, data)
-            store_object(oid, OBJ_TREE, data, tree)
+            store_object(oid, OBJ_TREE, data, tree, self.base.get(path))
             if path == paths.ROOT:
                 self.dirty.clear()
                 return oid

@@ -38,6 +38,7 @@ import pygit2
 
 import kid as kidlib
 from keg import paths
+from keg.delta import apply_delta, make_delta
 from keg.errors import (AmbiguousKid, BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, MissingObject,
                         NotFound)
 from keg.fsio import write_file_atomic
@@ -53,7 +54,8 @@ FORMAT = 1
 BRANCH = "refs/heads/main"
 REVISION_TRAILER = "Keg-Revision: "
 COMMITTER = Person("keg", "keg@localhost")
-TREE_CACHE_SIZE = 4096
+TREE_CACHE_ENTRIES = 1_000_000  # total entries of cached trees, whatever their widths
+MAX_DELTA_DEPTH = 50
 PACKS_BEFORE_REPACK = 24
 
 
@@ -204,6 +206,7 @@ class Store:
         self._revs: list = [None]          # revision number -> commit oid
         self._checkpoint_rev = 0
         self._trees: OrderedDict = OrderedDict()
+        self._tree_cache_entries = 0
         self._listeners: list = []
         self.stats = {"tree_reads": 0, "checkpoints": 0}
         self.last_checkpoint_error: OSError | None = None
@@ -361,6 +364,8 @@ class Store:
     def _object(self, oid: bytes):
         hit = self._pending.get(oid)
         if hit is not None:
+            if hit[1] is None:  # stored as a delta against an earlier pending object
+                return hit[0], apply_delta(self._object(hit[2])[1], hit[3])
             return hit
         try:
             obj_type, data = self._repo.odb.read(oid.hex())
@@ -389,10 +394,19 @@ class Store:
         self._cache_tree(oid, tree)
         return tree
 
+    def drop_caches(self) -> None:
+        """Forget every parsed tree (for measuring cold reads, and after a repack drops objects)."""
+        self._trees.clear()
+        self._tree_cache_entries = 0
+
     def _cache_tree(self, oid: bytes, tree: Tree) -> None:
+        if oid in self._trees:
+            return
         self._trees[oid] = tree
-        if len(self._trees) > TREE_CACHE_SIZE:
-            self._trees.popitem(last=False)
+        self._tree_cache_entries += len(tree) + 1
+        while self._tree_cache_entries > TREE_CACHE_ENTRIES and len(self._trees) > 1:
+            _, evicted = self._trees.popitem(last=False)
+            self._tree_cache_entries -= len(evicted) + 1
 
     def _root(self, number: int) -> bytes:
         return EMPTY_TREE_OID if number == 0 else self._commit(self._revs[number]).tree
@@ -572,7 +586,8 @@ class Store:
         for op in record.ops:
             ops.append(Put(op[1], op[3], op[2]) if op[0] == "put" else Delete(op[1], op[2]))
         new_objects: dict = {}
-        staging = Staging(self._tree, self._tree(self._root(self.head_revision)), self.volatile.matches)
+        root = self._root(self.head_revision)
+        staging = Staging(self._tree, self._tree(root), self.volatile.matches, root)
         for op in ops:
             self._stage(staging, op, new_objects)
         root = staging.build(self._collector(new_objects))
@@ -588,9 +603,17 @@ class Store:
 
     def _collector(self, new_objects: dict):
         """A ``store_object`` callback for ``Staging.build`` that also caches the parsed trees."""
-        def collect(oid, obj_type, data, tree):
-            new_objects[oid] = (obj_type, data)
+        def collect(oid, obj_type, data, tree, base=None):
             self._cache_tree(oid, tree)
+            base_entry = self._pending.get(base[0]) if base is not None else None
+            if base_entry is not None:  # the base goes into the same pack: store the change only
+                depth = base_entry[4] + 1 if base_entry[1] is None else 1
+                if depth <= MAX_DELTA_DEPTH:
+                    delta = make_delta(base[1].encode(), data)
+                    if len(delta) < len(data) // 2:
+                        new_objects[oid] = (obj_type, None, base[0], delta, depth)
+                        return
+            new_objects[oid] = (obj_type, data)
         return collect
 
     def _stage(self, staging: Staging, op, new_objects: dict) -> bytes | None:
@@ -609,7 +632,7 @@ class Store:
         for oid, value in new_objects.items():
             if oid not in self._pending:
                 self._pending[oid] = value
-                self._pending_bytes += len(value[1])
+                self._pending_bytes += len(value[1] if value[1] is not None else value[3])
         self._revs.append(commit_oid)
 
     def commit(self, transactions) -> list:
@@ -628,7 +651,8 @@ class Store:
         transactions = list(transactions)
         self._acquire_write_lock()
         head = self.head_revision
-        staging = Staging(self._tree, self._tree(self._root(head)), self.volatile.matches)
+        root = self._root(head)
+        staging = Staging(self._tree, self._tree(root), self.volatile.matches, root)
         new_objects: dict = {}
         results, applied, authors = [], [], []
         for tx in transactions:
@@ -720,7 +744,7 @@ class Store:
         if self._lock_fd is None or self.head_revision == self._checkpoint_rev:
             return
         pack_dir = os.path.join(self.path, "objects", "pack")
-        write_pack(pack_dir, ((oid, t, d) for oid, (t, d) in self._pending.items()), durable=self.durable)
+        write_pack(pack_dir, ((oid, *value[:4]) for oid, value in self._pending.items()), durable=self.durable)
         self._write_revs_index(self._revs, self._checkpoint_rev + 1)
         self._write_ref(BRANCH, self._revs[-1])
         self._journal.reset()
@@ -813,7 +837,7 @@ class Store:
         _run_git_under_lock(self.path, "repack", "-a", "-d", "-q")
         # libgit2 keeps the old packs open; reopen so this process sees what the repack dropped.
         self._repo = pygit2.Repository(self.path)
-        self._trees.clear()
+        self.drop_caches()
         return {"from_revision": first, "kept_trees": len(kept)}
 
     # ----------------------------------------------------------- diff and log

@@ -27,7 +27,7 @@ def test_namespace_has_twenty_thousand_entries(big):
 
 
 def test_diff_of_one_changed_file_reads_o_depth_trees(big):
-    big._trees.clear()  # cold: nothing cached
+    big.drop_caches()  # cold: nothing cached
     before = big.stats["tree_reads"]
     changes = big.diff(big.head_revision - 1, big.head_revision)
     reads = big.stats["tree_reads"] - before
@@ -36,7 +36,7 @@ def test_diff_of_one_changed_file_reads_o_depth_trees(big):
 
 
 def test_watch_events_of_one_changed_file_read_o_depth_trees(big):
-    big._trees.clear()
+    big.drop_caches()
     before = big.stats["tree_reads"]
     events = list(big.events("/machines", big.head_revision - 1))
     reads = big.stats["tree_reads"] - before
@@ -45,14 +45,14 @@ def test_watch_events_of_one_changed_file_read_o_depth_trees(big):
 
 
 def test_a_prefix_outside_the_change_reads_only_the_path_to_it(big):
-    big._trees.clear()
+    big.drop_caches()
     before = big.stats["tree_reads"]
     assert big.diff(big.head_revision - 1, big.head_revision, "/machines/m0001") == []
     assert big.stats["tree_reads"] - before <= 2 * (DEPTH - 1)
 
 
 def test_one_path_commit_rebuilds_only_the_trees_on_its_path(big):
-    big._trees.clear()
+    big.drop_caches()
     before = big.stats["tree_reads"]
     big.apply(Transaction((put("/machines/m0042/procs/p01.json", "{}"),)))
     assert big.stats["tree_reads"] - before <= DEPTH

@@ -26,10 +26,7 @@ def _check_name(name: str, path: str) -> None:
     control = _CONTROL.search(name)
     if control:
         raise BadPath(f"path {path!r} has a control character (code {ord(control.group())}) in a name")
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError as err:
-        raise BadPath(f"path {path!r} is not valid UTF-8") from err
+    size = len(name.encode("utf-8"))  # normalize() has checked the whole path is UTF-8
     if size > MAX_NAME_BYTES:
         raise BadPath(f"path {path!r} has a name of {size} bytes; at most {MAX_NAME_BYTES}")
 

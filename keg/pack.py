@@ -2,9 +2,11 @@
 
 A checkpoint turns the objects that transactions made in memory into one pack
 plus its ``.idx`` in ``objects/pack/``, exactly as ``git index-pack`` would
-name them, so libgit2 and stock git read them without further steps.  Objects
-are stored whole (no deltas) with fast zlib compression; ``git repack`` in
-housekeeping later rewrites packs with deltas.
+name them, so libgit2 and stock git read them without further steps.  Blobs
+and commits are stored whole, a tree as a delta (``OFS_DELTA``) against its
+previous version when that is earlier in the same pack, all with fast zlib
+compression; ``git repack`` in housekeeping later recompresses with its own
+delta search.
 """
 
 from __future__ import annotations

@@ -58,3 +58,25 @@ def test_commit_encoding_round_trips_through_libgit2(tmp_path):
     parsed = repo[oid]
     assert parsed.author.email == "ann@example.com" and parsed.commit_time == 1_700_000_000
     assert Commit.parse(c.encode()) == c
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(names, st.sampled_from(["file", "tree"]), min_size=0, max_size=10),
+       st.dictionaries(names, st.sampled_from(["file", "exec", "tree", "remove"]), min_size=1, max_size=6))
+def test_updating_a_parsed_tree_gives_the_same_bytes_and_names_as_building_it_anew(start, changes):
+    def entry(kind, salt):
+        mode = {"file": MODE_BLOB, "exec": MODE_EXEC, "tree": MODE_TREE}[kind]
+        return (mode, bytes([salt]) * 20)
+    base = Tree().with_changes({n.encode(): entry(k, 1) for n, k in start.items()})
+    parsed = Tree.parse(base.encode())
+    update = {n.encode(): None if k == "remove" else entry(k, 2) for n, k in changes.items()}
+    spliced = parsed.with_changes(update)
+    rebuilt = Tree(list(spliced._keys), list(spliced._encoded))
+    assert spliced.encode() == rebuilt.encode()
+    expected = dict(start)
+    for n, k in changes.items():
+        if k == "remove":
+            expected.pop(n, None)
+        else:
+            expected[n] = k
+    assert sorted(name.decode() for name, _, _ in spliced.items()) == sorted(expected)

@@ -146,8 +146,12 @@ def _summary(ops) -> str:
     return f"{len(ops)} changes under {common}"
 
 
-def init(path: str, durable: bool = True, exist_ok: bool = False) -> "Store":
+def init(path: str, durable: bool = True, exist_ok: bool = False, initial: tuple = ()) -> "Store":
     """Create a keg at ``path`` (a new bare git repository with revision 1) and open it.
+
+    Args:
+        initial: ``Put`` ops that revision 1 holds (the first user and the ACL,
+            for ``keg init``); by default revision 1 is an empty namespace.
 
     Raises:
         KegError: ``path`` already holds a keg (unless ``exist_ok``) or another
@@ -169,7 +173,7 @@ def init(path: str, durable: bool = True, exist_ok: bool = False) -> "Store":
                       + b"\n",
                       durable=durable)
     store = Store(path, durable=durable)
-    store._commit_ops_initial()
+    store._commit_ops_initial(initial)
     return store
 
 
@@ -712,16 +716,23 @@ class Store:
             listener(number)
         return commit_oid
 
-    def _commit_ops_initial(self) -> None:
-        """Revision 1 of a new keg: an empty namespace."""
+    def _commit_ops_initial(self, initial: tuple = ()) -> None:
+        """Revision 1 of a new keg: an empty namespace, or the ``initial`` puts."""
         self._acquire_write_lock()
         message = f"init\n\n{REVISION_TRAILER}1\n"
         when = int(time.time())
-        commit = Commit(EMPTY_TREE_OID, (), COMMITTER, COMMITTER, when, message)
+        new_objects: dict = {EMPTY_TREE_OID: (OBJ_TREE, b"")}
+        staging = Staging(self._tree, EMPTY_TREE, self.volatile.matches, EMPTY_TREE_OID)
+        for op in initial:
+            self._stage(staging, op, new_objects)
+        root = staging.build(self._collector(new_objects)) if initial else EMPTY_TREE_OID
+        commit = Commit(root, (), COMMITTER, COMMITTER, when, message)
         data = commit.encode()
         oid = object_id(OBJ_COMMIT, data)
-        self._journal.append(Record(1, None, oid, when, (COMMITTER.name, COMMITTER.email), message, ()))
-        self._install({oid: (OBJ_COMMIT, data), EMPTY_TREE_OID: (OBJ_TREE, b"")}, oid)
+        ops = tuple(("put", op.path, op.mode, op.data) for op in initial)
+        self._journal.append(Record(1, None, oid, when, (COMMITTER.name, COMMITTER.email), message, ops))
+        new_objects[oid] = (OBJ_COMMIT, data)
+        self._install(new_objects, oid)
         self.checkpoint()
 
     def add_listener(self, callback) -> None:

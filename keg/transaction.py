@@ -190,3 +190,26 @@ def parse_transaction(obj, author: Author | None = None) -> Transaction:
         compares.append(compare(path, expected))
     tx_id = _field(obj, "id", "transaction", str, required=False)
     return Transaction(ops, tuple(compares), author or Author(), tx_id)
+
+
+def transaction_to_json(tx: Transaction) -> dict:
+    """The JSON form of a transaction (what ``parse_transaction`` reads back)."""
+    ops = []
+    for op in tx.ops:
+        if isinstance(op, Delete):
+            ops.append({"op": "delete", "path": op.path, **({"recursive": True} if op.recursive else {})})
+            continue
+        out = {"op": "put", "path": op.path}
+        try:
+            out["value"] = op.data.decode("utf-8")
+        except UnicodeDecodeError:
+            out["base64"] = base64.b64encode(op.data).decode("ascii")
+        if op.mode == MODES["exec"]:
+            out["mode"] = "exec"
+        ops.append(out)
+    obj = {"ops": ops}
+    if tx.compares:
+        obj["compare"] = [{"path": c.path, "kid": c.kid} for c in tx.compares]
+    if tx.id is not None:
+        obj["id"] = tx.id
+    return obj

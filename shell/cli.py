@@ -6,12 +6,14 @@ Exit codes (the same for every command):
   1  not found (path, revision or KID)
   2  usage: bad arguments, bad path, bad KID, malformed transaction
   3  compare failed: a guarded write found another value; nothing changed
-  4  the keg is damaged or another error stopped the command
+  4  the keg is damaged, the master cannot be reached, or another error
   5  busy: another process holds the keg's write lock
+  6  not allowed: no token, a wrong token, or a token without the right
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -23,6 +25,7 @@ import kid as kidlib
 import keg
 from keg.errors import BadRequest, CompareFailed, KegError
 from keg.transaction import Transaction, compare, delete, parse_transaction, put
+from master import auth
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_COMPARE, EXIT_ERROR = 0, 1, 2, 3, 4
 MAX_STDIN_TX = 64 << 20
@@ -35,8 +38,30 @@ rev_option = click.option("--rev", "-r", metavar="REV", default=None,
                           help="Read at this revision: a number, a revision KID, or -N counting back from the head.")
 
 
-def _open(keg_dir: str) -> keg.Store:
+def _open(keg_dir: str | None, url: str | None, token: str | None):
+    """A local ``Store`` for --keg, or a ``RemoteKeg`` for --url: the commands use either alike."""
+    if url:
+        from master.client import RemoteKeg
+        return RemoteKeg(url, token)
+    if not keg_dir:
+        raise click.UsageError("say which keg: --keg DIR (or KEG_DIR) for a local one, "
+                               "--url URL (or KEG_URL) for a master")
     return keg.Store(keg_dir)
+
+
+def keg_target(command):
+    """Add --keg, --url and --token; the command gets ``opener()`` returning the keg to use."""
+    @functools.wraps(command)
+    def wrapper(*args, keg_dir, url, token, **kwargs):
+        return command(*args, opener=lambda: _open(keg_dir, url, token), **kwargs)
+
+    wrapper = click.option("--token", envvar="KEG_TOKEN", metavar="TOKEN",
+                           help="Token for the master (default: $KEG_TOKEN).")(wrapper)
+    wrapper = click.option("--url", envvar="KEG_URL", metavar="URL",
+                           help="Use the master at URL (http://HOST:PORT; several comma-separated for "
+                                "fail-over) instead of a local keg. Default: $KEG_URL.")(wrapper)
+    return click.option("--keg", "keg_dir", envvar="KEG_DIR", metavar="DIR",
+                        help="A keg directory on this machine (a bare git repository). Default: $KEG_DIR.")(wrapper)
 
 
 def _emit_json(value) -> None:
@@ -62,26 +87,41 @@ def cli():
     """Keg: one versioned, content-addressed namespace in git.
 
     Every file and directory is a value with a KID (K- and hex, the git object
-    id); every commit is a numbered revision. These plumbing commands work on a
-    keg on this machine: give it with --keg DIR or KEG_DIR.
+    id); every commit is a numbered revision. The plumbing commands work on a
+    keg on this machine (--keg DIR or KEG_DIR) or through a master
+    (--url URL and --token TOKEN, or KEG_URL and KEG_TOKEN), with the same
+    output and exit codes.
 
     \b
     Exit codes: 0 done, 1 not found, 2 usage, 3 compare failed,
-    4 damaged keg or other error, 5 keg busy (another writer).
+    4 damaged keg, master unreachable or other error, 5 keg busy (another
+    writer), 6 not allowed (missing or wrong token, or no right).
     """
 
 
 @cli.command()
 @keg_dir_option
+@click.option("--admin", "admin_name", default="admin", show_default=True, metavar="NAME",
+              help="Name of the first user, who gets the admin group.")
+@click.option("--email", default="", metavar="EMAIL", help="The admin's e-mail (recorded in commits).")
 @json_option
-def init(keg_dir, as_json):
-    """Create a new, empty keg in DIR (revision 1)."""
-    with keg.init(keg_dir) as store:
+def init(keg_dir, admin_name, email, as_json):
+    """Create a new keg in DIR: revision 1 holds the first admin and the ACL.
+
+    Prints the admin's token once, as the line `admin token: TOKEN`; only its
+    hash is kept (in /users/NAME/user.json). Give it to `keg` as --token or
+    KEG_TOKEN when you use the keg through a master.
+    """
+    auth.check_name(admin_name)
+    ops, token = auth.initial_ops(admin_name, email)
+    with keg.init(keg_dir, initial=ops) as store:
         head = store.revision()
     if as_json:
-        _emit_json({"keg": store.path, **head.to_json()})
+        _emit_json({"keg": store.path, **head.to_json(), "admin": admin_name, "admin_token": token})
     else:
         click.echo(f"initialised keg at {store.path} (revision {head.number}, {head.kid})")
+        click.echo(f"admin token: {token}")
+        click.echo("(shown once: Keg keeps only its hash; keep it somewhere safe)", err=True)
 
 
 @cli.command("put")
@@ -90,9 +130,9 @@ def init(keg_dir, as_json):
 @click.option("--if-match", metavar="KID", help="Write only if PATH currently has this KID (compare-and-swap).")
 @click.option("--if-absent", is_flag=True, help="Write only if nothing is at PATH yet.")
 @click.option("--exec", "executable", is_flag=True, help="Store the file as executable (mode 100755).")
-@keg_dir_option
+@keg_target
 @json_option
-def put_cmd(path, file, if_match, if_absent, executable, keg_dir, as_json):
+def put_cmd(path, file, if_match, if_absent, executable, opener, as_json):
     """Write FILE (or standard input) at PATH, creating directories on the way.
 
     Prints PATH, its new KID and the revision, tab-separated.
@@ -105,7 +145,7 @@ def put_cmd(path, file, if_match, if_absent, executable, keg_dir, as_json):
     op = put(path, b"", 0o100755 if executable else 0o100644)  # validate the path before reading input
     data = (file or sys.stdin.buffer).read()
     tx = Transaction((put(op.path, data, op.mode),), tuple(compares))
-    with _open(keg_dir) as store:
+    with opener() as store:
         result = store.apply(tx)
     _check_tx(result)
     _print_result(result, as_json)
@@ -114,10 +154,10 @@ def put_cmd(path, file, if_match, if_absent, executable, keg_dir, as_json):
 @cli.command("cat")
 @click.argument("path")
 @rev_option
-@keg_dir_option
-def cat_cmd(path, rev, keg_dir):
+@keg_target
+def cat_cmd(path, rev, opener):
     """Print the bytes of the file at PATH."""
-    with _open(keg_dir) as store:
+    with opener() as store:
         data = store.read(path, rev)
     out = sys.stdout.buffer
     out.write(data)
@@ -128,11 +168,11 @@ def cat_cmd(path, rev, keg_dir):
 @click.argument("path", default="/")
 @rev_option
 @click.option("-l", "long", is_flag=True, help="Long form: kind, KID, size and path, tab-separated.")
-@keg_dir_option
+@keg_target
 @json_option
-def ls_cmd(path, rev, long, keg_dir, as_json):
+def ls_cmd(path, rev, long, opener, as_json):
     """List the directory at PATH (default /). Directories end in '/'."""
-    with _open(keg_dir) as store:
+    with opener() as store:
         entry = store.stat(path, rev)
         entries = store.list(path, rev) if entry.kind == "tree" else [entry]
     if as_json:
@@ -150,13 +190,13 @@ def ls_cmd(path, rev, long, keg_dir, as_json):
 @click.argument("path")
 @click.option("-r", "--recursive", is_flag=True, help="Remove a directory and everything under it.")
 @click.option("--if-match", metavar="KID", help="Remove only if PATH currently has this KID.")
-@keg_dir_option
+@keg_target
 @json_option
-def rm_cmd(path, recursive, if_match, keg_dir, as_json):
+def rm_cmd(path, recursive, if_match, opener, as_json):
     """Remove the file (or with -r the directory) at PATH."""
     compares = (compare(path, if_match),) if if_match else ()
     tx = Transaction((delete(path, recursive),), compares)
-    with _open(keg_dir) as store:
+    with opener() as store:
         result = store.apply(tx)
     _check_tx(result)
     _print_result(result, as_json)
@@ -164,9 +204,9 @@ def rm_cmd(path, recursive, if_match, keg_dir, as_json):
 
 @cli.command("tx")
 @click.argument("file", type=click.File("rb"), required=False)
-@keg_dir_option
+@keg_target
 @json_option
-def tx_cmd(file, keg_dir, as_json):
+def tx_cmd(file, opener, as_json):
     """Apply a transaction given as JSON in FILE or on standard input.
 
     \b
@@ -187,7 +227,7 @@ def tx_cmd(file, keg_dir, as_json):
     except ValueError as err:
         raise BadRequest(f"the transaction is not valid JSON: {err}") from err
     tx = parse_transaction(obj)
-    with _open(keg_dir) as store:
+    with opener() as store:
         result = store.apply(tx)
     if as_json:
         _emit_json(result.to_json())
@@ -201,18 +241,18 @@ def tx_cmd(file, keg_dir, as_json):
 @cli.command("kid")
 @click.argument("path")
 @rev_option
-@keg_dir_option
-def kid_cmd(path, rev, keg_dir):
+@keg_target
+def kid_cmd(path, rev, opener):
     """Print the KID of the value at PATH (the git object id, as K-…)."""
-    with _open(keg_dir) as store:
+    with opener() as store:
         click.echo(store.kid(path, rev))
 
 
 @cli.command("resolve")
 @click.argument("kid_text", metavar="KID")
-@keg_dir_option
+@keg_target
 @json_option
-def resolve_cmd(kid_text, keg_dir, as_json):
+def resolve_cmd(kid_text, opener, as_json):
     """Say what a KID names: a file or tree value, a revision, or an identity.
 
     Short forms (K- and at least 8 hex digits) work like git short hashes;
@@ -222,7 +262,7 @@ def resolve_cmd(kid_text, keg_dir, as_json):
         kidlib.parse(kid_text)
     except kidlib.KidError as err:
         raise BadRequest(str(err)) from err
-    with _open(keg_dir) as store:
+    with opener() as store:
         found = store.resolve_kid(kid_text)
     if as_json:
         _emit_json(found)
@@ -240,14 +280,14 @@ def resolve_cmd(kid_text, keg_dir, as_json):
 @click.argument("path", default="/")
 @rev_option
 @click.option("-n", "limit", type=click.IntRange(min=1), default=None, help="Show at most this many revisions.")
-@keg_dir_option
+@keg_target
 @json_option
-def log_cmd(path, rev, limit, keg_dir, as_json):
+def log_cmd(path, rev, limit, opener, as_json):
     """Revisions that changed PATH (default: all), newest first.
 
     Each line: revision, revision KID, time (UTC, ISO 8601), author, summary.
     """
-    with _open(keg_dir) as store:
+    with opener() as store:
         entries = store.log(path, rev, limit)
     if as_json:
         _emit_json([{**r.to_json(), "path_kid": k} for r, k in entries])
@@ -262,14 +302,14 @@ def log_cmd(path, rev, limit, keg_dir, as_json):
 @click.argument("rev_a", metavar="FROM")
 @click.argument("rev_b", metavar="TO", required=False)
 @click.option("--prefix", default="/", help="Only paths under this prefix.")
-@keg_dir_option
+@keg_target
 @json_option
-def diff_cmd(rev_a, rev_b, prefix, keg_dir, as_json):
+def diff_cmd(rev_a, rev_b, prefix, opener, as_json):
     """Files that differ between revisions FROM and TO (default: head).
 
     Each line: A (added), M (modified) or D (deleted), the path, old and new KID.
     """
-    with _open(keg_dir) as store:
+    with opener() as store:
         changes = store.diff(rev_a, rev_b, prefix)
     if as_json:
         _emit_json([{"path": p, "old_kid": a, "new_kid": b} for p, a, b in changes])
@@ -286,9 +326,9 @@ def diff_cmd(rev_a, rev_b, prefix, keg_dir, as_json):
               help="Start after this revision (0: from the beginning). Default: only new changes.")
 @click.option("--timeout", type=float, default=None, help="Stop after this many seconds without a change.")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many events.")
-@keg_dir_option
+@keg_target
 @json_option
-def watch_cmd(prefix, command, since, timeout, count, keg_dir, as_json):
+def watch_cmd(prefix, command, since, timeout, count, opener, as_json):
     """Print one line per change under PREFIX, or run COMMAND per change.
 
     \b
@@ -300,7 +340,7 @@ def watch_cmd(prefix, command, since, timeout, count, keg_dir, as_json):
     if command and command[0] == "--":
         command = command[1:]
     seen = 0
-    with _open(keg_dir) as store:
+    with opener() as store:
         for event in store.watch(prefix, since, timeout=timeout):
             if command:
                 env = dict(os.environ, KEG_REVISION=str(event.revision), KEG_ACTION=event.action,
@@ -320,9 +360,9 @@ def watch_cmd(prefix, command, since, timeout, count, keg_dir, as_json):
 @cli.command("compact")
 @click.option("--window", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Keep the history of volatile directories for this many newest revisions.")
-@keg_dir_option
+@keg_target
 @json_option
-def compact_cmd(window, keg_dir, as_json):
+def compact_cmd(window, opener, as_json):
     """Drop old history of volatile directories (heartbeats, status).
 
     Volatile directories are those matching the patterns in the keg's
@@ -330,12 +370,112 @@ def compact_cmd(window, keg_dir, as_json):
     one at a revision older than the window kept says it was compacted.
     Nothing else loses history, and no revision KID changes.
     """
-    with _open(keg_dir) as store:
+    with opener() as store:
         done = store.compact(window)
     if as_json:
         _emit_json(done)
     else:
         click.echo(f"volatile history kept from revision {done['from_revision']} ({done['kept_trees']} trees)")
+
+
+@cli.group()
+def master():
+    """Run the master: the keg served over HTTP (and FastCGI) to every client."""
+
+
+@master.command("serve")
+@keg_dir_option
+@click.option("--listen", default="127.0.0.1:7480", show_default=True, metavar="HOST:PORT",
+              help="Serve HTTP here (port 0 picks a free one; the address is printed).")
+@click.option("--fastcgi", "fastcgi_socket", metavar="SOCKET",
+              help="Serve FastCGI on this Unix socket through flup instead, for nginx (see docs/operations.md).")
+@click.option("--max-body", type=click.IntRange(min=1024), default=64 << 20, show_default=True,
+              help="Largest request body in bytes; larger ones get 413.")
+@click.option("--heartbeat", type=click.FloatRange(min=0.05), default=15.0, show_default=True,
+              help="Seconds of silence before a watch stream sends a heartbeat.")
+def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat):
+    """Serve the keg in DIR: REST under /v1, git fetch at /git/keg.git, watch streams.
+
+    One process owns the keg; writes from all clients are committed in groups,
+    each acknowledged only once durable. Stops cleanly on SIGINT or SIGTERM.
+    Every request needs a token (see `keg init`, `keg user add`), except
+    /v1/openapi.json.
+    """
+    from master.app import KegApp
+    from master.server import serve_fastcgi, serve_http
+    from master.single import SingleMaster
+
+    store = keg.Store(keg_dir, lock_timeout=1.0)
+    the_master = SingleMaster(store)
+    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat)
+    try:
+        if fastcgi_socket:
+            serve_fastcgi(app, fastcgi_socket, ready=lambda where: click.echo(
+                f"keg master: serving {store.path} over FastCGI at {where}", err=True))
+        else:
+            host, _, port = listen.rpartition(":")
+            if not host or not port.isdigit():
+                raise click.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--listen")
+            serve_http(app, the_master, host.strip("[]"), int(port), max_body, ready=lambda h, p: click.echo(
+                f"keg master: serving {store.path} at http://{h}:{p}", err=True))
+    finally:
+        the_master.close()
+
+
+@cli.group()
+def user():
+    """Users and machines: who may use the keg (kept in /users/NAME/user.json)."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--email", default="", help="E-mail, recorded as the author of the user's writes.")
+@click.option("--group", "groups", multiple=True, metavar="GROUP",
+              help="Add to this group (repeatable); /policy/acl.tsv grants rights to groups.")
+@click.option("--machine", is_flag=True,
+              help="A machine principal for a Mayor: it may write only /machines/NAME/status/.")
+@keg_target
+@json_option
+def user_add(name, email, groups, machine, opener, as_json):
+    """Create user NAME with a first token, printed once as `token: TOKEN`."""
+    with opener() as store:
+        token = auth.add_user(store, name, email, groups, machine)
+    if as_json:
+        _emit_json({"name": name, "token": token})
+    else:
+        click.echo(f"token: {token}")
+
+
+@cli.group()
+def token():
+    """Tokens: create and revoke the secrets users and machines log in with."""
+
+
+@token.command("new")
+@click.argument("name")
+@click.option("--note", default="", help="What the token is for (kept beside its hash).")
+@keg_target
+@json_option
+def token_new(name, note, opener, as_json):
+    """Give user NAME another token, printed once as `token: TOKEN` (its id first)."""
+    with opener() as store:
+        token_id, secret = auth.new_token(store, name, note)
+    if as_json:
+        _emit_json({"name": name, "id": token_id, "token": secret})
+    else:
+        click.echo(f"id: {token_id}")
+        click.echo(f"token: {secret}")
+
+
+@token.command("revoke")
+@click.argument("name")
+@click.argument("token_id", metavar="TOKEN_ID")
+@keg_target
+def token_revoke(name, token_id, opener):
+    """Revoke a token of user NAME, given by its id (or the whole token)."""
+    with opener() as store:
+        auth.revoke_token(store, name, token_id)
+    click.echo(f"revoked {token_id.split('_')[1] if token_id.startswith('kt_') else token_id} of {name}")
 
 
 def main(argv=None) -> int:

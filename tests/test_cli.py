@@ -67,7 +67,7 @@ def test_compare_failed_exits_3_and_changes_nothing(k):
     code, out, _ = run("tx", "--json", "--keg", k, input=json.dumps(tx))
     assert code == 3 and json.loads(out)["failed_compare"]["path"] == "/a"
     assert run("cat", "/a", "--keg", k)[1] == "1"
-    assert run("ls", "--keg", k)[1] == "a\n"
+    assert run("ls", "--keg", k)[1] == "a\npolicy/\nusers/\n"  # /b was not written
 
 
 def test_if_match_is_compare_and_swap(k):
@@ -85,7 +85,7 @@ def test_tx_applies_puts_and_deletes(k):
                   {"op": "delete", "path": "/old.json"}]}
     code, out, _ = run("tx", "--keg", k, input=json.dumps(tx))
     assert code == 0 and "/old.json\t-\t3" in out
-    assert run("ls", "--keg", k)[1] == "bin\nnew.json\n"
+    assert run("ls", "--keg", k)[1] == "bin\nnew.json\npolicy/\nusers/\n"
 
 
 @pytest.mark.parametrize("args, stdin, code, message", [
@@ -116,7 +116,7 @@ def test_ls_long_log_diff_resolve(k):
     run("put", "/d/a.txt", "--keg", k, input="a")
     run("put", "/d/b.txt", "--keg", k, input="b")
     run("rm", "-r", "/d", "--keg", k)
-    assert run("ls", "/", "--rev", "3", "--keg", k)[1] == "d/\n"
+    assert run("ls", "/", "--rev", "3", "--keg", k)[1] == "d/\npolicy/\nusers/\n"
     kind, kid, size, name = run("ls", "-l", "/d", "--rev", "3", "--keg", k)[1].splitlines()[0].split("\t")
     assert (kind, size, name) == ("file", "1", "a.txt")
     log = run("log", "/d/a.txt", "--keg", k)[1].splitlines()

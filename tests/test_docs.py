@@ -35,6 +35,7 @@ def test_readme_commands_run_as_written(tmp_path):
     assert done.returncode == 0, done.stderr
     out = done.stdout.splitlines()
     assert out[0].startswith("initialised keg at " + str(tmp_path / "keg"))
-    assert out[2:4] == ["hello", "K-ce013625030ba8dba906f756967f9e9ca394464a"]
+    assert out[1].startswith("admin token: kt_")
+    assert out[3:5] == ["hello", "K-ce013625030ba8dba906f756967f9e9ca394464a"]
     assert "3" in out and any(line.startswith("3\tcreate\t/machines/m1/machine.json") for line in out)
     assert "compare failed" in done.stderr

@@ -1,0 +1,281 @@
+"""A client of the master's HTTP interface that looks like a local ``Store``.
+
+``RemoteKeg`` has the read and write methods of ``keg.Store`` and returns the
+same objects (``Entry``, ``Revision``, ``Event``, ``TxResult``) and raises the
+same errors, so every ``keg`` command works against a master (``--url`` or
+``KEG_URL``, with ``--token`` or ``KEG_TOKEN``) with the same output and exit
+codes as on a local keg.  Several URLs, comma-separated, are tried in turn.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.parse
+
+from keg import paths
+from keg.errors import BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, NotFound, PathConflict
+from keg.store import Entry, Event, Revision
+from keg.transaction import Transaction, TxResult, transaction_to_json
+from master.auth import Forbidden, Unauthenticated
+
+TIMEOUT = 60.0
+ERRORS = {400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: PathConflict,
+          413: BadRequest, 503: KegBusy}
+
+
+class Unreachable(KegError):
+    """No master answered at any of the URLs."""
+
+    exit_code = 4
+
+
+def _error_from(status: int, body: bytes) -> KegError:
+    try:
+        obj = json.loads(body)
+        message = obj["error"]
+    except (ValueError, KeyError, TypeError):
+        obj, message = {}, body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    if status == 412 and isinstance(obj.get("failed_compare"), dict):
+        failed = obj["failed_compare"]
+        return CompareFailed(failed.get("path"), failed.get("expected"), failed.get("actual"))
+    return ERRORS.get(status, CorruptKeg if status == 500 else KegError)(message)
+
+
+def _revision(obj: dict) -> Revision:
+    return Revision(obj["revision"], obj["kid"], obj["time"], obj["author"], obj["message"])
+
+
+def _entry(obj: dict) -> Entry:
+    return Entry(obj["path"], obj["kind"], obj["kid"], obj["size"], int(obj["mode"], 8))
+
+
+class RemoteKeg:
+    """A master reached over HTTP.
+
+    Args:
+        url: ``http://host:port`` (or several, comma-separated, tried in turn).
+        token: the token sent as ``Authorization: Bearer``.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = TIMEOUT):
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        if not self.urls:
+            raise BadRequest("no master URL given")
+        for u in self.urls:
+            parsed = urllib.parse.urlsplit(u)
+            if parsed.scheme != "http" or not parsed.hostname:
+                raise BadRequest(f"{u!r} is not a master URL: give http://HOST:PORT")
+        self.token = token
+        self.timeout = timeout
+        self.path = self.urls[0]
+        self._conn = None
+        self._current = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ------------------------------------------------------------ transport
+
+    def _connect(self, index: int, timeout: float):
+        parsed = urllib.parse.urlsplit(self.urls[index])
+        return http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=timeout)
+
+    def _headers(self, extra=None) -> dict:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra or {})
+        return headers
+
+    def request(self, method: str, target: str, body: bytes | None = None, headers=None, ok=(200, 201)):
+        """One request with retries over the URLs; returns ``(status, headers, body)``.
+
+        Raises:
+            the ``KegError`` the server's answer names, or ``Unreachable``.
+        """
+        last = None
+        for attempt in range(len(self.urls) * 2):
+            index = (self._current + attempt // 2) % len(self.urls)
+            try:
+                if self._conn is None or index != self._current:
+                    self.close()
+                    self._conn = self._connect(index, self.timeout)
+                    self._current = index
+                self._conn.request(method, target, body=body, headers=self._headers(headers))
+                response = self._conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as err:
+                last = err
+                self.close()
+                continue
+            if response.status in ok or response.status == 304:
+                return response.status, response, data
+            raise _error_from(response.status, data)
+        raise Unreachable(f"cannot reach the master at {', '.join(self.urls)}: {last}")
+
+    @staticmethod
+    def _target(base: str, **query) -> str:
+        query = {k: v for k, v in query.items() if v is not None}
+        return base + ("?" + urllib.parse.urlencode(query) if query else "")
+
+    @staticmethod
+    def _keg_target(path: str, **query) -> str:
+        path = paths.normalize(path)
+        return RemoteKeg._target("/v1/keg" + urllib.parse.quote(path, safe="/"), **query)
+
+    def _get_json(self, target: str):
+        return json.loads(self.request("GET", target)[2])
+
+    # ---------------------------------------------------------------- reads
+
+    def stat(self, path: str, rev=None) -> Entry:
+        """As ``Store.stat``."""
+        path = paths.normalize(path)
+        _, response, _ = self.request("HEAD", self._keg_target(path, rev=rev))
+        return Entry(path, response.getheader("Keg-Kind"), response.getheader("ETag").strip('"'),
+                     int(response.getheader("Keg-Size")), int(response.getheader("Keg-Mode"), 8))
+
+    def kid(self, path: str, rev=None) -> str:
+        """As ``Store.kid``."""
+        return self.stat(path, rev).kid
+
+    def exists(self, path: str, rev=None) -> bool:
+        """As ``Store.exists``."""
+        try:
+            self.stat(path, rev)
+            return True
+        except NotFound:
+            return False
+
+    def read(self, path: str, rev=None) -> bytes:
+        """As ``Store.read``."""
+        path = paths.normalize(path)
+        _, response, data = self.request("GET", self._keg_target(path, rev=rev))
+        kind = response.getheader("Keg-Kind")
+        if kind == "tree":
+            raise BadRequest(f"{path} is a directory; list it instead")
+        if kind == "pointer":
+            raise BadRequest(f"{path} is a pointer to another keg ({response.getheader('ETag').strip(chr(34))})")
+        return data
+
+    def list(self, path: str = "/", rev=None) -> list:
+        """As ``Store.list``."""
+        path = paths.normalize(path)
+        _, response, data = self.request("GET", self._keg_target(path, rev=rev))
+        if response.getheader("Keg-Kind") != "tree":
+            raise BadRequest(f"{path} is a file, not a directory")
+        return [_entry(e) for e in json.loads(data)["entries"]]
+
+    def revision(self, spec=None) -> Revision:
+        """As ``Store.revision`` (the head, or the revision of a log entry)."""
+        if spec is None:
+            return _revision(self._get_json("/v1/head"))
+        entries = self._get_json(self._target("/v1/log", rev=spec, limit=1))
+        if not entries:
+            raise NotFound(f"revision {spec} does not exist")
+        return _revision(entries[0])
+
+    def log(self, path: str = "/", rev=None, limit=None) -> list:
+        """As ``Store.log``."""
+        entries = self._get_json(self._target("/v1/log", path=paths.normalize(path), rev=rev, limit=limit))
+        return [(_revision(e), e.get("path_kid")) for e in entries]
+
+    def diff(self, rev_a, rev_b=None, prefix: str = "/") -> list:
+        """As ``Store.diff``."""
+        changes = self._get_json(self._target("/v1/diff", **{"from": rev_a, "to": rev_b,
+                                                             "prefix": paths.normalize(prefix)}))
+        return [(c["path"], c["old_kid"], c["new_kid"]) for c in changes]
+
+    def resolve_kid(self, text: str) -> dict:
+        """As ``Store.resolve_kid``."""
+        return self._get_json("/v1/kid/" + urllib.parse.quote(text))
+
+    # --------------------------------------------------------------- writes
+
+    def apply(self, tx: Transaction) -> TxResult:
+        """As ``Store.apply``: the result, with ``ok`` False on a failed compare."""
+        body = json.dumps(transaction_to_json(tx)).encode()
+        try:
+            _, _, data = self.request("POST", "/v1/tx", body, {"Content-Type": "application/json"})
+        except CompareFailed as err:
+            return TxResult(False, error=err)
+        obj = json.loads(data)
+        return TxResult(True, obj["revision"], obj["revision_kid"], obj["kids"])
+
+    def commit(self, transactions) -> list:
+        """As ``Store.commit`` (one request per transaction; the master groups them)."""
+        return [self.apply(tx) for tx in transactions]
+
+    def compact(self, window: int = 1000) -> dict:
+        """As ``Store.compact``."""
+        return json.loads(self.request("POST", self._target("/v1/compact", window=window))[2])
+
+    # ---------------------------------------------------------------- watch
+
+    def watch(self, prefix: str = "/", since: int | None = None, timeout: float | None = None):
+        """As ``Store.watch``: events under ``prefix``; reconnects by itself and resumes without gaps."""
+        prefix = paths.normalize(prefix)
+        heartbeat = min(15.0, timeout / 2) if timeout else 15.0
+        idle_since = time.monotonic()
+        failures = 0
+        while True:
+            try:
+                for event in self._stream(prefix, since, heartbeat):
+                    if event is None:   # a heartbeat
+                        if timeout is not None and time.monotonic() - idle_since >= timeout:
+                            return
+                        continue
+                    if isinstance(event, int):  # the revision the stream started after, or an end marker
+                        since = event
+                        continue
+                    idle_since = time.monotonic()
+                    failures = 0
+                    yield event
+            except (OSError, http.client.HTTPException, Unreachable):
+                failures += 1
+                if failures > 1:
+                    time.sleep(min(5.0, 0.1 * 2 ** failures))
+                if failures > 20:
+                    raise Unreachable(f"lost the watch stream from {self.urls[self._current]} and cannot reconnect")
+                self._current = (self._current + 1) % len(self.urls)
+                continue
+            if timeout is not None and time.monotonic() - idle_since >= timeout:
+                return
+
+    def _stream(self, prefix: str, since, heartbeat: float):
+        """Yield the start revision, then events, ``None`` for heartbeats, and ints for revision ends."""
+        conn = self._connect(self._current, heartbeat * 3 + 5)
+        try:
+            conn.request("GET", self._target("/v1/watch", prefix=prefix, since=since, format="ndjson",
+                                             heartbeat=heartbeat), headers=self._headers())
+            response = conn.getresponse()
+            if response.status != 200:
+                raise _error_from(response.status, response.read())
+            yield int(response.getheader("Keg-Revision"))
+            while True:
+                line = response.readline()
+                if not line:
+                    raise http.client.IncompleteRead(b"")
+                obj = json.loads(line)
+                if obj.get("heartbeat"):
+                    yield None
+                    continue
+                yield Event(obj["revision"], obj["path"], obj["old_kid"], obj["new_kid"])
+                if obj.get("end"):
+                    yield obj["revision"]
+        except socket.timeout as err:
+            raise OSError("the watch stream went silent") from err
+        finally:
+            conn.close()

@@ -1,0 +1,178 @@
+"""git smart HTTP for ``/git/keg.git``, served by git's own ``git http-backend``.
+
+The keg is a bare git repository, so stock git clones and fetches it as it is.
+Before each request the master checkpoints (``publish``), so the refs on disk
+show the newest revision.  The backend runs with ``http.getanyfile`` off (only
+what the refs reach is served, never a loose object by name),
+``http.uploadpack`` on and ``http.receivepack`` off.  Pushes are refused
+before git runs, with a message git prints as ``remote error:`` — writes go
+through transactions.
+
+The backend is a CGI program: its output is a few header lines, a blank line,
+then the body, which may be large (a whole pack), so it is streamed: the event
+loop reads the pipe as it becomes readable, a threaded server just reads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import tempfile
+
+from master.bodies import AsyncBody
+
+READ_SIZE = 256 << 10
+SERVE_LINK = os.path.join("keg", "http")   # <keg>/keg/http/keg.git -> the keg itself
+
+
+def _pkt(text: str) -> bytes:
+    data = text.encode()
+    return f"{len(data) + 4:04x}".encode() + data
+
+
+def refusal(message: str) -> bytes:
+    """A smart-protocol advertisement that makes git print ``remote error: message``."""
+    return _pkt("# service=git-receive-pack\n") + b"0000" + _pkt(f"ERR {message}")
+
+
+def project_root(keg_path: str) -> str:
+    """A directory in which ``keg.git`` is the keg (a symlink), for ``GIT_PROJECT_ROOT``."""
+    root = os.path.join(keg_path, SERVE_LINK)
+    link = os.path.join(root, "keg.git")
+    if not os.path.islink(link):
+        os.makedirs(root, exist_ok=True)
+        os.symlink(os.path.relpath(keg_path, root), link)
+    return root
+
+
+def cgi_environ(environ: dict, root: str, path_info: str, remote_user: str) -> dict:
+    """The environment of one ``git http-backend`` run."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "GIT_PROJECT_ROOT": root,
+        "GIT_HTTP_EXPORT_ALL": "1",
+        "PATH_INFO": path_info,
+        "QUERY_STRING": environ.get("QUERY_STRING", ""),
+        "REQUEST_METHOD": environ.get("REQUEST_METHOD", "GET"),
+        "CONTENT_TYPE": environ.get("CONTENT_TYPE", ""),
+        "REMOTE_USER": remote_user,
+        "REMOTE_ADDR": environ.get("REMOTE_ADDR", ""),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": root,
+        "GIT_CONFIG_COUNT": "4",
+        "GIT_CONFIG_KEY_0": "http.getanyfile", "GIT_CONFIG_VALUE_0": "false",
+        "GIT_CONFIG_KEY_1": "http.uploadpack", "GIT_CONFIG_VALUE_1": "true",
+        "GIT_CONFIG_KEY_2": "http.receivepack", "GIT_CONFIG_VALUE_2": "false",
+        "GIT_CONFIG_KEY_3": "safe.directory", "GIT_CONFIG_VALUE_3": "*",
+    }
+    for name in ("HTTP_GIT_PROTOCOL", "HTTP_CONTENT_ENCODING"):
+        if name in environ:
+            env[name] = environ[name]
+    return env
+
+
+class CgiBody(AsyncBody):
+    """The streamed output of ``git http-backend``.
+
+    Args:
+        env: the CGI environment.
+        body: the request body (it goes to the backend through a temporary
+            file, so a large request cannot deadlock against a large answer).
+    """
+
+    def __init__(self, start_response, env: dict, body: bytes):
+        super().__init__(start_response)
+        git = shutil.which("git") or "git"
+        self.err = tempfile.TemporaryFile()
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(body)
+            stdin.seek(0)
+            self.proc = subprocess.Popen([git, "http-backend"], env=env, stdin=stdin, stdout=subprocess.PIPE,
+                                         stderr=self.err)
+        self.out = self.proc.stdout
+        self.header_buf = b""
+        self.headers_done = False
+        self._loop = None
+
+    def _headers(self, data: bytes) -> bytes:
+        """Collect CGI headers; once complete, start the response and return the body bytes read so far."""
+        self.header_buf += data
+        end = self.header_buf.find(b"\r\n\r\n")
+        sep = 4
+        if end < 0:
+            end, sep = self.header_buf.find(b"\n\n"), 2
+        if end < 0:
+            return b""
+        status, headers = "200 OK", []
+        for line in self.header_buf[:end].decode("latin-1").splitlines():
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = value.strip()
+            elif name:
+                headers.append((name.strip(), value.strip()))
+        self.start_response(status, headers)
+        self.headers_done = True
+        rest, self.header_buf = self.header_buf[end + sep:], b""
+        return rest
+
+    def _finish_error(self) -> bytes:
+        self.err.seek(0)
+        err = self.err.read(4096).decode(errors="replace").strip()
+        self.start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+        self.headers_done = True
+        return f"git http-backend failed: {err or 'no output'}\n".encode()
+
+    # ------------------------------------------------------------ event loop
+
+    def arm(self, loop, wake) -> None:
+        self._loop = loop
+        fd = self.out.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        loop.add_reader(fd, wake)
+
+    def poll(self) -> tuple:
+        if self.out.closed:
+            return [], True
+        try:
+            data = os.read(self.out.fileno(), READ_SIZE)
+        except BlockingIOError:
+            return [], False
+        if not data:
+            if not self.headers_done:
+                self.proc.wait()
+            answer = [] if self.headers_done else [self._finish_error()]
+            self.close()
+            return answer, True
+        if not self.headers_done:
+            data = self._headers(data)
+        return ([data] if data else []), False
+
+    def close(self) -> None:
+        if self._loop is not None and self.out is not None and not self.out.closed:
+            self._loop.remove_reader(self.out.fileno())
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if not self.out.closed:
+            self.out.close()
+        self.err.close()
+
+    # ------------------------------------------------------------ threads
+
+    def __iter__(self):
+        try:
+            while True:
+                data = self.out.read1(READ_SIZE) if hasattr(self.out, "read1") else self.out.read(READ_SIZE)
+                if not data:
+                    if not self.headers_done:
+                        self.proc.wait()
+                        yield self._finish_error()
+                    return
+                if not self.headers_done:
+                    data = self._headers(data)
+                if data:
+                    yield data
+        finally:
+            self.close()

@@ -1,0 +1,152 @@
+"""The master interface: what every front end (HTTP, FastCGI, the CLI in process) uses.
+
+Two implementations sit behind it, chosen at start-up: ``SingleMaster`` (one
+process owns the keg, ``master/single.py``) and the Raft-replicated master.
+Callers never branch on which one they have.
+
+Writes go through ``submit``: it queues a transaction and returns a
+``Pending`` at once, so that a server can read every request that is waiting
+and then commit them together (group commit) with one ``flush``.  A caller
+with nothing better to do calls ``Pending.wait``, which flushes if nobody else
+is doing it.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+
+from keg.transaction import TxResult
+
+
+class Pending:
+    """A submitted transaction whose result is not known yet."""
+
+    __slots__ = ("tx", "result", "_done", "_callbacks", "_master")
+
+    def __init__(self, tx, master: "Master"):
+        self.tx = tx
+        self.result: TxResult | None = None
+        self._done = threading.Event()
+        self._callbacks: list = []
+        self._master = master
+
+    @property
+    def done(self) -> bool:
+        """True once the transaction committed or failed."""
+        return self._done.is_set()
+
+    def resolve(self, result: TxResult) -> None:
+        """Record the result and run the callbacks (called by the master only)."""
+        self.result = result
+        self._done.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback) -> None:
+        """Call ``callback()`` once the result is known (at once if it already is)."""
+        if self.done:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def wait(self) -> TxResult:
+        """Block until the result is known, committing the queue if nobody else is."""
+        while not self.done:
+            self._master.flush()
+        return self.result
+
+
+class Master(abc.ABC):
+    """The authoritative keg, as every front end sees it."""
+
+    # ------------------------------------------------------------- reads
+    @abc.abstractmethod
+    def head(self):
+        """The newest ``Revision``."""
+
+    @abc.abstractmethod
+    def revision(self, spec=None):
+        """A ``Revision`` by number, KID or ``None`` for the head."""
+
+    @abc.abstractmethod
+    def stat(self, path: str, rev=None):
+        """The ``Entry`` at ``path``."""
+
+    @abc.abstractmethod
+    def read(self, path: str, rev=None) -> bytes:
+        """The bytes of the file at ``path``."""
+
+    @abc.abstractmethod
+    def list(self, path: str = "/", rev=None) -> list:
+        """The ``Entry`` list of the directory at ``path``."""
+
+    @abc.abstractmethod
+    def log(self, path: str = "/", rev=None, limit=None) -> list:
+        """``(Revision, path KID)`` pairs, newest first."""
+
+    @abc.abstractmethod
+    def diff(self, rev_a, rev_b, prefix: str = "/") -> list:
+        """``(path, old KID, new KID)`` triples."""
+
+    @abc.abstractmethod
+    def resolve_kid(self, text: str) -> dict:
+        """What a KID names."""
+
+    # ------------------------------------------------------------ writes
+    @abc.abstractmethod
+    def submit(self, tx) -> Pending:
+        """Queue a transaction for the next group commit."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Commit everything queued, as one group; resolve each ``Pending``."""
+
+    def commit(self, transactions) -> list:
+        """Apply transactions and wait for their results (one group when possible)."""
+        pending = [self.submit(tx) for tx in transactions]
+        return [p.wait() for p in pending]
+
+    @abc.abstractmethod
+    def compact(self, window: int) -> dict:
+        """Drop old history of volatile directories."""
+
+    # ------------------------------------------------------------- watch
+    @abc.abstractmethod
+    def events(self, prefix: str, since: int, until: int, limit: int = 10_000) -> tuple:
+        """Events under ``prefix`` in revisions ``since+1 .. until``: ``(events, last revision examined)``.
+
+        Whole revisions only: once about ``limit`` events are found the list
+        stops at a revision boundary, and the caller goes on from the
+        revision returned.
+        """
+
+    @abc.abstractmethod
+    def subscribe(self, callback) -> None:
+        """Call ``callback(head_number)`` after every new revision."""
+
+    @abc.abstractmethod
+    def unsubscribe(self, callback) -> None:
+        """Stop calling ``callback``."""
+
+    @abc.abstractmethod
+    def wait_for_revision(self, after: int, timeout: float) -> int:
+        """Block until the head is past ``after`` or ``timeout`` passes; returns the head number."""
+
+    # ------------------------------------------------------ chunks, git
+    @abc.abstractmethod
+    def chunk_get(self, name: str) -> bytes:
+        """A chunk's bytes, verified."""
+
+    @abc.abstractmethod
+    def chunk_put(self, name: str, data: bytes) -> bool:
+        """Store a chunk; False when it was already there."""
+
+    @abc.abstractmethod
+    def publish(self) -> str:
+        """Make the git repository on disk show the head (for git fetch); returns its path."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Finish queued work and release the keg."""

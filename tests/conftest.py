@@ -53,3 +53,71 @@ def keg_command() -> list:
 def git(keg_path: str, *args: str) -> subprocess.CompletedProcess:
     """Run stock git on a keg."""
     return subprocess.run(["git", "--git-dir", keg_path, *args], capture_output=True, text=True, check=False)
+
+
+class MasterProcess:
+    """A ``keg master serve`` subprocess on a free loopback port, with the keg's admin token."""
+
+    def __init__(self, keg_path: str, token: str, extra=()):
+        self.keg_path = keg_path
+        self.token = token
+        self.extra = list(extra)
+        self.proc = None
+        self.url = None
+        self.start()
+
+    def start(self, port: int = 0) -> None:
+        """Start (or restart on the same port) and wait until it listens."""
+        import re
+        import time
+        if port == 0 and self.url:
+            port = int(self.url.rsplit(":", 1)[1])
+        self.log_path = self.keg_path.rstrip("/") + ".master.log"
+        with open(self.log_path, "a") as log:
+            start = log.tell()
+            self.proc = subprocess.Popen([*keg_command(), "master", "serve", "--keg", self.keg_path,
+                                          "--listen", f"127.0.0.1:{port}", *self.extra],
+                                         stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with open(self.log_path) as log:
+                log.seek(start)
+                match = re.search(r"at (http://127\.0\.0\.1:\d+)", log.read())
+            if match:
+                self.url = match.group(1)
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        with open(self.log_path) as log:
+            raise AssertionError(f"keg master serve did not start: {log.read()[start:]}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM, a clean stop."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def init_keg_with_token(keg_path: str) -> str:
+    """``keg init`` a keg and return the admin token it prints."""
+    done = subprocess.run([*keg_command(), "init", "--keg", keg_path], capture_output=True, text=True, check=True)
+    return next(line.split()[2] for line in done.stdout.splitlines() if line.startswith("admin token: "))
+
+
+@pytest.fixture
+def master_server(keg_dir):
+    """A running master over a new keg: ``.url``, ``.token`` (admin), ``.keg_path``."""
+    token = init_keg_with_token(keg_dir)
+    server = MasterProcess(keg_dir, token)
+    yield server
+    server.stop()

@@ -302,8 +302,8 @@ class Connection(asyncio.Protocol):
         if done:
             self._close_body()
             self._send(data, finished=True)
-        elif data:
-            self._send(data, finished=False)
+        elif data or (not self.headers_sent and self.status is not None):
+            self._send(data, finished=False)  # a stream's headers go out at once, before any event
 
     def _close_body(self):
         body, self.body = self.body, None

@@ -67,6 +67,7 @@ class WatchStream(AsyncBody):
         self._loop = None
         self._wake = None
         self._timer = None
+        self._write = None
 
     # ------------------------------------------------------------ shared
 
@@ -74,7 +75,7 @@ class WatchStream(AsyncBody):
         self.started = True
         headers = [("Content-Type", FORMATS[self.fmt]), ("Cache-Control", "no-store"),
                    ("X-Accel-Buffering", "no"), ("Keg-Revision", str(self.seen))]
-        self.start_response("200 OK", headers)
+        self._write = self.start_response("200 OK", headers)
         return b"retry: 1000\n\n" if self.fmt == "sse" else b""
 
     def _step(self) -> bytes:
@@ -154,6 +155,12 @@ class WatchStream(AsyncBody):
         preamble = self._start()
         if preamble:
             yield preamble
+        else:
+            # A threaded server (flup) sends the headers with the first
+            # non-empty chunk, and NDJSON or a long poll has none until
+            # something changes: send them now, as the event loop does, so
+            # the client knows at once that it watches, and from which revision.
+            self._write(b"")
         while not self.finished:
             data = self._step()
             now = time.monotonic()

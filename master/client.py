@@ -122,6 +122,8 @@ class RemoteKeg:
                 continue
             if response.status in ok or response.status == 304:
                 return response.status, response, data
+            if method == "HEAD":  # an error's explanation is in a body, which HEAD does not carry
+                return self.request("GET", target, headers=headers, ok=ok)
             raise _error_from(response.status, data)
         raise Unreachable(f"cannot reach the master at {', '.join(self.urls)}: {last}")
 

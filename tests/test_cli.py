@@ -20,7 +20,7 @@ def run(*args, input=None):
     with runner.isolation(input=input) as (out, _, _):
         with contextlib.redirect_stderr(err):
             code = main(list(args))
-        stdout = out.getvalue().decode()
+        stdout = out.getvalue().decode("utf-8", "backslashreplace")
     return code, stdout, err.getvalue()
 
 

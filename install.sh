@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SYSTEM_PACKAGES=(git etcd-server etcd-client python3-venv)
+SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from master.bodies import AsyncBody
@@ -30,6 +31,7 @@ MAX_HEADER = 64 << 10
 HEADER_TIMEOUT = 30.0       # a request's headers must arrive within this
 IDLE_TIMEOUT = 120.0        # an idle keep-alive connection is closed after this
 WRITE_HIGH = 1 << 20        # pause polling a body when this much is buffered for the client
+FASTCGI_STOP_GRACE = 5.0    # on SIGTERM, how long flup's requests in flight may take to finish
 
 
 class Connection(asyncio.Protocol):
@@ -412,9 +414,20 @@ def serve_fastcgi(app, socket_path: str, ready=None) -> None:
     """
     from flup.server.fcgi import WSGIServer
 
+    class FastCgiServer(WSGIServer):
+        def shutdown(self):
+            # flup joins every worker, and a watch stream's worker runs as long
+            # as its client stays: a stop would wait forever.  Give requests in
+            # flight a grace period, then leave the rest (flup's workers are
+            # daemon threads) to end with the process, as the standalone
+            # server closes its connections.
+            waiter = threading.Thread(target=super().shutdown, daemon=True)
+            waiter.start()
+            waiter.join(FASTCGI_STOP_GRACE)
+
     if os.path.exists(socket_path):
         os.unlink(socket_path)
-    server = WSGIServer(app, bindAddress=socket_path, umask=0o007, multiplexed=False)
+    server = FastCgiServer(app, bindAddress=socket_path, umask=0o007, multiplexed=False)
     if ready is not None:
         ready(socket_path)
     server.run()

@@ -222,3 +222,15 @@ def test_stalled_client_does_not_block_others(master_server):
         assert c.json("PUT", f"/v1/keg/fast/{i}", "x")[0] == 200
     assert time.monotonic() - started < 5
     stalled.close()
+
+
+def test_sigterm_stops_cleanly_and_the_keg_is_current_on_disk(master_server):
+    c = Client(master_server.url, master_server.token)
+    for i in range(30):
+        last = c.json("PUT", f"/v1/keg/t/{i}", str(i))[1]
+    master_server.stop()
+    assert master_server.proc.returncode == 0
+    # The journal was checkpointed: stock git sees the last acknowledged revision.
+    assert "K-" + git(master_server.keg_path, "rev-parse", "main").stdout.strip() == last["revision_kid"]
+    store = keg.Store(master_server.keg_path)
+    assert store.read("/t/29") == b"29"

@@ -147,3 +147,17 @@ def test_oversized_bodies_are_413_and_write_nothing(master_server):
     status, _ = Client(master_server.url, master_server.token).json("PUT", "/v1/keg/small", b"x" * 60_000)
     assert status == 200
     assert Client(master_server.url, master_server.token).head_revision() == head + 1
+
+
+def test_anonymous_reads_only_where_the_acl_grants_them(master_server):
+    admin = Client(master_server.url, master_server.token)
+    admin.call("PUT", "/v1/keg/docs/index.md", "# Help")
+    admin.call("PUT", "/v1/keg/apps/a.json", "{}")
+    anonymous = Client(master_server.url, None)
+    assert anonymous.call("GET", "/v1/keg/docs/index.md")[0] == 401
+    acl = admin.call("GET", "/v1/keg/policy/acl.tsv")[2].decode() + "anonymous\t/docs\tr\n"
+    assert admin.call("PUT", "/v1/keg/policy/acl.tsv", acl)[0] == 200
+    assert anonymous.call("GET", "/v1/keg/docs/index.md") == (200, anonymous.call("GET", "/v1/keg/docs/index.md")[1],
+                                                                b"# Help")
+    assert anonymous.call("GET", "/v1/keg/apps/a.json")[0] == 401
+    assert anonymous.call("PUT", "/v1/keg/docs/index.md", "defaced")[0] == 401

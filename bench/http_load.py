@@ -409,7 +409,7 @@ def _expect(message, kind):
 # ------------------------------------------------------------------- watch
 
 class _Watcher:
-    """One watch stream; it counts arrivals into the shared ``WatchRun``."""
+    """One watch stream; it reports each event's arrival to the shared ``_WatchRun``."""
 
     def __init__(self, run: "_WatchRun"):
         self.run = run
@@ -424,11 +424,15 @@ class _Watcher:
 
     def on_line(self, line: bytes, received: float) -> None:
         api = self.run.api
-        if not self.ready:
-            if api.watch_ready(line):
+        try:
+            if not self.ready and api.watch_ready(line):
                 self._set_ready()
                 return
-        for key in api.event_keys(line):
+            keys = api.event_keys(line)
+        except (LoadError, ValueError, KeyError) as err:  # fail the run now, not at its timeout
+            self.run.fail(LoadError(f"{api.name} watch stream sent {line[:200]!r}: {err!r}"))
+            return
+        for key in keys:
             self.run.arrived(key, received)
 
     def _set_ready(self) -> None:
@@ -440,6 +444,8 @@ class _Watcher:
 
 
 class _WatchRun:
+    """What the writer and every watcher of one ``watch_latency`` run share."""
+
     def __init__(self, api, watchers: int):
         loop = asyncio.get_running_loop()
         self.api = api
@@ -481,7 +487,7 @@ async def _open_watchers(run: _WatchRun, prefix: str) -> list:
     return watchers
 
 
-async def _watch_latency(api, watchers: int, writes: int, warmup: int, values, prefix: str, gap: float):
+async def _watch_latency(api, watchers: int, keys: list, warmup: int, values, prefix: str, gap: float):
     run = _WatchRun(api, watchers)
     opened = []
     writer = None
@@ -491,7 +497,7 @@ async def _watch_latency(api, watchers: int, writes: int, warmup: int, values, p
         loop = asyncio.get_running_loop()
         cpu = time.process_time()
         puts = []
-        for i in range(warmup + writes):
+        for i in keys:
             key = f"{prefix}/w{i}"
             data = api.put(key, values(i))
             run.arrivals[key] = []
@@ -508,15 +514,19 @@ async def _watch_latency(api, watchers: int, writes: int, warmup: int, values, p
             w.conn.close()
         if writer is not None:
             writer.close()
-    timed = [f"{prefix}/w{i}" for i in range(warmup, warmup + writes)]
+    timed = [f"{prefix}/w{i}" for i in keys[warmup:]]
     return {"latencies": [t - run.sent[k] for k in timed for t in run.arrivals[k]],
             "last": [max(run.arrivals[k]) - run.sent[k] for k in timed],
             "puts": puts[warmup:], "cpu": cpu}
 
 
-def watch_latency(api, watchers: int, writes: int, values, prefix: str = "/watch", warmup: int = 5,
-                  gap: float = 0.005) -> dict:
+def watch_latency(api, watchers: int, writes: int, values, first: int = 0, prefix: str = "/watch",
+                  warmup: int = 5, gap: float = 0.005) -> dict:
     """Write → event latency: ``watchers`` streams on ``prefix``, then ``writes`` puts one at a time.
+
+    Put ``i`` (from ``first``) creates ``{prefix}/w{i}``, so give every run
+    on one server its own ``first``: rewriting a path with the same bytes is
+    no change to Keg, and no event.
 
     Each put's clock starts just before its request is written to the socket
     and stops, per watcher, when the bytes holding the event come off that
@@ -528,4 +538,5 @@ def watch_latency(api, watchers: int, writes: int, values, prefix: str = "/watch
         slowest watcher), ``puts`` (put round trips), client ``cpu`` (s).
     """
     raise_open_files(watchers + 256)
-    return asyncio.run(_watch_latency(api, watchers, writes, warmup, values, prefix, gap))
+    keys = list(range(first, first + warmup + writes))
+    return asyncio.run(_watch_latency(api, watchers, keys, warmup, values, prefix, gap))

@@ -13,6 +13,8 @@ which writes the profile when the server stops cleanly on SIGTERM.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
@@ -139,3 +141,21 @@ class KegMasterServer:
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
+
+    def tx(self, ops: list) -> dict:
+        """One ``POST /v1/tx`` of ``ops`` (their JSON form) as the admin, for setting up; returns the answer.
+
+        Raises:
+            KegMasterError: the master did not answer 200.
+        """
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/tx", json.dumps({"ops": ops}),
+                         {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise KegMasterError(f"POST /v1/tx answered {resp.status}: {body[:300]!r}")
+        return json.loads(body)

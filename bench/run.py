@@ -1,4 +1,4 @@
-"""Keg store benchmarks: each runs its anchor and Keg on the same work in one run and prints the ratio.
+"""Keg benchmarks, the store and the master over HTTP: each runs its anchor and Keg in one run, with the ratio.
 
 Usage::
 
@@ -15,17 +15,28 @@ Benchmarks (DESIGN §9; figures and goals in docs/benchmarks.md):
                changed machine's prefix.
 ``scale``      one-path durable commit on a 100-entry vs a 150,000-entry namespace.
 
-Every timed Keg write region starts right after a checkpoint and ends with
-one, so the objects written are in a git pack before the clock stops
-(checkpoints are part of the cost), and every timed region starts after
-``settle()`` (``sync`` and a short pause) so one system's background disk
-writes do not land in the other's figures.  Results go to ``bench/out/<name>.json``.
+The master over HTTP (issue 4), against etcd 3.4 in the same run, through the
+same client (``http_load.py``: raw HTTP/1.1 keep-alive on asyncio), both durable:
+
+``http-single``      sequential puts, one connection: ``PUT /v1/keg/<path>`` vs ``POST /v3/kv/put``.
+``http-concurrent``  32 connections each doing one put at a time (Keg's group commit).
+``watch-latency``    write → event at the watcher, p50/p99, with 1 and with 1,000 watch
+                     streams: ``GET /v1/watch`` (NDJSON) vs ``POST /v3/watch``.
+
+In process, every timed Keg write region starts right after a checkpoint and
+ends with one, so the objects written are in a git pack before the clock stops
+(checkpoints are part of the cost); the master over HTTP checkpoints on its
+own schedule (every 1,000 revisions), inside the timed regions.  Every timed
+region starts after ``settle()`` (``sync`` and a short pause) so one system's
+background disk writes do not land in the other's figures.  Results go to
+``bench/out/<name>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pstats
 import random
 import shutil
 import signal
@@ -38,6 +49,8 @@ import keg
 from keg import Transaction, put
 
 from etcd_anchor import EtcdClient, EtcdServer, etcd_version
+from http_load import EtcdApi, KegApi, concurrent_puts, sequential_puts, watch_latency
+from keg_master import KegMasterServer, cpu_seconds
 from measure import KegProfiler, Report, Stopwatch, environment, latency_text, median, summarize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +70,9 @@ class Context:
         self.tmp = args.tmp
         self.etcd = args.etcd
         self.profiler = profiler
+        self.profile = args.profile
+        self.out = args.out
+        self.client_processes = args.client_processes
 
     def size(self, full, quick):
         """The full-run parameter, or the ``--quick`` one."""
@@ -479,10 +495,153 @@ def _keg_commits(ctx, rep, machines: int, procs: int, n: int, label: str) -> dic
     return lat
 
 
+# ------------------------------------------------ the master over HTTP (issue 4)
+
+CONNECTIONS = 32
+
+
+@contextmanager
+def http_servers(ctx: Context, bench: str):
+    """etcd and a Keg master, both durable on 127.0.0.1, both prefilled like ``single``.
+
+    Yields:
+        ``{"keg": KegApi, "etcd": EtcdApi}`` and ``{"keg": pid, "etcd": pid}``.
+        With ``--profile`` the master runs under cProfile; its top entries are
+        printed once it has stopped.
+    """
+    profile_to = os.path.join(ctx.out, f"master-{bench}.pstats") if ctx.profile else None
+    if profile_to:
+        os.makedirs(ctx.out, exist_ok=True)
+    with EtcdServer(ctx.etcd, ctx.tmp) as etcd, EtcdClient(etcd.port) as client, \
+            KegMasterServer(ctx.tmp, profile_to) as master:
+        master.tx([{"op": "put", "path": f"/bench/k{i}", "value": value(PREFILL + i).decode()}
+                   for i in range(KEYS)])
+        for start in range(0, KEYS, 100):
+            client.put_many((f"/bench/k{i}".encode(), value(PREFILL + i)) for i in range(start, start + 100))
+        apis = {"keg": KegApi(master.port, master.token), "etcd": EtcdApi(etcd.port)}
+        for api in apis.values():
+            sequential_puts(api, [(i, f"/warm/k{i}") for i in range(WARMUP)], value)
+        yield apis, {"keg": master.proc.pid, "etcd": etcd.proc.pid}
+    if profile_to:
+        print_profile(profile_to)
+
+
+def print_profile(path: str, top: int = 25) -> None:
+    """The top entries of a saved profile, by own time and by total time."""
+    stats = pstats.Stats(path)
+    stats.strip_dirs()
+    print(f"\n== profile of the Keg master (saved to {path})")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+
+
+def _put_rounds(ctx: Context, apis: dict, pids: dict, n: int, run) -> dict:
+    """Paired rounds of ``run(api, work)`` on both systems, alternating which goes first.
+
+    Returns:
+        Per system: ``rates``, pooled ``latencies``, server and client CPU
+        seconds per put (medians of rounds).
+    """
+    out = {name: {"rates": [], "latencies": [], "server_cpu": [], "client_cpu": []} for name in apis}
+    for r in range(ctx.rounds):
+        work = [(i, f"/bench/k{i % KEYS}") for i in range(r * n, (r + 1) * n)]
+        for name in (("etcd", "keg") if r % 2 == 0 else ("keg", "etcd")):
+            settle()
+            cpu = cpu_seconds(pids[name])
+            result = run(apis[name], work)
+            out[name]["server_cpu"].append((cpu_seconds(pids[name]) - cpu) / n)
+            out[name]["client_cpu"].append(result["cpu"] / n)
+            out[name]["rates"].append(result["rate"])
+            out[name]["latencies"] += result["latencies"]
+        print(f"    round {r + 1}: etcd {out['etcd']['rates'][-1]:,.0f} puts/s, keg {out['keg']['rates'][-1]:,.0f} "
+              f"puts/s, ratio {out['keg']['rates'][-1] / out['etcd']['rates'][-1]:.2f}", flush=True)
+    return out
+
+
+def _put_figures(rep: Report, out: dict, labels: dict) -> list:
+    """One figure line per system; returns the per-round ratios keg/etcd."""
+    for name in ("etcd", "keg"):
+        lat = summarize(out[name]["latencies"])
+        rep.figure(labels[name] + " (median)", median(out[name]["rates"]), "puts/s", latency_text(lat),
+                   latency=lat, rounds=out[name]["rates"])
+    for name in ("etcd", "keg"):
+        rep.figure(f"  {name} server CPU per put (median of rounds)", 1e6 * median(out[name]["server_cpu"]), "us",
+                   f"client CPU {1e6 * median(out[name]['client_cpu']):.0f} us per put")
+    return [k / e for k, e in zip(out["keg"]["rates"], out["etcd"]["rates"])]
+
+
+def bench_http_single(ctx: Context) -> Report:
+    """Durable sequential single puts over HTTP, one keep-alive client: Keg's master vs etcd."""
+    n = ctx.size(2000, 300)
+    rep = Report("http-single", {"n": n, "rounds": ctx.rounds, "value_bytes": VALUE_BYTES, "keys": KEYS,
+                                 "client": "1 keep-alive connection, asyncio, raw HTTP/1.1",
+                                 "warmup": f"all {KEYS} keys written once, then {WARMUP} puts"})
+    with http_servers(ctx, "http-single") as (apis, pids):
+        out = _put_rounds(ctx, apis, pids, n, lambda api, work: sequential_puts(api, work, value))
+    ratios = _put_figures(rep, out, {"etcd": "etcd 3.4 POST /v3/kv/put, 1 client",
+                                     "keg": "keg master PUT /v1/keg/<path>, 1 client"})
+    rep.goal("http-single ratio keg/etcd (puts/s, median of rounds)", median(ratios), ">=", 1.0)
+    return rep
+
+
+def bench_http_concurrent(ctx: Context) -> Report:
+    """32 keep-alive clients doing durable puts at once: Keg's group commit vs etcd."""
+    n = ctx.size(8000, 1000)
+    procs = ctx.client_processes
+    rep = Report("http-concurrent", {"n": n, "rounds": ctx.rounds, "connections": CONNECTIONS,
+                                     "client_processes": procs, "value_bytes": VALUE_BYTES, "keys": KEYS,
+                                     "client": "asyncio, raw HTTP/1.1, one put at a time per connection"})
+    with http_servers(ctx, "http-concurrent") as (apis, pids):
+        out = _put_rounds(ctx, apis, pids, n, lambda api, work: concurrent_puts(api, work, value, CONNECTIONS,
+                                                                               procs))
+    ratios = _put_figures(rep, out, {"etcd": f"etcd 3.4 POST /v3/kv/put, {CONNECTIONS} clients",
+                                     "keg": f"keg master PUT /v1/keg/<path>, {CONNECTIONS} clients"})
+    rep.goal(f"http-concurrent ratio keg/etcd, {CONNECTIONS} clients (median)", median(ratios), ">=", 2.0)
+    return rep
+
+
+def bench_watch_latency(ctx: Context) -> Report:
+    """Write → event latency at 1 and at 1,000 watchers, Keg's NDJSON watch vs etcd's gateway watch."""
+    phases = ((1, ctx.size(500, 50), 20.0), (ctx.size(1000, 100), ctx.size(100, 20), 200.0))
+    rep = Report("watch-latency", {"phases": [f"{w} watchers x {n} writes" for w, n, _ in phases],
+                                   "warmup_writes": 5, "gap_ms": 5, "client": "one asyncio process, "
+                                   "raw HTTP/1.1; one writer connection plus one connection per watcher"})
+    results = {}
+    with http_servers(ctx, "watch-latency") as (apis, pids):
+        first = 0
+        for p, (watchers, writes, _) in enumerate(phases):
+            for name in (("keg", "etcd") if p % 2 == 0 else ("etcd", "keg")):
+                settle()
+                cpu = cpu_seconds(pids[name])
+                res = watch_latency(apis[name], watchers, writes, value, first=first)
+                res["server_cpu"] = (cpu_seconds(pids[name]) - cpu) / writes
+                first += writes + 10
+                results[name, watchers] = res
+    for watchers, writes, target in phases:
+        who = f"{watchers} watcher{'s' if watchers > 1 else ''}"
+        for name in ("etcd", "keg"):
+            res = results[name, watchers]
+            lat, last = summarize(res["latencies"]), summarize(res["last"])
+            system = "etcd 3.4 POST /v3/watch" if name == "etcd" else "keg master GET /v1/watch (NDJSON)"
+            rep.figure(f"{system}, {who}", lat["p99_ms"], "ms p99", latency_text(lat), latency=lat,
+                       last_watcher=last)
+            if watchers > 1:
+                rep.figure("  slowest watcher per write", last["p99_ms"], "ms p99", latency_text(last))
+            rep.figure(f"  {name} server CPU per write", 1e3 * res["server_cpu"], "ms",
+                       f"put round trip {latency_text(summarize(res['puts']))}; "
+                       f"client CPU {1e3 * res['cpu'] / writes:.2f} ms per write")
+        keg, etcd = (summarize(results[name, watchers]["latencies"]) for name in ("keg", "etcd"))
+        rep.figure(f"  p99 keg/etcd, {who}", keg["p99_ms"] / etcd["p99_ms"], "x",
+                   f"p50 {keg['p50_ms'] / etcd['p50_ms']:.2f}x")
+        rep.goal(f"watch p99 write->event, {who} (ms)", keg["p99_ms"], "<=", target)
+    return rep
+
+
 # ----------------------------------------------------------------------- main
 
 BENCHMARKS = {"single": bench_single, "batched": bench_batched, "diffwatch": bench_diffwatch,
-              "scale": bench_scale}
+              "scale": bench_scale, "http-single": bench_http_single, "http-concurrent": bench_http_concurrent,
+              "watch-latency": bench_watch_latency}
 
 
 def _terminate(signum, frame):
@@ -493,10 +652,14 @@ def main(argv=None) -> int:
     """Run the named benchmarks (default all); exit 1 with ``--check`` if a goal is missed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (about 15 s)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (about 20 s)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="paired rounds of single and batched, reported as medians (default 3, quick 1)")
-    parser.add_argument("--profile", action="store_true", help="cProfile the Keg parts; print the top entries")
+                        help="paired rounds of single, batched, http-single and http-concurrent, "
+                        "reported as medians (default 3, quick 1)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the Keg parts (the master process, "
+                        "for the HTTP benchmarks); print the top entries")
+    parser.add_argument("--client-processes", type=int, default=1, metavar="N",
+                        help=f"client processes sharing the {CONNECTIONS} connections of http-concurrent (default 1)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--etcd", default="etcd", help="the etcd binary (default: etcd on PATH)")
     parser.add_argument("--tmp", default=None, help="directory for temporary kegs and etcd data "

@@ -57,6 +57,7 @@ COMMITTER = Person("keg", "keg@localhost")
 TREE_CACHE_ENTRIES = 1_000_000  # total entries of cached trees, whatever their widths
 MAX_DELTA_DEPTH = 50
 PACKS_BEFORE_REPACK = 24
+ROOT_CACHE_ENTRIES = 65536
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class Store:
         self._revs: list = [None]          # revision number -> commit oid
         self._checkpoint_rev = 0
         self._trees: OrderedDict = OrderedDict()
+        self._roots: dict = {}             # commit oid -> root tree oid (commits never change)
         self._tree_cache_entries = 0
         self._listeners: list = []
         self.stats = {"tree_reads": 0, "checkpoints": 0}
@@ -413,7 +415,15 @@ class Store:
             self._tree_cache_entries -= len(evicted) + 1
 
     def _root(self, number: int) -> bytes:
-        return EMPTY_TREE_OID if number == 0 else self._commit(self._revs[number]).tree
+        if number == 0:
+            return EMPTY_TREE_OID
+        oid = self._revs[number]
+        root = self._roots.get(oid)
+        if root is None:
+            if len(self._roots) >= ROOT_CACHE_ENTRIES:
+                self._roots.clear()
+            root = self._roots[oid] = self._commit(oid).tree
+        return root
 
     def _view(self, path: str, entry):
         """An entry as readers see it: a volatile directory's gitlink reads as its tree."""
@@ -700,6 +710,7 @@ class Store:
         data = commit.encode()
         commit_oid = object_id(OBJ_COMMIT, data)
         new_objects[commit_oid] = (OBJ_COMMIT, data)
+        self._roots[commit_oid] = root  # the next commit starts from it: no need to parse it back
         record_ops = tuple(("put", op.path, op.mode, op.data) if isinstance(op, Put)
                            else ("delete", op.path, op.recursive) for op in ops)
         self._journal.append(Record(number, parent, commit_oid, when, (author.name, author.email),

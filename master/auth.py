@@ -157,6 +157,7 @@ class Authority:
         self._tokens: dict = {}     # token id -> (hash, Principal)
         self._acl_kid = None
         self._acl: list = []
+        self._checked_at = None     # the head revision the caches were checked against
 
     def _kid_or_none(self, path: str):
         try:
@@ -165,6 +166,11 @@ class Authority:
             return None
 
     def _refresh(self) -> None:
+        # Users and ACL can only change with a new revision: look again only then.
+        head = self.master.head_number() if hasattr(self.master, "head_number") else None
+        if head is not None and head == self._checked_at:
+            return
+        self._checked_at = head
         users_kid = self._kid_or_none(USERS)
         if users_kid != self._users_kid:
             tokens = {}

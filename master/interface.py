@@ -14,7 +14,6 @@ is doing it.
 from __future__ import annotations
 
 import abc
-import threading
 
 from keg.transaction import TxResult
 
@@ -22,24 +21,22 @@ from keg.transaction import TxResult
 class Pending:
     """A submitted transaction whose result is not known yet."""
 
-    __slots__ = ("tx", "result", "_done", "_callbacks", "_master")
+    __slots__ = ("tx", "result", "_callbacks", "_master")
 
     def __init__(self, tx, master: "Master"):
         self.tx = tx
         self.result: TxResult | None = None
-        self._done = threading.Event()
         self._callbacks: list = []
         self._master = master
 
     @property
     def done(self) -> bool:
         """True once the transaction committed or failed."""
-        return self._done.is_set()
+        return self.result is not None
 
     def resolve(self, result: TxResult) -> None:
         """Record the result and run the callbacks (called by the master only)."""
         self.result = result
-        self._done.set()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -52,7 +49,11 @@ class Pending:
             self._callbacks.append(callback)
 
     def wait(self) -> TxResult:
-        """Block until the result is known, committing the queue if nobody else is."""
+        """Block until the result is known, committing the queue if nobody else is.
+
+        ``flush`` returns only after the group holding this transaction was
+        committed, by this thread or by the one that held the commit lock.
+        """
         while not self.done:
             self._master.flush()
         return self.result

@@ -240,7 +240,7 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ responses
 
-    def _send_headers(self, finished: bool, size: int):
+    def _headers_bytes(self, finished: bool, size: int) -> bytes:
         names = {name.lower() for name, _ in self.headers}
         lines = [f"HTTP/1.1 {self.status}"]
         lines += [f"{name}: {value}" for name, value in self.headers]
@@ -253,23 +253,26 @@ class Connection(asyncio.Protocol):
                 lines.append("Transfer-Encoding: chunked")
         if not self.keep_alive:
             lines.append("Connection: close")
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         self.headers_sent = True
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _send(self, data: bytes, finished: bool):
         if self.closed:
             return
+        out = b""
         if not self.headers_sent:
             if self.status is None:
                 if not data and not finished:
                     return
                 raise RuntimeError("the application sent a body before start_response")
-            self._send_headers(finished, len(data))
+            out = self._headers_bytes(finished, len(data))
         if data and not self.head_only:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+            out += b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+        if finished and self.chunked and not self.head_only:
+            out += b"0\r\n\r\n"
+        if out:
+            self.transport.write(out)  # one write per answer where possible: one send, one packet
         if finished:
-            if self.chunked and not self.head_only:
-                self.transport.write(b"0\r\n\r\n")
             self._finish()
 
     def _finish(self):

@@ -70,7 +70,60 @@ def _die_with_parent() -> None:
         pass
 
 
-class EtcdServer:
+class ThrowawayServer:
+    """A server process in a temporary directory of its own.
+
+    Started on enter; on exit, also when starting failed, stopped (TERM, then
+    KILL after ``stop_timeout`` seconds) and its directory removed.  Subclasses set
+    ``proc`` and ``_tmp`` in ``start`` and may close more in ``_release``.
+    """
+
+    proc = None
+    _tmp = None
+    stop_timeout = STOP_TIMEOUT
+
+    def start(self) -> None:
+        """Start the server and wait until it answers."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _release(self) -> None:
+        """Close what the subclass keeps open besides the process."""
+
+    def _kill(self) -> None:
+        """End the process (TERM, then KILL) and release what the subclass holds; keep the directory."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+        self._release()
+
+    def stop(self) -> None:
+        """Stop the server and remove its temporary directory."""
+        try:
+            self._kill()
+        finally:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+
+
+class EtcdServer(ThrowawayServer):
     """A single-member etcd on 127.0.0.1, started on enter and removed on exit.
 
     Args:
@@ -88,17 +141,6 @@ class EtcdServer:
         self.proc = None
         self._tmp = None
         self._log = None
-
-    def __enter__(self) -> "EtcdServer":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     @property
     def log_path(self) -> str:
@@ -163,28 +205,10 @@ class EtcdServer:
         except OSError:
             return "(no log)"
 
-    def _kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
+    def _release(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-    def stop(self) -> None:
-        """Stop etcd (TERM, then KILL) and remove its temporary directory."""
-        try:
-            self._kill()
-        finally:
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
 
 
 def _b64(data: bytes) -> str:

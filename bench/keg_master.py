@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from etcd_anchor import _die_with_parent
+from etcd_anchor import ThrowawayServer, _die_with_parent
 
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0  # a profiled server writes its profile before it exits
@@ -52,13 +52,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class KegMasterServer:
+class KegMasterServer(ThrowawayServer):
     """A new keg served by ``keg master serve`` on 127.0.0.1, started on enter and removed on exit.
 
     Args:
         base_dir: where the temporary directory goes (default: the system's).
         profile_to: run the server under cProfile and write its stats here.
     """
+
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(self, base_dir: str | None = None, profile_to: str | None = None):
         self.base_dir = base_dir
@@ -67,17 +69,6 @@ class KegMasterServer:
         self.token = None
         self.proc = None
         self._tmp = None
-
-    def __enter__(self) -> "KegMasterServer":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     @property
     def keg_path(self) -> str:
@@ -125,22 +116,6 @@ class KegMasterServer:
                 return f.read()
         except OSError:
             return ""
-
-    def stop(self) -> None:
-        """Stop the server (TERM, then KILL) and remove the temporary directory."""
-        try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.proc = None
-        finally:
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
-                self._tmp = None
 
     def tx(self, ops: list) -> dict:
         """One ``POST /v1/tx`` of ``ops`` (their JSON form) as the admin, for setting up; returns the answer.

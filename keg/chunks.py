@@ -1,25 +1,43 @@
 """The chunk store: byte strings kept once under their blake3 hash (DESIGN §3).
 
-Chunks live beside the git objects, in ``keg/chunks/<first two hex>/<hash>``,
-one file each, written atomically and fsynced before a put returns.  A chunk is
-checked against its name when it is stored and again when it is read, so a
-damaged file is reported, never served.
+Chunks live beside the git objects, one file each:
+
+``keg/chunks/<first two hex>/<hash>``       the chunk's bytes as they are
+``keg/chunks/<first two hex>/<hash>.zst``   the chunk compressed with zstd
+
+A chunk is compressed only where that pays (the frame is at most 7/8 of the
+raw size); the name is always the blake3 hash of the *uncompressed* bytes.  A
+chunk is checked against its name when it is stored and again when it is
+read, so a damaged file is reported, never served.
+
+Files are written under a temporary name and renamed, so a crash leaves a
+chunk whole or absent.  ``put`` fsyncs before it returns; a :class:`Batch`
+writes many chunks and fsyncs them together at the end, which is how large
+values are imported (the transaction that points at them is committed only
+after the batch is durable).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 
 import blake3
+import zstandard
 
 from keg.errors import BadRequest, CorruptKeg, NotFound
-from keg.fsio import write_file_atomic
+from keg.fsio import fsync_dir
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+ZSTD_LEVEL = 3
+COMPRESSED = ".zst"
+PAYS = 7 / 8  # keep the compressed form when it is at most this share of the raw size
+
+_local = threading.local()
 
 
-def chunk_hash(data: bytes) -> str:
+def chunk_hash(data) -> str:
     """The name of a chunk: its blake3 hash, 64 lowercase hex digits."""
     return blake3.blake3(data).hexdigest()
 
@@ -33,6 +51,80 @@ def check_hash(text: str) -> str:
     if not isinstance(text, str) or not HASH_RE.match(text):
         raise BadRequest(f"{text!r} is not a chunk name: a chunk is named by its blake3 hash, 64 lowercase hex digits")
     return text
+
+
+def _compressor():
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor():
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def encode_chunk(data) -> tuple:
+    """``(suffix, bytes to write)``: the zstd frame where it pays, else the raw bytes."""
+    frame = _compressor().compress(data)
+    if len(frame) <= len(data) * PAYS:
+        return COMPRESSED, frame
+    return "", data
+
+
+class Batch:
+    """Chunks written together and made durable together by :meth:`sync`.
+
+    Used as a context manager, the batch is synced on a clean exit.  A chunk
+    in a batch is visible to readers as soon as it is written (others may
+    point at it only after the batch is synced).
+    """
+
+    def __init__(self, store: "ChunkStore"):
+        self.store = store
+        self._lock = threading.Lock()
+        self._files: list = []
+        self._dirs: set = set()
+        self.written = 0        # chunks written by this batch
+        self.stored_bytes = 0   # their bytes on disk (after compression)
+
+    def put(self, name: str, data, verified: bool = False) -> bool:
+        """Store one chunk without waiting for the disk; False when it was already there."""
+        path = self.store._write(name, data, durable=False, verified=verified)
+        if path is None:
+            return False
+        with self._lock:
+            self._files.append(path)
+            self._dirs.add(os.path.dirname(path))
+            self.written += 1
+            self.stored_bytes += os.path.getsize(path)
+        return True
+
+    def sync(self) -> None:
+        """fsync every chunk written by the batch and the directories holding them."""
+        if not self.store.durable:
+            return
+        with self._lock:
+            files, dirs = self._files, self._dirs
+            self._files, self._dirs = [], set()
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in sorted(dirs):
+            fsync_dir(d)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is None:
+            self.sync()
 
 
 class ChunkStore:
@@ -50,40 +142,149 @@ class ChunkStore:
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name[:2], name)
 
+    def _existing(self, name: str) -> str | None:
+        base = self._path(name)
+        for path in (base + COMPRESSED, base):
+            if os.path.exists(path):
+                return path
+        return None
+
     def has(self, name: str) -> bool:
         """True when the chunk is stored."""
-        return os.path.exists(self._path(check_hash(name)))
+        return self._existing(check_hash(name)) is not None
 
-    def put(self, name: str, data: bytes) -> bool:
-        """Store ``data`` under ``name`` once; returns False when it was already there.
+    def touch(self, name: str) -> bool:
+        """Mark a stored chunk as just used (see :meth:`Store.gc_chunks`); False when it is absent."""
+        path = self._existing(check_hash(name))
+        if path is None:
+            return False
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def missing(self, names) -> list:
+        """The names not stored, in the order given; the stored ones are touched.
+
+        Touching keeps a chunk that a client is about to point at safe from a
+        garbage collection running meanwhile.
+        """
+        return [n for n in names if not self.touch(n)]
+
+    def _write(self, name: str, data, durable: bool, verified: bool = False) -> str | None:
+        check_hash(name)
+        if not verified:
+            actual = chunk_hash(data)
+            if actual != name:
+                raise BadRequest(f"chunk body hashes to {actual}, not to {name}; nothing was stored")
+        if self.touch(name):
+            return None
+        suffix, body = encode_chunk(data)
+        path = self._path(name) + suffix
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(body)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(directory)
+        return path
+
+    def put(self, name: str, data, verified: bool = False) -> bool:
+        """Store ``data`` under ``name`` once, durably; returns False when it was already there.
 
         Raises:
             BadRequest: ``data`` does not hash to ``name``; nothing is stored.
         """
-        check_hash(name)
-        actual = chunk_hash(data)
-        if actual != name:
-            raise BadRequest(f"chunk body hashes to {actual}, not to {name}; nothing was stored")
-        path = self._path(name)
-        if os.path.exists(path):
-            return False
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_file_atomic(path, data, durable=self.durable, tmp=f"{path}.tmp{os.getpid()}")
-        return True
+        return self._write(name, data, durable=self.durable, verified=verified) is not None
 
-    def get(self, name: str) -> bytes:
+    def batch(self) -> Batch:
+        """A :class:`Batch` of puts made durable together."""
+        return Batch(self)
+
+    def get(self, name: str, where: str = "") -> bytes:
         """The bytes of a chunk, checked against its hash.
+
+        Args:
+            where: what the chunk belongs to (a path), named in errors.
 
         Raises:
             NotFound: no such chunk.
             CorruptKeg: the stored bytes do not match the name.
         """
         check_hash(name)
+        of = f" of {where}" if where else ""
+        path = self._existing(name)
+        if path is None:
+            raise NotFound(f"chunk {name}{of} is missing from this keg")
         try:
-            with open(self._path(name), "rb") as f:
-                data = f.read()
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError as err:
-            raise NotFound(f"no chunk {name} in this keg") from err
-        if chunk_hash(data) != name:
-            raise CorruptKeg(f"chunk {name} is damaged on disk (its bytes hash to {chunk_hash(data)})")
+            raise NotFound(f"chunk {name}{of} is missing from this keg") from err
+        data = raw
+        if path.endswith(COMPRESSED):
+            try:
+                data = _decompressor().decompress(raw)
+            except zstandard.ZstdError as err:
+                raise CorruptKeg(f"chunk {name}{of} is damaged on disk ({path}: {err})") from err
+        actual = chunk_hash(data)
+        if actual != name:
+            raise CorruptKeg(f"chunk {name}{of} is damaged on disk ({path} holds bytes hashing to {actual})")
         return data
+
+    def names(self):
+        """Every stored chunk as ``(name, file path)``, in no particular order."""
+        try:
+            prefixes = os.listdir(self.root)
+        except FileNotFoundError:
+            return
+        for prefix in prefixes:
+            directory = os.path.join(self.root, prefix)
+            try:
+                files = os.listdir(directory)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for fname in files:
+                name = fname[:-len(COMPRESSED)] if fname.endswith(COMPRESSED) else fname
+                if HASH_RE.match(name):
+                    yield name, os.path.join(directory, fname)
+
+    def sweep(self, keep, older_than: float) -> dict:
+        """Delete the chunks not in ``keep`` whose files were last touched before ``older_than``.
+
+        Also removes temporary files a crash left behind (older than ``older_than``).
+        Returns ``{"chunks": n, "bytes": b}`` of what was removed.
+        """
+        removed = freed = 0
+        for name, path in list(self.names()):
+            if name in keep:
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime >= older_than:
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+            freed += st.st_blocks * 512
+        for prefix in os.listdir(self.root) if os.path.isdir(self.root) else ():
+            directory = os.path.join(self.root, prefix)
+            for fname in os.listdir(directory) if os.path.isdir(directory) else ():
+                if ".tmp" in fname:
+                    path = os.path.join(directory, fname)
+                    try:
+                        if os.stat(path).st_mtime < older_than:
+                            os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+        return {"chunks": removed, "bytes": freed}

@@ -4,6 +4,7 @@ On disk a keg is a bare git repository (stock ``git log``, ``git show`` and
 ``git fsck`` work on it) plus Keg's own files under ``keg/``:
 
 ``keg/config.json``   format version and settings
+``keg/chunks/``       chunks of large values, by blake3 (``keg.chunks``)
 ``keg/journal/``      the write-ahead journal (``keg.journal``)
 ``keg/revs``          revision number -> commit id, 20 bytes per revision
 ``keg/write.lock``    held (flock) by the one process that writes
@@ -24,6 +25,8 @@ Other processes may read at any time; they see the newest checkpoint.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import io
 import fcntl
 import json
 import os
@@ -38,16 +41,18 @@ import pygit2
 
 import kid as kidlib
 from keg import paths
+from keg.chunks import ChunkStore
 from keg.delta import apply_delta, make_delta
 from keg.errors import (AmbiguousKid, BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, MissingObject,
                         NotFound)
 from keg.fsio import write_file_atomic
 from keg.journal import Journal, Record
-from keg.objects import (EMPTY_TREE, EMPTY_TREE_OID, MODE_GITLINK, MODE_TREE, OBJ_BLOB, OBJ_COMMIT, OBJ_TREE,
-                         Commit, Person, Tree, kind_of_mode, object_id)
+from keg.large import DEFAULT_THRESHOLD, MARKER, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
+from keg.objects import (EMPTY_TREE, EMPTY_TREE_OID, MODE_BLOB, MODE_EXEC, MODE_GITLINK, MODE_TREE, OBJ_BLOB,
+                         OBJ_COMMIT, OBJ_TREE, Commit, Person, Tree, kind_of_mode, object_id)
 from keg.pack import write_pack
 from keg.staging import Staging
-from keg.transaction import Author, Delete, Put, Transaction, TxResult
+from keg.transaction import Author, Delete, Put, Transaction, TxResult, put, put_large
 from keg.volatile import DEFAULT_PATTERNS, RETENTION_REF, VolatileRules
 
 FORMAT = 1
@@ -58,6 +63,8 @@ TREE_CACHE_ENTRIES = 1_000_000  # total entries of cached trees, whatever their 
 MAX_DELTA_DEPTH = 50
 PACKS_BEFORE_REPACK = 24
 ROOT_CACHE_ENTRIES = 65536
+POINTER_CACHE_ENTRIES = 65536
+MIN_POINTER = len(MARKER) + 80  # no pointer blob is shorter than its header
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,9 @@ class Revision:
 class Entry:
     """What is at a path: ``kind`` is ``file``, ``tree``, ``link`` or ``pointer``.
 
-    ``size`` is the byte size of a file, or the number of entries of a tree.
+    ``size`` is the byte size of a file (for a large value, of the value, not
+    of its pointer blob), or the number of entries of a tree.  ``large`` is
+    True for a value stored as chunks.
     """
 
     path: str
@@ -88,6 +97,7 @@ class Entry:
     kid: str
     size: int
     mode: int
+    large: bool = False
 
     @property
     def name(self) -> str:
@@ -96,8 +106,11 @@ class Entry:
 
     def to_json(self) -> dict:
         """The JSON form used by ``--json`` output and the HTTP API."""
-        return {"path": self.path, "name": self.name, "kind": self.kind, "kid": self.kid,
-                "size": self.size, "mode": f"{self.mode:06o}"}
+        out = {"path": self.path, "name": self.name, "kind": self.kind, "kid": self.kid,
+               "size": self.size, "mode": f"{self.mode:06o}"}
+        if self.large:
+            out["large"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,9 @@ class Store:
             raise CorruptKeg(f"{self.path} has keg format {self.config.get('format')}, this Keg reads {FORMAT}")
         self.volatile = VolatileRules(self.config.get("volatile", []))
         self.durable = durable
+        self.chunks = ChunkStore(self.path, durable)
+        self.large_threshold = int(self.config.get("large_threshold", DEFAULT_THRESHOLD))
+        self._pointers: dict = {}          # blob oid -> Pointer, or None for a plain blob
         self.checkpoint_revisions = checkpoint_revisions
         self.checkpoint_bytes = checkpoint_bytes
         self.lock_timeout = lock_timeout
@@ -454,16 +470,40 @@ class Store:
             entry = self._view(current, entry)
         return entry
 
-    def _size(self, mode: int, oid: bytes) -> int:
-        if mode == MODE_TREE:
-            return len(self._tree(oid))
+    def _blob_size(self, oid: bytes) -> int:
         hit = self._pending.get(oid)
         if hit is not None:
-            return len(hit[1])
+            return len(self._object(oid)[1])
         try:
             return self._repo.odb.read_header(oid.hex())[1]
         except KeyError:
-            return 0  # a pointer (gitlink) names a commit that need not be here
+            return 0
+
+    def _pointer(self, mode: int, oid: bytes, path: str = "") -> Pointer | None:
+        """The pointer a blob holds, or None when it is a plain value (cached: blobs never change)."""
+        if mode not in (MODE_BLOB, MODE_EXEC):
+            return None
+        if oid in self._pointers:
+            return self._pointers[oid]
+        pointer = None
+        if self._blob_size(oid) >= MIN_POINTER:
+            data = self._object(oid)[1]
+            if is_pointer(data):
+                pointer = Pointer.parse(data, path)
+        if len(self._pointers) >= POINTER_CACHE_ENTRIES:
+            self._pointers.clear()
+        self._pointers[oid] = pointer
+        return pointer
+
+    def _entry(self, path: str, mode: int, oid: bytes) -> Entry:
+        if mode == MODE_TREE:
+            return Entry(path, "tree", _kid(oid), len(self._tree(oid)), mode)
+        if mode == MODE_GITLINK:
+            return Entry(path, "pointer", _kid(oid), 0, mode)
+        pointer = self._pointer(mode, oid, path)
+        if pointer is not None:
+            return Entry(path, kind_of_mode(mode), _kid(oid), pointer.size, mode, True)
+        return Entry(path, kind_of_mode(mode), _kid(oid), self._blob_size(oid), mode)
 
     # ------------------------------------------------------------------- reads
 
@@ -478,26 +518,83 @@ class Store:
         entry = self._lookup(self._root(number), path)
         if entry is None:
             raise NotFound(f"{path} does not exist at revision {number}")
-        mode, oid = entry
-        return Entry(path, kind_of_mode(mode), _kid(oid), self._size(mode, oid), mode)
+        return self._entry(path, *entry)
 
     def kid(self, path: str, rev=None) -> str:
         """The KID of the value at ``path``."""
         return self.stat(path, rev).kid
 
     def read(self, path: str, rev=None) -> bytes:
-        """The bytes of the file at ``path``.
+        """The bytes of the file at ``path`` (a large value whole: see :meth:`open` to stream it).
 
         Raises:
-            NotFound: nothing is at ``path``.
+            NotFound: nothing is at ``path``, or a chunk of it is missing.
             BadRequest: ``path`` is a directory.
+            CorruptKeg: a chunk is damaged (the message names the path and chunk).
+        """
+        with self.open(path, rev) as f:
+            return f.read()
+
+    def open(self, path: str, rev=None):
+        """A binary file object reading the value at ``path``.
+
+        A large value is streamed a chunk at a time, each chunk verified as it
+        is read, so memory stays bounded whatever the size of the value.
+
+        Raises:
+            NotFound, BadRequest: as :meth:`read`.
         """
         entry = self.stat(path, rev)
         if entry.kind == "tree":
             raise BadRequest(f"{entry.path} is a directory; list it instead")
         if entry.kind == "pointer":
             raise BadRequest(f"{entry.path} is a pointer to another keg ({entry.kid})")
-        return self._object(bytes.fromhex(entry.kid[2:]))[1]
+        oid = bytes.fromhex(entry.kid[2:])
+        pointer = self._pointer(entry.mode, oid, entry.path)
+        if pointer is not None:
+            return LargeReader(pointer, self.chunks.get, entry.path)
+        return io.BytesIO(self._object(oid)[1])
+
+    def pointer(self, path: str, rev=None) -> Pointer | None:
+        """The chunk list of the large value at ``path``, or None for a plain value."""
+        entry = self.stat(path, rev)
+        if entry.kind in ("tree", "pointer"):
+            return None
+        return self._pointer(entry.mode, bytes.fromhex(entry.kid[2:]), entry.path)
+
+    def put_stream(self, path: str, stream, mode: int = 0o100644, progress=None) -> Put:
+        """A put op for the bytes of ``stream``, stored as chunks when large.
+
+        The stream is read once; up to the threshold it is kept in memory, past
+        it the rest is cut into chunks as it is read (never held whole).  The
+        chunks are durable when this returns; commit the op with
+        :meth:`commit`.
+        """
+        head = read_full(stream, self.large_threshold + 1)
+        if len(head) <= self.large_threshold and not is_pointer(head):
+            if progress is not None:
+                progress(len(head))
+            return put(path, head, mode)
+        return put_large(path, ingest(self.chunks, Chain(head, stream), progress=progress), mode)
+
+    def _externalize(self, op):
+        """``op`` with a value above the threshold (or looking like a pointer) stored as chunks."""
+        if not isinstance(op, Put) or op.large:
+            return op
+        if len(op.data) <= self.large_threshold and not is_pointer(op.data):
+            return op
+        return put_large(op.path, ingest(self.chunks, io.BytesIO(op.data)), op.mode)
+
+    def _check_large(self, op: Put) -> None:
+        """A large put may only name chunks the keg holds (they are touched: see :meth:`gc_chunks`)."""
+        try:
+            pointer = Pointer.parse(op.data, op.path)
+        except CorruptKeg as err:
+            raise BadRequest(str(err).replace("is damaged", "is malformed")) from err
+        missing = self.chunks.missing(sorted({name for name, _ in pointer.chunks}))
+        if missing:
+            raise BadRequest(f"put {op.path}: {len(missing)} chunk(s) of the value are not stored "
+                             f"(first: {missing[0]}); upload them first")
 
     def list(self, path: str = "/", rev=None) -> list:
         """The entries of the directory at ``path``, in name order.
@@ -516,8 +613,7 @@ class Store:
         out = []
         for name, mode, oid in self._dir_tree(path, entry[1]).items():
             child = paths.join(path, name.decode("utf-8", "surrogateescape"))
-            mode, oid = self._view(child, (mode, oid))
-            out.append(Entry(child, kind_of_mode(mode), _kid(oid), self._size(mode, oid), mode))
+            out.append(self._entry(child, *self._view(child, (mode, oid))))
         out.sort(key=lambda e: e.path)
         return out
 
@@ -662,7 +758,7 @@ class Store:
         Returns:
             One ``TxResult`` per transaction, in order.
         """
-        transactions = list(transactions)
+        transactions = [self._prepare(tx) for tx in transactions]
         self._acquire_write_lock()
         head = self.head_revision
         root = self._root(head)
@@ -672,6 +768,11 @@ class Store:
         for tx in transactions:
             snap, objects_before = staging.snapshot(), dict(new_objects)
             try:
+                if isinstance(tx, KegError):
+                    raise tx
+                for op in tx.ops:
+                    if isinstance(op, Put) and op.large:
+                        self._check_large(op)
                 for cmp in tx.compares:
                     entry = staging.entry(cmp.path)
                     actual = _kid(entry[1]) if entry else None
@@ -692,6 +793,16 @@ class Store:
         number, kid = self.head_revision, _kid(commit_oid)
         return [r if isinstance(r, TxResult) else TxResult(True, number, kid, r) for r in results]
 
+    def _prepare(self, tx: Transaction):
+        """The transaction with large values stored as chunks, or the error that fails it."""
+        if not any(isinstance(op, Put) and not op.large and (len(op.data) > self.large_threshold
+                                                              or is_pointer(op.data)) for op in tx.ops):
+            return tx
+        try:
+            return dataclasses.replace(tx, ops=tuple(self._externalize(op) for op in tx.ops))
+        except (KegError, OSError) as err:
+            return err if isinstance(err, KegError) else KegError(f"storing the chunks failed: {err}")
+
     def apply(self, tx: Transaction) -> TxResult:
         """Apply one transaction; returns its result (``ok`` False on a failed compare)."""
         return self.commit([tx])[0]
@@ -702,7 +813,7 @@ class Store:
         parent = self._revs[-1]
         author = authors[0] if len({(a.name, a.email) for a in authors}) == 1 else Author()
         trailers = [f"{REVISION_TRAILER}{number}"]
-        trailers += [f"Keg-Transaction: {tx.id}" for tx in transactions if tx.id]
+        trailers += [f"Keg-Transaction: {tx.id}" for tx in transactions if getattr(tx, "id", None)]
         message = f"{_summary(ops)}\n\n" + "\n".join(trailers) + "\n"
         when = int(time.time())
         commit = Commit(root, (parent,) if parent else (), Person(author.name, author.email),

@@ -5,7 +5,11 @@ The JSON form is the same for ``keg tx`` on stdin and ``POST /v1/tx``::
     {"compare": [{"path": "/a/b.txt", "kid": "K-…"}, {"path": "/new.json", "kid": null}],
      "ops": [{"op": "put", "path": "/a/b.txt", "value": "text"},
              {"op": "put", "path": "/bin.dat", "base64": "…"},
+             {"op": "put", "path": "/big.img", "large": {"size": …, "blake3": "…", "chunks": [["…", n], …]}},
              {"op": "delete", "path": "/old.json"}]}
+
+A ``large`` put names chunks already stored (``PUT /v1/chunks/<blake3>``);
+see :mod:`keg.large`.
 
 Parsing validates everything (paths, KIDs, encodings) so a bad transaction is
 refused before the store is touched.
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 import kid as kidlib
 from keg import paths
 from keg.errors import BadRequest
+from keg.large import Pointer
 
 MODES = {"file": 0o100644, "exec": 0o100755}
 
@@ -34,11 +39,16 @@ class Compare:
 
 @dataclass(frozen=True)
 class Put:
-    """Write ``data`` at ``path``, creating directories on the way."""
+    """Write ``data`` at ``path``, creating directories on the way.
+
+    With ``large``, ``data`` is a pointer blob (:mod:`keg.large`) whose chunks
+    are already in the chunk store; the store checks that they are.
+    """
 
     path: str
     data: bytes
     mode: int = 0o100644
+    large: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,14 @@ def put(path: str, data: bytes | str, mode: int = 0o100644) -> Put:
     return Put(norm, bytes(data), mode)
 
 
+def put_large(path: str, pointer, mode: int = 0o100644) -> Put:
+    """A put of a large value whose chunks are stored already (``pointer`` is a :class:`keg.large.Pointer`)."""
+    norm = paths.normalize(path)
+    if norm == paths.ROOT:
+        raise BadRequest("cannot put a value at '/', the root is a directory")
+    return Put(norm, pointer.encode(), mode, True)
+
+
 def delete(path: str, recursive: bool = False) -> Delete:
     """A validated delete op."""
     norm = paths.normalize(path)
@@ -148,9 +166,15 @@ def _parse_op(obj, where: str):
         return delete(path, bool(obj.get("recursive", False)))
     if kind != "put":
         raise BadRequest(f"{where}: unknown op {kind!r}; ops are 'put' and 'delete'")
-    has_text, has_b64 = "value" in obj, "base64" in obj
-    if has_text == has_b64:
-        raise BadRequest(f"{where}: a put needs exactly one of 'value' (text) or 'base64'")
+    has_text, has_b64, has_large = "value" in obj, "base64" in obj, "large" in obj
+    if has_text + has_b64 + has_large != 1:
+        raise BadRequest(f"{where}: a put needs exactly one of 'value' (text), 'base64' or 'large' "
+                         "(a pointer to stored chunks)")
+    mode_name = obj.get("mode", "file")
+    if mode_name not in MODES:
+        raise BadRequest(f"{where}: mode must be one of {sorted(MODES)}")
+    if has_large:
+        return put_large(path, Pointer.from_json(obj["large"], f"{where}: large"), MODES[mode_name])
     if has_text:
         data = _field(obj, "value", where, str).encode("utf-8")
     else:
@@ -158,9 +182,6 @@ def _parse_op(obj, where: str):
             data = base64.b64decode(_field(obj, "base64", where, str), validate=True)
         except (binascii.Error, ValueError) as err:
             raise BadRequest(f"{where}: 'base64' is not valid base64") from err
-    mode_name = obj.get("mode", "file")
-    if mode_name not in MODES:
-        raise BadRequest(f"{where}: mode must be one of {sorted(MODES)}")
     return put(path, data, MODES[mode_name])
 
 
@@ -200,10 +221,13 @@ def transaction_to_json(tx: Transaction) -> dict:
             ops.append({"op": "delete", "path": op.path, **({"recursive": True} if op.recursive else {})})
             continue
         out = {"op": "put", "path": op.path}
-        try:
-            out["value"] = op.data.decode("utf-8")
-        except UnicodeDecodeError:
-            out["base64"] = base64.b64encode(op.data).decode("ascii")
+        if op.large:
+            out["large"] = Pointer.parse(op.data).to_json()
+        else:
+            try:
+                out["value"] = op.data.decode("utf-8")
+            except UnicodeDecodeError:
+                out["base64"] = base64.b64encode(op.data).decode("ascii")
         if op.mode == MODES["exec"]:
             out["mode"] = "exec"
         ops.append(out)

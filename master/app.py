@@ -19,6 +19,7 @@ Errors are JSON: ``{"error": "what was wrong", "error_type": …, "status": …}
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.parse
 
@@ -28,7 +29,7 @@ from keg.errors import BadRequest, CompareFailed, KegBusy, KegError, NotFound, P
 from keg.transaction import Transaction, compare, delete, parse_transaction, put
 from master import git_http
 from master.auth import ANONYMOUS, Authority, AuthError, Forbidden, Unauthenticated
-from master.bodies import DeferredResponse
+from master.bodies import DeferredResponse, ValueStream
 from master.openapi import spec
 from master.watch import FORMATS, WatchStream
 
@@ -258,6 +259,8 @@ class KegApp:
         headers = [("ETag", _etag(entry.kid)), ("Keg-Kind", entry.kind), ("Keg-Size", str(entry.size)),
                    ("Keg-Mode", f"{entry.mode:06o}"), ("Keg-Revision", str(revision.number)),
                    ("Keg-Revision-Kid", revision.kid)]
+        if entry.large:
+            headers.append(("Keg-Large", "1"))
         inm = req.header("If-None-Match")
         if inm and inm.strip() != "*" and any(_unquote_etag(t) == entry.kid for t in inm.split(",")):
             start_response(_status_line(304), headers)
@@ -267,10 +270,21 @@ class KegApp:
                        "entries": [e.to_json() for e in self.master.list(path, revision.number)]}
             body = (json.dumps(listing) + "\n").encode()
             content_type = "application/json"
+        elif entry.large and req.query.get("pointer") in ("1", "true", "yes"):
+            pointer = self.master.pointer(path, revision.number)
+            body = (json.dumps({"path": path, "kid": entry.kid, "large": pointer.to_json()}) + "\n").encode()
+            content_type = "application/json"
         elif entry.kind in ("file", "link"):
-            body = self.master.read(path, revision.number)
             dot = path.rfind(".")
             content_type = CONTENT_TYPES.get(path[dot:] if dot > path.rfind("/") else "", "application/octet-stream")
+            if entry.large:
+                headers += [("Content-Type", content_type), ("Content-Length", str(entry.size))]
+                if req.method == "HEAD":
+                    start_response(_status_line(200), headers)
+                    return []
+                return ValueStream(start_response, _status_line(200), headers,
+                                   self.master.open(path, revision.number))
+            body = self.master.read(path, revision.number)
         else:
             body = (json.dumps(entry.to_json()) + "\n").encode()
             content_type = "application/json"
@@ -296,7 +310,7 @@ class KegApp:
             mode = req.query.get("mode", "file")
             if mode not in ("file", "exec"):
                 raise BadRequest("?mode= must be 'file' or 'exec'")
-            op = put(path, req.body(), 0o100755 if mode == "exec" else 0o100644)
+            op = self.master.put_stream(path, io.BytesIO(req.body()), 0o100755 if mode == "exec" else 0o100644)
         else:
             op = delete(path, req.query.get("recursive") in ("1", "true", "yes"))
         tx = Transaction((op,), tuple(compares), principal.author)
@@ -392,6 +406,14 @@ class KegApp:
     # -------------------------------------------------------------- chunks
 
     def _chunk(self, req, start_response, principal, name):
+        if name == "missing":
+            self._allow(req, "POST")
+            if principal.kind == "anonymous":
+                raise Unauthenticated("asking for missing chunks needs a token")
+            names = req.json_body().get("chunks") if isinstance(req.json_body(), dict) else None
+            if not isinstance(names, list) or len(names) > 100_000:
+                raise BadRequest("the body must be {\"chunks\": [blake3, …]} with at most 100000 names")
+            return self._json(start_response, {"missing": self.master.chunk_missing([check_hash(n) for n in names])})
         check_hash(name)
         if req.method in ("GET", "HEAD"):
             self.authority.check(principal, "/", "r")

@@ -10,15 +10,19 @@ codes as on a local keg.  Several URLs, comma-separated, are tried in turn.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
+import threading
 import time
 import urllib.parse
 
 from keg import paths
 from keg.errors import BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, NotFound, PathConflict
+from keg.chunks import chunk_hash
+from keg.large import DEFAULT_THRESHOLD, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
 from keg.store import Entry, Event, Revision
-from keg.transaction import Transaction, TxResult, transaction_to_json
+from keg.transaction import Transaction, TxResult, put, put_large, transaction_to_json
 from master.auth import Forbidden, Unauthenticated
 
 TIMEOUT = 60.0
@@ -49,7 +53,34 @@ def _revision(obj: dict) -> Revision:
 
 
 def _entry(obj: dict) -> Entry:
-    return Entry(obj["path"], obj["kind"], obj["kid"], obj["size"], int(obj["mode"], 8))
+    return Entry(obj["path"], obj["kind"], obj["kid"], obj["size"], int(obj["mode"], 8), bool(obj.get("large")))
+
+
+class _ChunkUploader:
+    """Where ``keg.large.ingest`` puts chunks when the keg is remote: only the missing ones are sent.
+
+    Called from ingest's worker threads, so each thread has its own connection.
+    """
+
+    def __init__(self, remote: "RemoteKeg"):
+        self.remote = remote
+        self.local = threading.local()
+        self.sent = 0
+
+    def _client(self) -> "RemoteKeg":
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = self.local.client = RemoteKeg(",".join(self.remote.urls), self.remote.token,
+                                                   self.remote.timeout)
+        return client
+
+    def put(self, name: str, data, verified: bool = False) -> bool:
+        client = self._client()
+        if not client.chunk_missing([name]):
+            return False
+        client.chunk_put(name, data)
+        self.sent += 1
+        return True
 
 
 class RemoteKeg:
@@ -147,7 +178,8 @@ class RemoteKeg:
         path = paths.normalize(path)
         _, response, _ = self.request("HEAD", self._keg_target(path, rev=rev))
         return Entry(path, response.getheader("Keg-Kind"), response.getheader("ETag").strip('"'),
-                     int(response.getheader("Keg-Size")), int(response.getheader("Keg-Mode"), 8))
+                     int(response.getheader("Keg-Size")), int(response.getheader("Keg-Mode"), 8),
+                     response.getheader("Keg-Large") == "1")
 
     def kid(self, path: str, rev=None) -> str:
         """As ``Store.kid``."""
@@ -171,6 +203,24 @@ class RemoteKeg:
         if kind == "pointer":
             raise BadRequest(f"{path} is a pointer to another keg ({response.getheader('ETag').strip(chr(34))})")
         return data
+
+    def open(self, path: str, rev=None):
+        """As ``Store.open``: a large value is fetched a chunk at a time and each chunk verified here."""
+        path = paths.normalize(path)
+        _, response, data = self.request("GET", self._keg_target(path, rev=rev, pointer=1))
+        kind = response.getheader("Keg-Kind")
+        if kind == "tree":
+            raise BadRequest(f"{path} is a directory; list it instead")
+        if kind == "pointer":
+            raise BadRequest(f"{path} is a pointer to another keg ({response.getheader('ETag').strip(chr(34))})")
+        if response.getheader("Keg-Large") == "1":
+            return LargeReader(Pointer.from_json(json.loads(data)["large"]), self.chunk_get, path)
+        return io.BytesIO(data)
+
+    def pointer(self, path: str, rev=None):
+        """As ``Store.pointer``."""
+        reader = self.open(path, rev)
+        return reader.pointer if isinstance(reader, LargeReader) else None
 
     def list(self, path: str = "/", rev=None) -> list:
         """As ``Store.list``."""
@@ -203,6 +253,41 @@ class RemoteKeg:
     def resolve_kid(self, text: str) -> dict:
         """As ``Store.resolve_kid``."""
         return self._get_json("/v1/kid/" + urllib.parse.quote(text))
+
+    # --------------------------------------------------------------- chunks
+
+    def chunk_get(self, name: str, where: str = "") -> bytes:
+        """A chunk's bytes, checked here against its name.
+
+        Raises:
+            CorruptKeg: the bytes received do not hash to the name.
+        """
+        data = self.request("GET", "/v1/chunks/" + name, headers={"Accept": "application/octet-stream"})[2]
+        if chunk_hash(data) != name:
+            raise CorruptKeg(f"chunk {name}{' of ' + where if where else ''} arrived damaged "
+                             f"(its bytes hash to {chunk_hash(data)})")
+        return data
+
+    def chunk_put(self, name: str, data) -> bool:
+        """Store a chunk; False when the master had it already."""
+        status = self.request("PUT", "/v1/chunks/" + name, bytes(data),
+                              {"Content-Type": "application/octet-stream"})[0]
+        return status == 201
+
+    def chunk_missing(self, names: list) -> list:
+        """Which of ``names`` the master lacks."""
+        body = json.dumps({"chunks": list(names)}).encode()
+        return json.loads(self.request("POST", "/v1/chunks/missing", body,
+                                       {"Content-Type": "application/json"})[2])["missing"]
+
+    def put_stream(self, path: str, stream, mode: int = 0o100644, progress=None):
+        """As ``Store.put_stream``: a large value is cut here and only chunks the master lacks are sent."""
+        head = read_full(stream, DEFAULT_THRESHOLD + 1)
+        if len(head) <= DEFAULT_THRESHOLD and not is_pointer(head):
+            if progress is not None:
+                progress(len(head))
+            return put(path, head, mode)
+        return put_large(path, ingest(_ChunkUploader(self), Chain(head, stream), progress=progress), mode)
 
     # --------------------------------------------------------------- writes
 

@@ -80,6 +80,14 @@ class Master(abc.ABC):
         """The bytes of the file at ``path``."""
 
     @abc.abstractmethod
+    def open(self, path: str, rev=None):
+        """A binary file object reading the value at ``path`` (large values streamed, verified)."""
+
+    @abc.abstractmethod
+    def pointer(self, path: str, rev=None):
+        """The ``keg.large.Pointer`` of a large value, or None for a plain one."""
+
+    @abc.abstractmethod
     def list(self, path: str = "/", rev=None) -> list:
         """The ``Entry`` list of the directory at ``path``."""
 
@@ -142,7 +150,15 @@ class Master(abc.ABC):
 
     @abc.abstractmethod
     def chunk_put(self, name: str, data: bytes) -> bool:
-        """Store a chunk; False when it was already there."""
+        """Store a chunk durably; False when it was already there."""
+
+    @abc.abstractmethod
+    def chunk_missing(self, names: list) -> list:
+        """Which of ``names`` are not stored (the stored ones are kept from collection a while longer)."""
+
+    @abc.abstractmethod
+    def put_stream(self, path: str, stream, mode: int = 0o100644):
+        """A put op for a stream's bytes, its chunks stored first when it is large (see ``Store.put_stream``)."""
 
     @abc.abstractmethod
     def publish(self) -> str:

@@ -16,7 +16,6 @@ import threading
 from collections import OrderedDict
 
 from keg import paths
-from keg.chunks import ChunkStore
 from keg.errors import BadRequest, KegError
 from keg.store import Store
 from keg.transaction import TxResult
@@ -36,7 +35,7 @@ class SingleMaster(Master):
     def __init__(self, store: Store):
         self.store = store
         self.store.lock()
-        self.chunks = ChunkStore(store.path, store.durable)
+        self.chunks = store.chunks
         self._lock = threading.RLock()          # the store
         self._commit_lock = threading.Lock()    # one committer at a time
         self._queue_lock = threading.Lock()
@@ -68,6 +67,14 @@ class SingleMaster(Master):
     def read(self, path, rev=None):
         with self._lock:
             return self.store.read(path, rev)
+
+    def open(self, path, rev=None):
+        with self._lock:
+            return self.store.open(path, rev)
+
+    def pointer(self, path, rev=None):
+        with self._lock:
+            return self.store.pointer(path, rev)
 
     def list(self, path="/", rev=None):
         with self._lock:
@@ -185,6 +192,12 @@ class SingleMaster(Master):
 
     def chunk_put(self, name, data):
         return self.chunks.put(name, data)
+
+    def chunk_missing(self, names):
+        return self.chunks.missing(names)
+
+    def put_stream(self, path, stream, mode=0o100644):
+        return self.store.put_stream(path, stream, mode)  # chunks need no lock; the commit checks them
 
     def publish(self) -> str:
         self.flush()

@@ -26,6 +26,7 @@ import keg
 from keg.errors import BadRequest, CompareFailed, KegError
 from keg.transaction import Transaction, compare, delete, parse_transaction, put
 from master import auth
+from shell.progress import progress, size_of
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_COMPARE, EXIT_ERROR = 0, 1, 2, 3, 4
 MAX_STDIN_TX = 64 << 20
@@ -135,6 +136,11 @@ def init(keg_dir, admin_name, email, as_json):
 def put_cmd(path, file, if_match, if_absent, executable, opener, as_json):
     """Write FILE (or standard input) at PATH, creating directories on the way.
 
+    A value above 1 MiB is stored as content-defined chunks, each kept once
+    in the keg however many paths hold it; it is read as it is cut, never
+    held whole, and through a master only the chunks it lacks are sent.
+    A bar shows progress on a terminal.
+
     Prints PATH, its new KID and the revision, tab-separated.
     """
     if if_match and if_absent:
@@ -143,10 +149,11 @@ def put_cmd(path, file, if_match, if_absent, executable, opener, as_json):
     if if_match or if_absent:
         compares.append(compare(path, if_match))
     op = put(path, b"", 0o100755 if executable else 0o100644)  # validate the path before reading input
-    data = (file or sys.stdin.buffer).read()
-    tx = Transaction((put(op.path, data, op.mode),), tuple(compares))
+    stream = file or sys.stdin.buffer
     with opener() as store:
-        result = store.apply(tx)
+        with progress(f"put {op.path}", size_of(stream)) as update:
+            op = store.put_stream(op.path, stream, op.mode, progress=update)
+        result = store.apply(Transaction((op,), tuple(compares)))
     _check_tx(result)
     _print_result(result, as_json)
 
@@ -156,11 +163,19 @@ def put_cmd(path, file, if_match, if_absent, executable, opener, as_json):
 @rev_option
 @keg_target
 def cat_cmd(path, rev, opener):
-    """Print the bytes of the file at PATH."""
-    with opener() as store:
-        data = store.read(path, rev)
+    """Print the bytes of the file at PATH.
+
+    A large value is streamed a chunk at a time, each chunk checked against
+    its blake3 hash; a damaged or missing chunk stops the output with an
+    error naming the path and the chunk (exit 4, or 1 when missing).
+    """
     out = sys.stdout.buffer
-    out.write(data)
+    with opener() as store, store.open(path, rev) as f:
+        while True:
+            piece = f.read(1 << 20)
+            if not piece:
+                break
+            out.write(piece)
     out.flush()
 
 

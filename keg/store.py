@@ -457,10 +457,24 @@ class Store:
                                f"than the window kept (see 'keg compact')") from err
             raise
 
+    def _through(self, path: str, commit: bytes) -> tuple:
+        """The root tree of the commit a pointer at ``path`` names, as an entry to descend into."""
+        try:
+            return (MODE_TREE, self._commit(commit).tree)
+        except MissingObject as err:
+            raise NotFound(f"{path} points at commit {commit.hex()}, which is not in this keg; "
+                           f"fetch it with 'keg mount {path} LOCATION'") from err
+
     def _lookup(self, root: bytes, path: str):
-        """``(mode, oid)`` of ``path`` under the root tree, or ``None``."""
+        """``(mode, oid)`` of ``path`` under the root tree, or ``None``.
+
+        A pointer to another keg (a gitlink) on the way is followed into the
+        tree of the commit it names, so paths beneath a mount read like any other.
+        """
         entry, current = (MODE_TREE, root), paths.ROOT
         for name in paths.split(path):
+            if entry[0] == MODE_GITLINK:
+                entry = self._through(current, entry[1])
             if entry[0] != MODE_TREE:
                 return None
             entry = self._dir_tree(current, entry[1]).get(name.encode("utf-8"))
@@ -608,6 +622,8 @@ class Store:
         entry = self._lookup(self._root(number), path)
         if entry is None:
             raise NotFound(f"{path} does not exist at revision {number}")
+        if entry[0] == MODE_GITLINK:
+            entry = self._through(path, entry[1])
         if entry[0] != MODE_TREE:
             raise BadRequest(f"{path} is a file, not a directory")
         out = []
@@ -727,6 +743,9 @@ class Store:
         return collect
 
     def _stage(self, staging: Staging, op, new_objects: dict) -> bytes | None:
+        if isinstance(op, Put) and op.mode == MODE_GITLINK:
+            staging.put(op.path, op.mode, op.data)  # names a commit; no object of ours
+            return op.data
         if isinstance(op, Put):
             oid = object_id(OBJ_BLOB, op.data)
             # A blob already packed may be packed again (harmless; repacking drops the copy):
@@ -972,6 +991,60 @@ class Store:
         self._repo = pygit2.Repository(self.path)
         self.drop_caches()
         return {"from_revision": first, "kept_trees": len(kept)}
+
+    # -------------------------------------------------------------- chunks
+
+    def _reachable_chunks(self, first: int, last: int, keep: set, seen: set) -> None:
+        """Add to ``keep`` every chunk named by a pointer blob in revisions ``first..last``.
+
+        ``seen`` holds the tree and blob ids already examined, so the shared
+        parts of the revisions are walked once.
+        """
+        for number in range(first, last + 1):
+            stack = [self._root(number)]
+            while stack:
+                oid = stack.pop()
+                try:
+                    tree = self._tree(oid)
+                except MissingObject:
+                    continue  # compacted volatile history: nothing there is retained
+                for _, mode, child in tree.items():
+                    if child in seen or mode == MODE_GITLINK:
+                        continue
+                    seen.add(child)
+                    if mode == MODE_TREE:
+                        stack.append(child)
+                        continue
+                    try:
+                        pointer = self._pointer(mode, child)
+                    except (MissingObject, CorruptKeg):
+                        continue
+                    if pointer is not None:
+                        keep.update(name for name, _ in pointer.chunks)
+
+    def gc_chunks(self, grace: float = 3600.0) -> dict:
+        """Delete the chunks no retained revision points at.
+
+        A chunk is kept when any retained revision's pointer names it, or when
+        its file was written or touched less than ``grace`` seconds before the
+        collection began.  Writing a chunk, finding it already stored, and
+        asking which chunks are missing all touch it, so a chunk uploaded for
+        a transaction that commits later survives; and the commit itself
+        checks, under the write lock, that every chunk it names is stored, so
+        a pointer is never committed to a chunk that was collected.
+
+        Returns:
+            ``{"revisions": examined, "kept": chunks kept, "chunks": removed, "bytes": freed}``.
+        """
+        if grace < 0:
+            raise BadRequest("the grace period cannot be negative")
+        self._acquire_write_lock()
+        started = time.time()
+        keep: set = set()
+        head = self.head_revision
+        self._reachable_chunks(1, head, keep, set())
+        removed = self.chunks.sweep(keep, started - grace)
+        return {"revisions": head, "kept": len(keep), **removed}
 
     # ----------------------------------------------------------- diff and log
 

@@ -6,6 +6,7 @@ The JSON form is the same for ``keg tx`` on stdin and ``POST /v1/tx``::
      "ops": [{"op": "put", "path": "/a/b.txt", "value": "text"},
              {"op": "put", "path": "/bin.dat", "base64": "…"},
              {"op": "put", "path": "/big.img", "large": {"size": …, "blake3": "…", "chunks": [["…", n], …]}},
+             {"op": "link", "path": "/src/app", "kid": "K-<commit>"},
              {"op": "delete", "path": "/old.json"}]}
 
 A ``large`` put names chunks already stored (``PUT /v1/chunks/<blake3>``);
@@ -27,6 +28,7 @@ from keg.errors import BadRequest
 from keg.large import Pointer
 
 MODES = {"file": 0o100644, "exec": 0o100755}
+MODE_GITLINK = 0o160000
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,22 @@ def put_large(path: str, pointer, mode: int = 0o100644) -> Put:
     return Put(norm, pointer.encode(), mode, True)
 
 
+def link(path: str, commit_kid: str) -> Put:
+    """A put of a pointer to a commit of another keg or git repository (a gitlink, mode 160000).
+
+    The commit's objects are read through the pointer once they are in this
+    keg (``Store.mount`` fetches them); the KID is the commit's.
+    """
+    norm = paths.normalize(path)
+    if norm == paths.ROOT:
+        raise BadRequest("cannot link '/', the root is a directory")
+    try:
+        parsed = kidlib.parse(commit_kid, allow_short=False)
+    except kidlib.KidError as err:
+        raise BadRequest(f"link {norm}: {err}") from err
+    return Put(norm, bytes.fromhex(str(parsed)[2:]), MODE_GITLINK)
+
+
 def delete(path: str, recursive: bool = False) -> Delete:
     """A validated delete op."""
     norm = paths.normalize(path)
@@ -164,8 +182,10 @@ def _parse_op(obj, where: str):
     path = _field(obj, "path", where, str)
     if kind == "delete":
         return delete(path, bool(obj.get("recursive", False)))
+    if kind == "link":
+        return link(path, _field(obj, "kid", where, str))
     if kind != "put":
-        raise BadRequest(f"{where}: unknown op {kind!r}; ops are 'put' and 'delete'")
+        raise BadRequest(f"{where}: unknown op {kind!r}; ops are 'put', 'delete' and 'link'")
     has_text, has_b64, has_large = "value" in obj, "base64" in obj, "large" in obj
     if has_text + has_b64 + has_large != 1:
         raise BadRequest(f"{where}: a put needs exactly one of 'value' (text), 'base64' or 'large' "
@@ -219,6 +239,9 @@ def transaction_to_json(tx: Transaction) -> dict:
     for op in tx.ops:
         if isinstance(op, Delete):
             ops.append({"op": "delete", "path": op.path, **({"recursive": True} if op.recursive else {})})
+            continue
+        if op.mode == MODE_GITLINK:
+            ops.append({"op": "link", "path": op.path, "kid": kidlib.PREFIX + op.data.hex()})
             continue
         out = {"op": "put", "path": op.path}
         if op.large:

@@ -228,7 +228,8 @@ class KegApp:
             self.authority.check(principal, "/", "r")
             return self._json(start_response, self.master.resolve_kid(path[len("/v1/kid/"):]))
         handler = {"/v1/tx": self._tx, "/v1/head": self._head, "/v1/log": self._log, "/v1/diff": self._diff,
-                   "/v1/watch": self._watch, "/v1/compact": self._compact, "/v1/whoami": self._whoami}.get(path)
+                   "/v1/watch": self._watch, "/v1/compact": self._compact, "/v1/gc": self._gc,
+                   "/v1/whoami": self._whoami}.get(path)
         if handler is None:
             raise NotFound(f"no such endpoint {path}; see /v1/openapi.json")
         return handler(req, start_response, principal)
@@ -265,8 +266,8 @@ class KegApp:
         if inm and inm.strip() != "*" and any(_unquote_etag(t) == entry.kid for t in inm.split(",")):
             start_response(_status_line(304), headers)
             return []
-        if entry.kind == "tree":
-            listing = {"path": path, "kind": "tree", "kid": entry.kid, "revision": revision.number,
+        if entry.kind in ("tree", "pointer"):  # a pointer lists the tree of the commit it names
+            listing = {"path": path, "kind": entry.kind, "kid": entry.kid, "revision": revision.number,
                        "entries": [e.to_json() for e in self.master.list(path, revision.number)]}
             body = (json.dumps(listing) + "\n").encode()
             content_type = "application/json"
@@ -349,6 +350,12 @@ class KegApp:
         self.authority.check(principal, "/", "w")
         window = req.int_arg("window", 1000, 1)
         return self._json(start_response, self.master.compact(window))
+
+    def _gc(self, req, start_response, principal):
+        self._allow(req, "POST")
+        self.authority.check(principal, "/", "w")
+        grace = req.float_arg("grace", 3600.0, 0.0, 365 * 86400.0)
+        return self._json(start_response, self.master.gc_chunks(grace))
 
     # ------------------------------------------------------------- history
 

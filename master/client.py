@@ -226,7 +226,7 @@ class RemoteKeg:
         """As ``Store.list``."""
         path = paths.normalize(path)
         _, response, data = self.request("GET", self._keg_target(path, rev=rev))
-        if response.getheader("Keg-Kind") != "tree":
+        if response.getheader("Keg-Kind") not in ("tree", "pointer"):
             raise BadRequest(f"{path} is a file, not a directory")
         return [_entry(e) for e in json.loads(data)["entries"]]
 
@@ -308,6 +308,10 @@ class RemoteKeg:
     def compact(self, window: int = 1000) -> dict:
         """As ``Store.compact``."""
         return json.loads(self.request("POST", self._target("/v1/compact", window=window))[2])
+
+    def gc_chunks(self, grace: float = 3600.0) -> dict:
+        """As ``Store.gc_chunks``."""
+        return json.loads(self.request("POST", self._target("/v1/gc", grace=grace))[2])
 
     # ---------------------------------------------------------------- watch
 

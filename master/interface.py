@@ -121,6 +121,10 @@ class Master(abc.ABC):
     def compact(self, window: int) -> dict:
         """Drop old history of volatile directories."""
 
+    @abc.abstractmethod
+    def gc_chunks(self, grace: float) -> dict:
+        """Delete chunks no retained revision points at (see ``Store.gc_chunks``)."""
+
     # ------------------------------------------------------------- watch
     @abc.abstractmethod
     def events(self, prefix: str, since: int, until: int, limit: int = 10_000) -> tuple:

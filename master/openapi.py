@@ -37,8 +37,10 @@ def spec() -> dict:
     """The OpenAPI document."""
     keg_path = {
         "parameters": [PATH_PARAM],
-        "get": {"summary": "Read a path: a file's bytes, or a directory as JSON. ETag is the KID.",
-                "parameters": [REV, {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}],
+        "get": {"summary": "Read a path: a file's bytes, or a directory as JSON. ETag is the KID. A large value "
+                           "(header Keg-Large: 1) is streamed chunk by chunk, each chunk verified.",
+                "parameters": [REV, {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
+                               _query("pointer", "1: for a large value, its chunk list as JSON instead of its bytes")],
                 "responses": {"200": {"description": "the value; headers Keg-Kind, Keg-Size, Keg-Revision",
                                       "content": {"application/octet-stream": {}, "application/json": {
                                           "schema": {"$ref": "#/components/schemas/Listing"}}}},
@@ -104,6 +106,13 @@ def spec() -> dict:
             "put": {"summary": "Store a chunk; refused if the body does not hash to the name.",
                     "responses": {"200": _answer("already stored"), "201": _answer("stored"),
                                   **_errors(400, 401, 413)}}},
+        "/v1/gc": {"post": {"summary": "Delete chunks no retained revision points at, untouched for ?grace= "
+                                       "seconds (default 3600; needs write on /).",
+                            "responses": {"200": {"description": "revisions examined, chunks kept and removed, "
+                                                                 "bytes freed"}}}},
+        "/v1/chunks/missing": {"post": {"summary": "Which of the chunks named in {\"chunks\": [...]} the keg "
+                                                   "lacks; the others are kept from collection a while longer.",
+                                        "responses": {"200": {"description": "{\"missing\": [...]}"}}}},
         "/v1/compact": {"post": {"summary": "Drop old history of volatile directories (needs write on /).",
                                  "parameters": [_query("window", "revisions to keep", "integer")],
                                  "responses": {"200": _answer("done", {"type": "object"}), **_errors(401, 403)}}},
@@ -135,8 +144,13 @@ def spec() -> dict:
             "compare": {"type": "array", "items": {"type": "object", "required": ["path", "kid"], "properties": {
                 "path": {"type": "string"}, "kid": {"type": ["string", "null"]}}}},
             "ops": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["op", "path"], "properties": {
-                "op": {"enum": ["put", "delete"]}, "path": {"type": "string"}, "value": {"type": "string"},
-                "base64": {"type": "string"}, "mode": {"enum": ["file", "exec"]}, "recursive": {"type": "boolean"}}}},
+                "op": {"enum": ["put", "delete", "link"]}, "path": {"type": "string"}, "value": {"type": "string"},
+                "base64": {"type": "string"}, "mode": {"enum": ["file", "exec"]}, "recursive": {"type": "boolean"},
+                "kid": {"type": "string", "description": "link: the commit KID the pointer names"},
+                "large": {"type": "object", "description": "a value stored as chunks (PUT /v1/chunks first)",
+                          "required": ["size", "blake3", "chunks"], "properties": {
+                              "size": {"type": "integer"}, "blake3": {"type": "string"},
+                              "chunks": {"type": "array", "items": {"type": "array"}}}}}}},
             "id": {"type": "string"}}},
         "TxResult": {"type": "object", "properties": {"ok": {"type": "boolean"}, "revision": {"type": "integer"},
                                                       "revision_kid": {"type": "string"}, "kids": {"type": "object"},

@@ -140,6 +140,11 @@ class SingleMaster(Master):
         with self._lock:
             return self.store.compact(window)
 
+    def gc_chunks(self, grace: float) -> dict:
+        self.flush()
+        with self._lock:  # commits check their chunks under the same lock: none is collected mid-commit
+            return self.store.gc_chunks(grace)
+
     # ------------------------------------------------------------------ watch
 
     def _revision_events(self, number: int) -> list:

@@ -186,15 +186,19 @@ def cat_cmd(path, rev, opener):
 @keg_target
 @json_option
 def ls_cmd(path, rev, long, opener, as_json):
-    """List the directory at PATH (default /). Directories end in '/'."""
+    """List the directory at PATH (default /). Directories end in '/', pointers to other kegs in '@'.
+
+    Listing a pointer lists the tree of the commit it names (see 'keg mount').
+    With -l, a value stored as chunks shows its full size.
+    """
     with opener() as store:
         entry = store.stat(path, rev)
-        entries = store.list(path, rev) if entry.kind == "tree" else [entry]
+        entries = store.list(path, rev) if entry.kind in ("tree", "pointer") else [entry]
     if as_json:
         _emit_json([e.to_json() for e in entries])
         return
     for e in entries:
-        shown = e.name + ("/" if e.kind == "tree" else "")
+        shown = e.name + {"tree": "/", "pointer": "@"}.get(e.kind, "")
         if long:
             click.echo(f"{e.kind}\t{e.kid}\t{e.size}\t{shown}")
         else:
@@ -391,6 +395,71 @@ def compact_cmd(window, opener, as_json):
         _emit_json(done)
     else:
         click.echo(f"volatile history kept from revision {done['from_revision']} ({done['kept_trees']} trees)")
+
+
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h`` or ``1d`` as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration: give seconds, or a number with s, m, h or d")
+    if value < 0:
+        raise click.BadParameter("a duration cannot be negative")
+    return value
+
+
+@cli.command("mount")
+@click.argument("path")
+@click.argument("location")
+@click.option("--ref", default="HEAD", show_default=True, help="The branch or tag of LOCATION to point at.")
+@keg_dir_option
+@json_option
+def mount_cmd(path, location, ref, keg_dir, as_json):
+    """Point PATH at a commit of another keg or git repository.
+
+    LOCATION is an absolute path to a git repository (another keg is one) or
+    an http(s):// URL such as another master's /git/keg.git. Its REF is
+    fetched into this keg with git, and PATH becomes a pointer (a gitlink)
+    to that commit, recorded with LOCATION in the mount table /mounts.tsv in
+    the same revision. Paths beneath PATH then read through the pointer;
+    'keg ls' shows PATH as a pointer with the commit's KID. Mount again to
+    move the pointer to the ref's newest commit.
+
+    \b
+    Example:
+      keg mount --keg ~/keg /src/website /srv/git/website.git --ref main
+      keg cat --keg ~/keg /src/website/index.html
+    """
+    from keg.mounts import mount
+    with keg.Store(keg_dir) as store:
+        result = mount(store, path, location, ref)
+    _check_tx(result)
+    _print_result(result, as_json)
+
+
+@cli.command("gc")
+@click.option("--grace", default="1h", show_default=True, metavar="DURATION",
+              help="Keep unreferenced chunks written or touched this recently (90s, 15m, 2h, 1d).")
+@keg_target
+@json_option
+def gc_cmd(grace, opener, as_json):
+    """Delete chunks of large values that no retained revision points at.
+
+    Every revision still in the keg's history keeps the chunks its values
+    name, so time travel keeps working. A chunk nothing points at yet (sent
+    for a transaction not committed so far) is kept for the grace period;
+    a commit naming a collected chunk is refused, never half-applied.
+    Through a master (--url) it needs write access to /.
+    """
+    with opener() as store:
+        done = store.gc_chunks(_seconds(grace))
+    if as_json:
+        _emit_json(done)
+    else:
+        click.echo(f"removed {done['chunks']} chunks ({done['bytes']} bytes); kept {done['kept']} "
+                   f"named by {done['revisions']} revisions")
 
 
 @cli.group()

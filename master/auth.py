@@ -7,7 +7,8 @@ Users live at ``/users/<name>/user.json``::
 
 A token is ``kt_<id>_<secret>``; only the blake3 hash of the secret is stored,
 so reading ``/users`` reveals no usable token.  A *machine* principal has
-``"kind": "machine"`` and may write only ``/machines/<its name>/status/``,
+``"kind": "machine"`` and may write only ``/machines/<its name>/status/`` and
+its registration ``/machines/<its name>/machine.json``,
 whatever the ACL says.
 
 ``/policy/acl.tsv`` grants rights on path prefixes::
@@ -58,6 +59,11 @@ class Unauthenticated(AuthError):
 
 class Forbidden(AuthError):
     """A valid token without the right asked for (HTTP 403)."""
+
+
+def _machine_may_write(name: str, path: str) -> bool:
+    """A machine writes its own registration and status, nothing else (its procs are written by people or policy)."""
+    return path == f"/machines/{name}/machine.json" or paths.is_under(path, f"/machines/{name}/status")
 
 
 @dataclass(frozen=True)
@@ -225,15 +231,14 @@ class Authority:
         """True when ``principal`` has ``right`` (``r`` or ``w``) on ``path``."""
         self._refresh()
         if principal.kind == "machine" and right == "w":
-            own = f"/machines/{principal.name}/status"
-            if not paths.is_under(path, own):
+            if not _machine_may_write(principal.name, path):
                 return False
         labels = principal.labels
         for who, prefix, rights in self._acl:
             if right in rights and who in labels and paths.is_under(path, prefix):
                 return True
         if principal.kind == "machine":
-            return paths.is_under(path, f"/machines/{principal.name}/status")
+            return _machine_may_write(principal.name, path)
         return False
 
     def check(self, principal: Principal, path: str, right: str) -> None:

@@ -74,12 +74,12 @@ def test_rights_come_from_the_acl_403_otherwise(master_server, people):
     assert dev.call("PUT", "/v1/keg/apps/web/x", "1")[0] == 200
 
 
-def test_a_machine_token_writes_only_its_own_status(master_server, people):
+def test_a_machine_token_writes_only_its_own_status_and_registration(master_server, people):
     head = Client(master_server.url, master_server.token).head_revision()
     m1 = Client(master_server.url, people["m1"])
     assert m1.call("PUT", "/v1/keg/machines/m2/status/mayor.json", "{}")[0] == 403
     assert m1.call("PUT", "/v1/keg/machines/m1/procs/evil.json", "{}")[0] == 403
-    assert m1.call("PUT", "/v1/keg/machines/m1/machine.json", "{}")[0] == 403
+    assert m1.call("PUT", "/v1/keg/machines/m2/machine.json", "{}")[0] == 403
     assert m1.call("PUT", "/v1/keg/apps/web/app.json", "{}")[0] == 403
     # Even an ACL line granting machines everything does not widen a machine token.
     admin = Client(master_server.url, master_server.token)
@@ -89,6 +89,7 @@ def test_a_machine_token_writes_only_its_own_status(master_server, people):
     assert Client(master_server.url, master_server.token).head_revision() == head + 1
     assert m1.call("PUT", "/v1/keg/machines/m1/status/mayor.json", '{"ok": true}')[0] == 200
     assert m1.call("GET", "/v1/keg/machines/m1/status/mayor.json")[0] == 200
+    assert m1.call("PUT", "/v1/keg/machines/m1/machine.json", '{"cpus": 2}')[0] == 200  # a Mayor registers itself
 
 
 def test_revoked_token_stops_working(master_server, people):

@@ -596,5 +596,18 @@ def entry_point() -> None:
     sys.exit(main())
 
 
+# Porcelain groups live in their own modules, which import the decorators above.
+from shell.image import image_group  # noqa: E402
+from shell.pkg import pkg_group  # noqa: E402
+
+cli.add_command(image_group)
+cli.add_command(pkg_group)
+
+from shell.posix import checkout_cmd, sync_cmd  # noqa: E402
+
+cli.add_command(checkout_cmd)
+cli.add_command(sync_cmd)
+
+
 if __name__ == "__main__":
     entry_point()

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # git: the store's format and git http-backend; etcd: the benchmark anchor; nginx: FastCGI front end;
-# skopeo, umoci: check exported OCI images; casync, restic, ostree: the large-value benchmark anchors.
-SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree)
+# skopeo, umoci: check exported OCI images; casync, restic, ostree: the large-value benchmark anchors;
+# runc, busybox-static: the Mayor's containers and the image their tests run.
+SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree runc busybox-static)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -233,17 +233,7 @@ class Runc:
             RuncError: the container did not start (runc's message included);
                 call ``delete(container_id, force=True)`` before retrying.
         """
-        pid_file = os.path.join(self.root, f".{container_id}.pid")
-        args = ["run", "--detach", "--bundle", os.path.abspath(bundle), "--pid-file", pid_file, container_id]
-        try:
-            code, message = self._with_stdio(args, container_id, "run", stdout, stderr, TIMEOUT)
-            if code != 0:
-                raise RuncError(f"runc run {container_id} failed: {message or 'exit status ' + str(code)}")
-            with open(pid_file, encoding="ascii") as f:
-                return int(f.read().strip())
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pid_file)
+        return self._start_with_pid("run", ["--detach"], container_id, bundle, stdout, stderr)
 
     def run(self, container_id: str, bundle: str, stdout=None, stderr=None, timeout: float = TIMEOUT) -> int:
         """Run a container in the foreground until it exits, then delete it (``runc run``).
@@ -269,12 +259,16 @@ class Runc:
         Raises:
             RuncError: with runc's message.
         """
+        return self._start_with_pid("create", [], container_id, bundle, stdout, stderr)
+
+    def _start_with_pid(self, verb: str, flags: list, container_id: str, bundle: str, stdout, stderr) -> int:
+        """``runc VERB FLAGS --pid-file …``; the pid runc wrote, or RuncError with runc's message."""
         pid_file = os.path.join(self.root, f".{container_id}.pid")
-        args = ["create", "--bundle", os.path.abspath(bundle), "--pid-file", pid_file, container_id]
+        args = [verb, *flags, "--bundle", os.path.abspath(bundle), "--pid-file", pid_file, container_id]
         try:
-            code, message = self._with_stdio(args, container_id, "create", stdout, stderr, TIMEOUT)
+            code, message = self._with_stdio(args, container_id, verb, stdout, stderr, TIMEOUT)
             if code != 0:
-                raise RuncError(f"runc create {container_id} failed: {message or 'exit status ' + str(code)}")
+                raise RuncError(f"runc {verb} {container_id} failed: {message or 'exit status ' + str(code)}")
             with open(pid_file, encoding="ascii") as f:
                 return int(f.read().strip())
         finally:

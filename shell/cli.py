@@ -13,7 +13,6 @@ Exit codes (the same for every command):
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from keg.errors import BadRequest, CompareFailed, KegError
 from keg.transaction import Transaction, compare, delete, parse_transaction, put
 from master import auth
 from shell.progress import progress, size_of
+from shell.target import keg_target
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_COMPARE, EXIT_ERROR = 0, 1, 2, 3, 4
 MAX_STDIN_TX = 64 << 20
@@ -37,32 +37,6 @@ keg_dir_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs instead of lines.")
 rev_option = click.option("--rev", "-r", metavar="REV", default=None,
                           help="Read at this revision: a number, a revision KID, or -N counting back from the head.")
-
-
-def _open(keg_dir: str | None, url: str | None, token: str | None):
-    """A local ``Store`` for --keg, or a ``RemoteKeg`` for --url: the commands use either alike."""
-    if url:
-        from master.client import RemoteKeg
-        return RemoteKeg(url, token)
-    if not keg_dir:
-        raise click.UsageError("say which keg: --keg DIR (or KEG_DIR) for a local one, "
-                               "--url URL (or KEG_URL) for a master")
-    return keg.Store(keg_dir)
-
-
-def keg_target(command):
-    """Add --keg, --url and --token; the command gets ``opener()`` returning the keg to use."""
-    @functools.wraps(command)
-    def wrapper(*args, keg_dir, url, token, **kwargs):
-        return command(*args, opener=lambda: _open(keg_dir, url, token), **kwargs)
-
-    wrapper = click.option("--token", envvar="KEG_TOKEN", metavar="TOKEN",
-                           help="Token for the master (default: $KEG_TOKEN).")(wrapper)
-    wrapper = click.option("--url", envvar="KEG_URL", metavar="URL",
-                           help="Use the master at URL (http://HOST:PORT; several comma-separated for "
-                                "fail-over) instead of a local keg. Default: $KEG_URL.")(wrapper)
-    return click.option("--keg", "keg_dir", envvar="KEG_DIR", metavar="DIR",
-                        help="A keg directory on this machine (a bare git repository). Default: $KEG_DIR.")(wrapper)
 
 
 def _emit_json(value) -> None:

@@ -15,26 +15,11 @@ import click
 from click.core import ParameterSource
 
 from keg import posix
+from shell.target import open_keg, target_options
 
 
 def _say(line: str) -> None:
     click.echo(line, err=True)
-
-
-def _target_options(command):
-    """--keg, --url and --token as on every other command (KEG_DIR, KEG_URL, KEG_TOKEN)."""
-    command = click.option("--token", envvar="KEG_TOKEN", metavar="TOKEN",
-                           help="Token for the master (default: $KEG_TOKEN).")(command)
-    command = click.option("--url", envvar="KEG_URL", metavar="URL",
-                           help="Use the master at URL (http://HOST:PORT; several comma-separated for "
-                                "fail-over) instead of a local keg. Default: $KEG_URL.")(command)
-    return click.option("--keg", "keg_dir", envvar="KEG_DIR", metavar="DIR",
-                        help="A keg directory on this machine (a bare git repository). Default: $KEG_DIR.")(command)
-
-
-def _open(keg_dir, url, token):
-    from shell.cli import _open as open_target  # imported here: shell.cli imports this module
-    return open_target(keg_dir, url, token)
 
 
 @click.command("checkout")
@@ -42,7 +27,7 @@ def _open(keg_dir, url, token):
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--rev", "-r", metavar="REV", default=None,
               help="Check out this revision: a number, a revision KID, or -N counting back from the head.")
-@_target_options
+@target_options
 def checkout_cmd(prefix, directory, rev, keg_dir, url, token):
     """Write the keg directory PREFIX as ordinary files in DIR.
 
@@ -59,7 +44,7 @@ def checkout_cmd(prefix, directory, rev, keg_dir, url, token):
       keg checkout /apps/web ./web --url http://127.0.0.1:7480
       keg sync ./web &            # edits in ./web become revisions
     """
-    with _open(keg_dir, url, token) as store:
+    with open_keg(keg_dir, url, token) as store:
         done = posix.checkout(store, prefix, directory, rev, say=_say)
     click.echo(f"checked out {prefix} at revision {done.revision} into {directory}: {done.files} file(s), "
                f"{done.bytes} byte(s)" + (f", {done.links} link(s)" if done.links else ""))
@@ -69,9 +54,9 @@ def _sync_target(ctx: click.Context, state: posix.CheckoutState, keg_dir, url, t
     """The keg to sync with: --keg/--url given on the command line, else the checkout's own source."""
     given = {name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE for name in ("keg_dir", "url")}
     if given["keg_dir"] or given["url"]:
-        return _open(keg_dir if given["keg_dir"] else None, url if given["url"] else None, token)
+        return open_keg(keg_dir if given["keg_dir"] else None, url if given["url"] else None, token)
     source = state.source
-    return _open(source.get("keg"), source.get("url"), token)
+    return open_keg(source.get("keg"), source.get("url"), token)
 
 
 @click.command("sync")
@@ -79,7 +64,7 @@ def _sync_target(ctx: click.Context, state: posix.CheckoutState, keg_dir, url, t
 @click.option("--quiet-period", type=click.FloatRange(min=0.0), default=posix.QUIET_PERIOD, show_default=True,
               metavar="S", help="Seconds without a local file event before local changes are pushed.")
 @click.option("--once", is_flag=True, help="Pull the keg's changes and push local ones, then exit.")
-@_target_options
+@target_options
 @click.pass_context
 def sync_cmd(ctx, directory, quiet_period, once, keg_dir, url, token):
     """Keep the checkout DIR and the keg in two-way sync.

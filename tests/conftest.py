@@ -33,6 +33,19 @@ def keg_dir(tmp_path):
 
 
 @pytest.fixture
+def new_keg(keg_dir):
+    """A new keg (not durable, for speed) that no process holds open; returns its directory."""
+    keg.init(keg_dir, durable=False).close()
+    return keg_dir
+
+
+def head_of(keg_dir: str) -> int:
+    """The newest checkpointed revision of a keg, as another process sees it."""
+    with keg.Store(keg_dir) as s:
+        return s.head_revision
+
+
+@pytest.fixture
 def store(keg_dir):
     """A new keg, not fsynced (durability has its own crash tests)."""
     s = keg.init(keg_dir, durable=False)

@@ -22,7 +22,7 @@ import keg
 from keg import oci
 from master.client import RemoteKeg
 
-from conftest import keg_command
+from conftest import head_of, keg_command
 from test_cli import run
 
 ROOT = os.geteuid() == 0
@@ -101,14 +101,11 @@ def docker_archive(layout, tmp_path_factory):
 
 
 @pytest.fixture
-def k(keg_dir):
-    keg.init(keg_dir, durable=False).close()
-    return keg_dir
+def k(new_keg):
+    return new_keg
 
 
-def head(keg_dir) -> int:
-    with keg.Store(keg_dir) as s:
-        return s.head_revision
+head = head_of
 
 
 def test_oci_layout_round_trip_keeps_every_digest(k, layout, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import keg
 from keg import pkgs
 
-from conftest import keg_command
+from conftest import head_of, keg_command
 from test_cli import run
 
 
@@ -54,14 +54,11 @@ def make_deb(directory, package="hello-keg", version="1.0-1", arch="all", conten
 
 
 @pytest.fixture
-def k(keg_dir):
-    keg.init(keg_dir, durable=False).close()
-    return keg_dir
+def k(new_keg):
+    return new_keg
 
 
-def head(keg_dir) -> int:
-    with keg.Store(keg_dir) as s:
-        return s.head_revision
+head = head_of
 
 
 @pytest.mark.parametrize("name, normalized", [

@@ -41,7 +41,8 @@ class Actual:
     ``state`` is ``running``, ``exited``, ``created`` (made, not started) or
     ``unknown`` (the runtime could not say).  ``failures`` counts the exits
     since the process last ran ``BACKOFF_RESET`` seconds; ``started`` and
-    ``exited`` are times on the same clock as ``now``.
+    ``exited`` are times on the same clock as ``now``.  The fields after
+    ``oom`` are reported in status; ``plan`` does not read them.
     """
 
     name: str
@@ -53,6 +54,11 @@ class Actual:
     exited: float | None = None
     failures: int = 0
     oom: bool = False
+    pid: int | None = None          # the container's init on the host
+    kid: str | None = None          # the process KID of this incarnation (DESIGN §1.2)
+    incarnation: int = 0            # starts of this process name so far, this one included
+    health: str | None = None       # "starting", "healthy", "unhealthy", or None without a health check
+    reason: str | None = None       # why it exited when the runtime knows more than the code ("unhealthy", "oom")
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,54 @@
 """The container runtime behind the Mayor: one small interface, a real backend (runc) and a no-op one.
 
-The Mayor's ``apply`` is the only caller.  ``NoopRuntime`` keeps processes
-as records in memory and "runs" them until told otherwise: it stands in for
-runc where containers are not the point (the 1,000-Mayor convergence
-benchmark, tests of sync and status), never where the test is about
-containers.
+The Mayor's ``apply`` is the only caller of ``start``/``stop``/``remove``.
+``NoopRuntime`` keeps processes as records in memory and "runs" them until
+told otherwise: it stands in for runc where containers are not the point
+(the 1,000-Mayor convergence benchmark, tests of sync and status), never
+where the test is about containers.  The runc backend is
+``mayor.runc_runtime.RuncRuntime``.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import itertools
 import threading
 
+from keg.errors import NotFound
 from mayor.plan import Actual
+
+
+class ExecHandle(abc.ABC):
+    """A command running inside a container (``keg exec``), polled by the Mayor's loop."""
+
+    @abc.abstractmethod
+    def poll(self) -> tuple:
+        """``(output, exit_code)``: the output (stdout and stderr merged) since the last poll, and the
+        exit code once the command has ended (None before). Never blocks."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Stop the command (its timeout passed, or the Mayor is stopping)."""
 
 
 class Runtime(abc.ABC):
     """What the Mayor needs from a container runtime."""
 
-    @abc.abstractmethod
-    def actual(self) -> dict:
-        """``{process name: Actual}`` for every container this Mayor owns."""
+    version: str = "none"
 
     @abc.abstractmethod
-    def start(self, name: str, spec_kid: str, spec: dict) -> str:
-        """Create and start a container for a process; returns its container id."""
+    def actual(self) -> dict:
+        """``{process name: Actual}`` for every container this Mayor owns, re-adopted ones included."""
+
+    @abc.abstractmethod
+    def start(self, name: str, spec_kid: str, spec: dict, process_kid: str = None, incarnation: int = 0) -> str:
+        """Create and start a container for a process; returns its container id.
+
+        Raises:
+            KegError: (a subclass) with a message for the process's status when it cannot start:
+                unknown image, bad spec, a refused layer, runc failing.
+        """
 
     @abc.abstractmethod
     def stop(self, container: str, grace: float = 10.0) -> None:
@@ -37,14 +60,45 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def wait(self, timeout: float) -> bool:
-        """Block until a container exits or ``timeout`` passes; True when something exited."""
+        """Block until a container exits (or its health changes) or ``timeout`` passes; True when something did."""
+
+    def exec(self, name: str, args: list, timeout: float = 60.0) -> ExecHandle:
+        """Start ``args`` inside the running container of ``name``.
+
+        Raises:
+            NotFound: no running container for ``name``.
+        """
+        raise NotFound(f"process {name} is not running here")
+
+    def log_tail(self, name: str, most: int) -> tuple:
+        """``(total, tail)``: bytes the process has written to stdout and stderr in all its incarnations
+        here, and the last at most ``most`` of them. ``(0, b"")`` when there are none."""
+        return 0, b""
+
+
+class _NoopExec(ExecHandle):
+    def __init__(self, args):
+        self._out, self._code = (" ".join(args) + "\n").encode(), 0
+
+    def poll(self) -> tuple:
+        out, self._out = self._out, b""
+        return out, self._code
+
+    def kill(self) -> None:
+        pass
 
 
 class NoopRuntime(Runtime):
-    """Processes as in-memory records: started ones run until stopped or ``exit`` is called."""
+    """Processes as in-memory records: started ones run until stopped or ``exit`` is called.
+
+    ``exec`` echoes its arguments; ``write_log`` adds output to a process's log (tests).
+    """
+
+    version = "noop"
 
     def __init__(self):
         self._records: dict = {}
+        self._logs: dict = {}
         self._ids = itertools.count(1)
         self._changed = threading.Condition()
         self.started = 0
@@ -53,10 +107,11 @@ class NoopRuntime(Runtime):
         with self._changed:
             return dict(self._records)
 
-    def start(self, name, spec_kid, spec, now: float = 0.0) -> str:
+    def start(self, name, spec_kid, spec, process_kid=None, incarnation=0, now: float = 0.0) -> str:
         container = f"noop-{name}-{next(self._ids)}"
         with self._changed:
-            self._records[name] = Actual(name, container, spec_kid, "running", started=now)
+            self._records[name] = Actual(name, container, spec_kid, "running", started=now, kid=process_kid,
+                                         incarnation=incarnation)
             self.started += 1
         return container
 
@@ -64,14 +119,14 @@ class NoopRuntime(Runtime):
         """Make a process exit (tests)."""
         with self._changed:
             have = self._records[name]
-            self._records[name] = Actual(name, have.container, have.spec_kid, "exited", code, have.started, when)
+            self._records[name] = dataclasses.replace(have, state="exited", exit_code=code, exited=when)
             self._changed.notify_all()
 
     def stop(self, container, grace=10.0) -> None:
         with self._changed:
             for name, have in self._records.items():
                 if have.container == container and have.state != "exited":
-                    self._records[name] = Actual(name, container, have.spec_kid, "exited", -15, have.started, 0.0)
+                    self._records[name] = dataclasses.replace(have, state="exited", exit_code=-15, exited=0.0)
 
     def remove(self, container) -> None:
         with self._changed:
@@ -81,3 +136,20 @@ class NoopRuntime(Runtime):
     def wait(self, timeout: float) -> bool:
         with self._changed:
             return self._changed.wait(timeout)
+
+    def exec(self, name, args, timeout=60.0) -> ExecHandle:
+        with self._changed:
+            have = self._records.get(name)
+        if have is None or have.state != "running":
+            raise NotFound(f"process {name} is not running here")
+        return _NoopExec(args)
+
+    def write_log(self, name: str, data: bytes) -> None:
+        """Add to a process's output (tests)."""
+        with self._changed:
+            self._logs[name] = self._logs.get(name, b"") + data
+
+    def log_tail(self, name, most) -> tuple:
+        with self._changed:
+            data = self._logs.get(name, b"")
+        return len(data), data[-most:] if most else b""

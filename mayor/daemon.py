@@ -9,7 +9,19 @@ Integrity on its own: the last process table read is kept in
 ``DATA/desired.json``, so with the master unreachable (or after a restart
 while it is) the Mayor keeps supervising what it was told; status changes
 wait in ``DATA/outbox.json`` and are published, newest value per path, when
-the master answers again.
+the master answers again.  Counters that must outlive a restart of the
+Mayor (failures for back-off, incarnations for process KIDs, the last ended
+incarnation of each process) are kept in ``DATA/state.json``.
+
+What it writes, all under ``/machines/<name>/status/`` (volatile):
+
+* ``<p>.json``: one object per process (DESIGN §2);
+* ``mayor.json``: version, heartbeat, process count, capacity in use and
+  the PID → process KID map;
+* ``logs/<p>.log``: the last ``LOG_TAIL`` bytes of the process's output;
+  ``log_bytes`` in ``<p>.json`` is the number of the tail's last byte;
+* ``exec/<id>.json``: the output and exit code of an exec request
+  ``/machines/<name>/exec/<id>.json``, while it runs and after.
 """
 
 from __future__ import annotations
@@ -21,12 +33,17 @@ import threading
 import time
 
 import kid as kidlib
+from keg import paths
 from keg.errors import KegError, NotFound
 from keg.fsio import write_file_atomic
 from keg.transaction import Delete, Transaction, delete, put
 from mayor.plan import Actions, Desired, RESTART_POLICIES, failures_after_exit, plan
 
-RESYNC_SECONDS = 30.0
+RESYNC_SECONDS = 30.0     # full re-read of the process table, whatever the watch stream says
+HEARTBEAT_SECONDS = 10.0  # the heartbeat in status/mayor.json is refreshed at least this often
+TICK_SECONDS = 0.5        # logs and exec output are published at most this often
+LOG_TAIL = 64 << 10       # bytes of each process's output kept in status/logs/<p>.log
+EXEC_OUTPUT = 1 << 20     # bytes of an exec's output kept in its result
 VERSION = "1"
 
 
@@ -60,8 +77,18 @@ class Mayor:
         self.changed = threading.Event()
         self._counted: set = set()     # exited containers already counted as failures
         self.last_actions = Actions()
+        self.incarnations: dict = {}   # name -> [spec KID, incarnation of the newest start]
+        self.previous: dict = {}       # name -> what the last ended incarnation left: kid, exit code, …
+        self.published: dict = {}      # path -> bytes last sent (or queued): unchanged status is not sent again
+        self.execs: dict = {}          # request id -> _Exec
+        self.specs: dict = {}          # name -> the validated-enough spec of the last read
+        self.last_heartbeat = 0.0
+        self.last_desired: dict = {}
+        self._listed_status = False
+        self.exec_dir = f"/machines/{name}/exec"
         os.makedirs(data_dir, exist_ok=True)
         self._load_outbox()
+        self._load_state()
 
     # ----------------------------------------------------------- registration
 
@@ -155,9 +182,13 @@ class Mayor:
         actions = plan({n: d for n, (d, _) in desired.items()}, actual, now)
         for line in actions.describe():
             _log(line)
-        self.apply(actions, {n: s for n, (_, s) in desired.items()})
+        self.specs = {n: s for n, (_, s) in desired.items()}
+        self.apply(actions, self.specs)
         self.last_actions = actions
-        self.report({n: d for n, (d, _) in desired.items()}, actions)
+        self.last_desired = {n: d for n, (d, _) in desired.items()}
+        self.read_exec_requests()
+        self.poll_execs()
+        self.report(self.last_desired, actions)
         self.publish()
         return actions
 
@@ -168,19 +199,63 @@ class Mayor:
                 if step.kind == "stop":
                     self.runtime.stop(step.container)
                 elif step.kind == "remove":
+                    self._remember_ended(step.name, step.container)
                     self.runtime.remove(step.container)
                     self._counted.discard(step.container)
                 elif step.kind == "start":
-                    self.runtime.start(step.name, step.spec_kid, specs[step.name])
+                    spec_kid, incarnation = self._next_incarnation(step.name, step.spec_kid)
+                    process_kid = str(kidlib.process_kid(self.machine_kid, step.name, spec_kid, incarnation))
+                    self.runtime.start(step.name, spec_kid, specs[step.name], process_kid, incarnation)
+                    self.incarnations[step.name] = [spec_kid, incarnation]
                     self.errors.pop(step.name, None)
             except KegError as err:
                 self.errors[step.name] = str(err)
                 _log(f"{step.kind} {step.name} failed: {err}")
+        self._save_state()
+
+    def _next_incarnation(self, name: str, spec_kid: str) -> tuple:
+        """``(spec KID, incarnation)`` of the next start: 0 for a new spec, one more for the same one."""
+        spec_kid = str(kidlib.parse(spec_kid, allow_short=False)) if spec_kid.startswith("K-") else spec_kid
+        last = self.incarnations.get(name)
+        if last is not None and last[0] == spec_kid:
+            return spec_kid, last[1] + 1
+        return spec_kid, 0
+
+    def _remember_ended(self, name: str, container: str) -> None:
+        have = self.runtime.actual().get(name)
+        if have is None or have.container != container:
+            return
+        self.previous[name] = {"kid": have.kid, "exit_code": have.exit_code, "exited": have.exited,
+                               "oom": have.oom, "reason": have.reason}
+
+    # ------------------------------------------------------------ local state
+
+    def _state_path(self) -> str:
+        return os.path.join(self.data_dir, "state.json")
+
+    def _load_state(self) -> None:
+        try:
+            with open(self._state_path(), encoding="utf-8") as f:
+                saved = json.load(f)
+        except (FileNotFoundError, ValueError):
+            saved = {}
+        self.failures.update(saved.get("failures", {}))
+        self.incarnations.update(saved.get("incarnations", {}))
+        self.previous.update(saved.get("previous", {}))
+        self._counted.update(saved.get("counted", []))
+        for name, have in self.runtime.actual().items():  # re-adopted containers know their incarnation
+            if have.spec_kid and have.kid:
+                self.incarnations[name] = [have.spec_kid, have.incarnation]
+
+    def _save_state(self) -> None:
+        state = {"failures": self.failures, "incarnations": self.incarnations, "previous": self.previous,
+                 "counted": sorted(self._counted)}
+        write_file_atomic(self._state_path(), json.dumps(state, sort_keys=True).encode(), durable=False)
 
     # ----------------------------------------------------------------- status
 
     def report(self, desired: dict, actions: Actions) -> None:
-        """Queue one status object per process, and the Mayor's own heartbeat."""
+        """Queue one status object per process, their log tails, and the Mayor's own heartbeat."""
         actual = self.runtime.actual()
         holding = dict(actions.holding)
         for name in sorted(set(desired) | set(actual) | set(self.errors)):
@@ -190,28 +265,91 @@ class Mayor:
                 state = "failed"
             elif have is not None and have.state == "exited" and name in holding and "back-off" in holding[name]:
                 state = "backoff"
+            elif state in ("created", "unknown"):
+                state = "pending"
+            spec = self.specs.get(name, {})
             obj = {"name": name, "state": state, "spec_kid": getattr(desired.get(name), "spec_kid", None),
-                   "restarts": self.failures.get(name, 0), "last_error": self.errors.get(name)}
+                   "image": spec.get("image"), "restarts": self.failures.get(name, 0),
+                   "last_error": self.errors.get(name), "previous": self.previous.get(name),
+                   "kid": None, "pid": None, "container": None, "exit_code": None, "started": None,
+                   "exited": None, "oom": False, "reason": None, "health": None}
             if have is not None:
-                obj.update({"container": have.container, "exit_code": have.exit_code, "started": have.started,
-                            "exited": have.exited, "oom": have.oom})
+                obj.update({"kid": have.kid, "pid": have.pid if have.state == "running" else None,
+                            "container": have.container, "exit_code": have.exit_code, "started": have.started,
+                            "exited": have.exited, "oom": have.oom, "reason": have.reason, "health": have.health})
+            total, tail = self.runtime.log_tail(name, LOG_TAIL)
+            obj["log_bytes"] = total
             self.queue(f"{self.status}/{name}.json", obj)
-        gone = [p for p in self._published_names() if p not in desired and p not in actual]
-        for name in gone:
-            self.outbox[f"{self.status}/{name}.json"] = None
-        self.queue(f"{self.status}/mayor.json", {"version": VERSION, "heartbeat": self.clock(),
-                                                 "processes": len(actual)})
+            if total:
+                self.queue_bytes(f"{self.status}/logs/{name}.log", tail)
+        for name in self._published_names():
+            if name not in desired and name not in actual and name not in self.errors:
+                self.queue_bytes(f"{self.status}/{name}.json", None)
+                self.queue_bytes(f"{self.status}/logs/{name}.log", None)
+                self.previous.pop(name, None)
+        self.heartbeat(actual)
+
+    def heartbeat(self, actual=None, force: bool = False) -> None:
+        """Queue ``mayor.json`` when it changed or ``HEARTBEAT_SECONDS`` have passed since the last one."""
+        actual = self.runtime.actual() if actual is None else actual
+        running = {n: a for n, a in actual.items() if a.state == "running"}
+        in_use = {"cpu": 0.0, "memory": 0, "processes": len(running)}
+        for name in running:
+            resources = self.specs.get(name, {}).get("resources") or {}
+            try:
+                in_use["cpu"] += float(resources.get("cpu", 0) or 0)
+                in_use["memory"] += int(resources.get("memory", 0) or 0) if isinstance(resources.get("memory", 0), int) \
+                    else 0
+            except (TypeError, ValueError):
+                pass
+        body = {"version": VERSION, "processes": len(actual), "runtime": getattr(self.runtime, "version", None),
+                "pids": {str(a.pid): a.kid for a in running.values() if a.pid is not None and a.kid},
+                "in_use": in_use}
+        path = f"{self.status}/mayor.json"
+        now = self.clock()
+        old = self.published.get(path)
+        if not force and old is not None and now - self.last_heartbeat < HEARTBEAT_SECONDS:
+            try:
+                previous = json.loads(old)
+                previous.pop("heartbeat", None)
+                if previous == body:
+                    return
+            except ValueError:
+                pass
+        body["heartbeat"] = now
+        self.last_heartbeat = now
+        self.queue(path, body)
 
     def _published_names(self) -> list:
-        try:
-            return [e.name[:-5] for e in self.keg.list(self.status) if e.name.endswith(".json")
-                    and e.name != "mayor.json"]
-        except KegError:
-            return []
+        """Names with a status object: the master's listing once, then what this Mayor sent (only it writes there)."""
+        names = set()
+        if not self._listed_status:
+            try:
+                names = {e.name[:-5] for e in self.keg.list(self.status) if e.kind == "file"
+                         and e.name.endswith(".json") and e.name != "mayor.json"}
+                self._listed_status = True
+            except NotFound:
+                self._listed_status = True
+            except KegError:
+                pass
+        prefix = f"{self.status}/"
+        for path in self.published:
+            rest = path[len(prefix):] if path.startswith(prefix) else ""
+            if rest.endswith(".json") and "/" not in rest and rest != "mayor.json":
+                names.add(rest[:-5])
+        return sorted(names)
 
     def queue(self, path: str, obj: dict) -> None:
-        """Queue a status object (the newest per path wins)."""
-        self.outbox[path] = (json.dumps(obj, sort_keys=True) + "\n").encode()
+        """Queue a status object (the newest per path wins; one equal to what was last sent is not sent again)."""
+        self.queue_bytes(path, (json.dumps(obj, sort_keys=True) + "\n").encode())
+
+    def queue_bytes(self, path: str, body: bytes | None) -> None:
+        """Queue a value for ``path`` (None: delete it) unless the master already has exactly that."""
+        if path not in self.outbox and self.published.get(path, b"") == body and (body is not None or
+                                                                                   path in self.published):
+            return
+        self.outbox[path] = body
+        self.published[path] = body
 
     def _outbox_path(self) -> str:
         return os.path.join(self.data_dir, "outbox.json")
@@ -228,12 +366,14 @@ class Mayor:
         """Send the queued status in one transaction; keep it (on disk too) when the master is away."""
         if not self.outbox:
             return True
-        try:
-            current = {e.path for e in self.keg.list(self.status)}
-        except NotFound:
-            current = set()
-        except KegError as err:
-            return self._keep_outbox(err)
+        current = set()
+        for where in sorted({os.path.dirname(p) for p, body in self.outbox.items() if body is None}):
+            try:
+                current |= {e.path for e in self.keg.list(where)}
+            except NotFound:
+                pass
+            except KegError as err:
+                return self._keep_outbox(err)
         ops = [delete(path) if body is None else put(path, body) for path, body in sorted(self.outbox.items())]
         ops = [op for op in ops if not (isinstance(op, Delete) and op.path not in current)]
         try:
@@ -255,28 +395,97 @@ class Mayor:
         _log(f"status kept for later: {why}")
         return False
 
+    # ------------------------------------------------------------------- exec
+
+    def read_exec_requests(self) -> None:
+        """Start the exec requests not seen yet; forget (and stop) those whose request was deleted."""
+        try:
+            entries = [e for e in self.keg.list(self.exec_dir) if e.kind == "file" and e.name.endswith(".json")]
+        except NotFound:
+            entries = []
+        except KegError:
+            return  # the master is away: running execs go on, new ones wait
+        wanted = {e.name[:-5]: e for e in entries}
+        for ident, ex in list(self.execs.items()):
+            if ident not in wanted:
+                ex.kill()
+                del self.execs[ident]
+                self.queue_bytes(f"{self.status}/exec/{ident}.json", None)
+        try:
+            done = {e.name[:-5]: e for e in self.keg.list(f"{self.status}/exec")}
+        except KegError:
+            done = {}
+        for ident, entry in sorted(wanted.items()):
+            if ident in self.execs:
+                continue
+            ex = _Exec(ident)
+            self.execs[ident] = ex
+            if ident in done:  # carried out before this Mayor started: say so if it never finished
+                try:
+                    result = json.loads(self.keg.read(done[ident].path))
+                except (KegError, ValueError):
+                    result = {}
+                if result.get("state") == "running":
+                    ex.fail("the Mayor restarted while the command ran; its output after that is lost")
+                    self.queue(f"{self.status}/exec/{ident}.json", ex.result())
+                else:
+                    ex.state = result.get("state", "exited")
+                continue
+            try:
+                request = json.loads(self.keg.read(entry.path))
+                proc, args, timeout = _check_exec_request(request)
+                ex.proc = proc
+                ex.start(self.runtime.exec(proc, args, timeout), timeout, self.clock())
+                _log(f"exec {ident} in {proc}: {' '.join(args)}")
+            except (ValueError, UnicodeDecodeError) as err:
+                ex.fail(f"{entry.path} is not a valid exec request: {err}")
+            except KegError as err:
+                ex.fail(str(err))
+            self.queue(f"{self.status}/exec/{ident}.json", ex.result())
+
+    def poll_execs(self) -> None:
+        """Collect exec output, end the ones past their timeout, queue their results."""
+        for ident, ex in self.execs.items():
+            if ex.state != "running":
+                continue
+            if ex.poll(self.clock()):
+                self.queue(f"{self.status}/exec/{ident}.json", ex.result())
+
     # -------------------------------------------------------------------- run
 
+    def tick(self) -> None:
+        """Between steps: publish new log output, exec output and changed container states."""
+        self.poll_execs()
+        self.report(self.last_desired, self.last_actions)
+        self.publish()
+
+
     def _watch(self, stop: threading.Event) -> None:
+        """Wake the loop on changes to this machine's process table and exec requests (not its own status)."""
+        mine = f"/machines/{self.name}"
         while not stop.is_set():
             try:
-                for _event in self.keg.watch(self.procs, timeout=RESYNC_SECONDS):
-                    self.changed.set()
+                for event in self.keg.watch(mine, timeout=RESYNC_SECONDS):
                     if stop.is_set():
                         return
+                    if paths.is_under(event.path, self.procs) or paths.is_under(event.path, self.exec_dir):
+                        self.changed.set()
             except KegError:
                 stop.wait(1.0)
 
     def run(self, stop: threading.Event) -> None:
-        """Step on every table change, container exit, back-off end and every ``RESYNC_SECONDS``."""
-        try:
-            self.register()
-        except KegError as err:
-            _log(f"cannot register yet: {err}")
+        """Step on every table change, container exit, back-off end and every ``RESYNC_SECONDS``; tick between."""
+        registered = False
         watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True, name="mayor-watch")
         watcher.start()
         while not stop.is_set():
             self.changed.clear()
+            if not registered:
+                try:
+                    self.register()
+                    registered = True
+                except KegError as err:
+                    _log(f"cannot register yet: {err}")
             try:
                 self.step()
             except KegError as err:
@@ -284,6 +493,81 @@ class Mayor:
             deadline = self.clock() + RESYNC_SECONDS
             if self.last_actions.wake_at is not None:
                 deadline = min(deadline, self.last_actions.wake_at)
+            next_tick = self.clock() + TICK_SECONDS
             while not stop.is_set() and not self.changed.is_set() and self.clock() < deadline:
-                if self.runtime.wait(min(0.5, max(0.0, deadline - self.clock()))):
+                exited = self.runtime.wait(max(0.0, min(next_tick, deadline) - self.clock()))
+                if exited:
                     break
+                if self.clock() >= next_tick:
+                    try:
+                        self.tick()
+                    except KegError as err:
+                        _log(f"publishing failed: {err}")
+                    next_tick = self.clock() + (TICK_SECONDS if self._busy() else HEARTBEAT_SECONDS / 2)
+        for ex in self.execs.values():
+            ex.kill()
+
+    def _busy(self) -> bool:
+        """True while output may be arriving: a process is running or an exec is."""
+        return any(ex.state == "running" for ex in self.execs.values()) or any(
+            a.state == "running" for a in self.runtime.actual().values())
+
+
+def _check_exec_request(request) -> tuple:
+    """``(proc, args, timeout)`` of an exec request, or ValueError saying what is wrong."""
+    if not isinstance(request, dict):
+        raise ValueError("an exec request is a JSON object")
+    proc, args, timeout = request.get("proc"), request.get("args"), request.get("timeout", 60)
+    if not isinstance(proc, str) or not proc:
+        raise ValueError("proc must name a process")
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        raise ValueError("args must be a non-empty list of strings")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+        raise ValueError("timeout must be a number of seconds between 0 and 86400")
+    return proc, args, float(timeout)
+
+
+class _Exec:
+    """One exec request as the Mayor carries it out."""
+
+    def __init__(self, ident: str):
+        self.ident, self.proc = ident, None
+        self.state, self.exit_code, self.error = "running", None, None
+        self.output, self.dropped = bytearray(), 0
+        self.handle, self.deadline = None, None
+
+    def start(self, handle, timeout: float, now: float) -> None:
+        self.handle, self.deadline = handle, now + timeout
+
+    def fail(self, error: str) -> None:
+        self.state, self.error = "failed", error
+
+    def _add(self, data: bytes) -> None:
+        self.output += data
+        if len(self.output) > EXEC_OUTPUT:
+            cut = len(self.output) - EXEC_OUTPUT
+            del self.output[:cut]
+            self.dropped += cut
+
+    def poll(self, now: float) -> bool:
+        """Collect what is new; True when the result changed."""
+        data, code = self.handle.poll()
+        if data:
+            self._add(data)
+        if code is not None:
+            self.state, self.exit_code = "exited", code
+            return True
+        if now >= self.deadline:
+            self.handle.kill()
+            self.fail("timed out; the command was killed")
+            return True
+        return bool(data)
+
+    def kill(self) -> None:
+        if self.handle is not None and self.state == "running":
+            self.handle.kill()
+
+    def result(self) -> dict:
+        return {"id": self.ident, "proc": self.proc, "state": self.state, "exit_code": self.exit_code,
+                "error": self.error, "output": self.output.decode("utf-8", "replace"),
+                "output_dropped": self.dropped}

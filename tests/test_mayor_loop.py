@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+import kid as kidlib
+
 from conftest import MasterProcess, init_keg_with_token
 from keg.transaction import Transaction, delete, put
 from master import auth
@@ -91,3 +93,91 @@ def test_a_bad_spec_is_reported_and_others_run(cluster):
     assert set(runtime.actual()) == {"good"}
     bad = status(admin, "bad")
     assert bad["state"] == "failed" and "not a valid spec" in bad["last_error"]
+
+
+def test_status_names_each_incarnation_by_its_process_kid(cluster):
+    server, admin, mayor, runtime, clock = cluster
+    admin.apply(Transaction((put("/machines/m1/procs/job.json", '{"image": "K-1", "restart": "always"}'),)))
+    mayor.step()
+    first = status(admin, "job")
+    spec_kid = admin.stat("/machines/m1/procs/job.json").kid
+    assert first["kid"] == str(kidlib.process_kid(kidlib.machine_kid("m1"), "job", spec_kid, 0))
+    assert first["previous"] is None and first["spec_kid"] == spec_kid and first["image"] == "K-1"
+
+    runtime.exit("job", 3, clock.now)
+    clock.now += 11
+    mayor.step()
+    second = status(admin, "job")
+    assert second["kid"] == str(kidlib.process_kid(kidlib.machine_kid("m1"), "job", spec_kid, 1))
+    assert second["previous"]["kid"] == first["kid"] and second["previous"]["exit_code"] == 3
+    heartbeat = json.loads(admin.read("/machines/m1/status/mayor.json"))
+    assert heartbeat["pids"] == {} and heartbeat["in_use"]["processes"] == 1  # the no-op runtime has no pids
+
+
+def test_incarnations_and_failures_survive_a_restart_of_the_mayor(cluster, tmp_path):
+    server, admin, mayor, runtime, clock = cluster
+    admin.apply(Transaction((put("/machines/m1/procs/job.json", '{"image": "K-1", "restart": "always"}'),)))
+    mayor.step()
+    runtime.exit("job", 1, clock.now)
+    clock.now += 1
+    mayor.step()  # counts the failure, holds for the back-off
+    again = Mayor(mayor.keg, "m1", runtime, str(tmp_path / "mayor"), clock=clock)
+    assert again.failures == {"job": 1}
+    clock.now += 10
+    again.step()
+    assert status(admin, "job")["kid"].endswith(
+        str(kidlib.process_kid(kidlib.machine_kid("m1"), "job", admin.stat("/machines/m1/procs/job.json").kid, 1))[2:])
+
+
+def test_an_idle_step_writes_nothing(cluster):
+    server, admin, mayor, runtime, clock = cluster
+    admin.apply(Transaction((put("/machines/m1/procs/web.json", '{"image": "K-1"}'),)))
+    mayor.step()
+    head = admin.revision().number
+    clock.now += 1
+    mayor.step()
+    mayor.tick()
+    assert admin.revision().number == head  # nothing changed: no commit
+    clock.now += 11
+    mayor.tick()
+    assert admin.revision().number == head + 1  # the heartbeat is due
+    assert json.loads(admin.read("/machines/m1/status/mayor.json"))["heartbeat"] == clock.now
+
+
+def test_output_is_published_as_a_bounded_tail(cluster):
+    server, admin, mayor, runtime, clock = cluster
+    admin.apply(Transaction((put("/machines/m1/procs/web.json", '{"image": "K-1"}'),)))
+    mayor.step()
+    runtime.write_log("web", b"hello\n")
+    mayor.tick()
+    assert admin.read("/machines/m1/status/logs/web.log") == b"hello\n"
+    assert status(admin, "web")["log_bytes"] == 6
+    runtime.write_log("web", b"x" * (70 << 10))
+    mayor.tick()
+    tail = admin.read("/machines/m1/status/logs/web.log")
+    assert len(tail) == 64 << 10 and set(tail) == {ord("x")}
+    assert status(admin, "web")["log_bytes"] == 6 + (70 << 10)
+    admin.apply(Transaction((delete("/machines/m1/procs/web.json"),)))
+    mayor.step()
+    assert not admin.exists("/machines/m1/status/logs/web.log") and not admin.exists("/machines/m1/status/web.json")
+
+
+def test_exec_requests_are_carried_out_and_answered(cluster):
+    server, admin, mayor, runtime, clock = cluster
+    admin.apply(Transaction((put("/machines/m1/procs/web.json", '{"image": "K-1"}'),)))
+    mayor.step()
+    admin.apply(Transaction((put("/machines/m1/exec/x-1.json", '{"proc": "web", "args": ["echo", "hi"]}'),
+                             put("/machines/m1/exec/x-2.json", '{"proc": "nope", "args": ["true"]}'),
+                             put("/machines/m1/exec/x-3.json", '{"proc": "web", "args": []}'))))
+    mayor.step()
+    ok = json.loads(admin.read("/machines/m1/status/exec/x-1.json"))
+    assert ok["state"] == "exited" and ok["exit_code"] == 0 and ok["output"] == "echo hi\n"
+    missing = json.loads(admin.read("/machines/m1/status/exec/x-2.json"))
+    assert missing["state"] == "failed" and "nope is not running" in missing["error"]
+    bad = json.loads(admin.read("/machines/m1/status/exec/x-3.json"))
+    assert bad["state"] == "failed" and "args must be a non-empty list" in bad["error"]
+
+    admin.apply(Transaction(tuple(delete(f"/machines/m1/exec/x-{i}.json") for i in (1, 2, 3))))
+    mayor.step()
+    assert not admin.exists("/machines/m1/status/exec/x-1.json")
+    assert not admin.exists("/machines/m1/status/exec/x-2.json")

@@ -794,7 +794,7 @@ def vm_hwm(pid: int) -> int:
 def bench_chunk_size(args, space) -> Report:
     v1, v2 = data_files(args)
     report = Report("large-chunk-size", {"size": args.size, "data": args.data, "avg_sizes": CHUNK_SIZES,
-                                         "workers": large.WORKERS, "rounds": args.rounds})
+                                         "compress_threads": chunks.COMPRESS_THREADS, "rounds": args.rounds})
     warm(v1)
     warm(v2)
     per_avg = {avg: [] for avg in CHUNK_SIZES}
@@ -836,7 +836,7 @@ def bench_chunk_size(args, space) -> Report:
         rows.append(row)
     report.params["rows"] = rows
     print(f"\n  medians of {args.rounds} round(s); ingest = FastCDC + blake3 + zstd + write + fsync "
-          f"(keg.large.ingest, {large.WORKERS} workers)")
+          f"(keg.large.ingest, zstd on {chunks.COMPRESS_THREADS} threads)")
     print(f"  {'avg chunk':>10} {'ingest MiB/s':>12} {'CPU s':>7} {'chunk files':>11} {'disk v1':>11} "
           f"{'v2 adds':>11} {'v2 new':>7} {'read MiB/s':>10} {'pointer':>10}")
     for r in rows:

@@ -33,12 +33,17 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 ZSTD_LEVEL = 3
 COMPRESSED = ".zst"
 PAYS = 7 / 8  # keep the compressed form when it is at most this share of the raw size
+# zstd compresses a group of chunks on threads of its own (multi_compress_to_buffer): the library's way of
+# using several CPUs, so Keg's code starts no threads for it (DESIGN §1.5).
+COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 _local = threading.local()
 
 
 def chunk_hash(data) -> str:
-    """The name of a chunk: its blake3 hash, 64 lowercase hex digits."""
+    """The name of a chunk: its blake3 hash, 64 lowercase hex digits (blake3 spreads a large one over CPUs)."""
+    if len(data) >= 1 << 17:
+        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
     return blake3.blake3(data).hexdigest()
 
 
@@ -67,12 +72,23 @@ def _decompressor():
     return d
 
 
-def encode_chunk(data) -> tuple:
-    """``(suffix, bytes to write)``: the zstd frame where it pays, else the raw bytes."""
-    frame = _compressor().compress(data)
+def _choose(data, frame) -> tuple:
     if len(frame) <= len(data) * PAYS:
         return COMPRESSED, frame
     return "", data
+
+
+def encode_chunk(data) -> tuple:
+    """``(suffix, bytes to write)``: the zstd frame where it pays, else the raw bytes."""
+    return _choose(data, _compressor().compress(data))
+
+
+def encode_chunks(datas: list) -> list:
+    """:func:`encode_chunk` of each of ``datas``, compressed together on zstd's own threads."""
+    if len(datas) < 2 or COMPRESS_THREADS < 2:
+        return [encode_chunk(d) for d in datas]
+    frames = _compressor().multi_compress_to_buffer([bytes(d) for d in datas], threads=COMPRESS_THREADS)
+    return [_choose(d, frames[i].tobytes()) for i, d in enumerate(datas)]
 
 
 class Batch:
@@ -93,15 +109,29 @@ class Batch:
 
     def put(self, name: str, data, verified: bool = False) -> bool:
         """Store one chunk without waiting for the disk; False when it was already there."""
-        path = self.store._write(name, data, durable=False, verified=verified)
-        if path is None:
-            return False
-        with self._lock:
-            self._files.append(path)
-            self._dirs.add(os.path.dirname(path))
-            self.written += 1
-            self.stored_bytes += os.path.getsize(path)
-        return True
+        return self.put_many([(name, data)], verified)[0]
+
+    def put_many(self, items: list, verified: bool = False) -> list:
+        """Store ``(name, data)`` pairs without waiting for the disk; for each, False when it was there already.
+
+        The new ones are compressed together (:func:`encode_chunks`).
+        """
+        for name, data in items:
+            check_hash(name)
+            if not verified and chunk_hash(data) != name:
+                raise BadRequest(f"chunk body hashes to {chunk_hash(data)}, not to {name}; nothing was stored")
+        new = [i for i, (name, _) in enumerate(items) if not self.store._touch(name)]
+        stored = [False] * len(items)
+        encoded = encode_chunks([items[i][1] for i in new])
+        for i, (suffix, body) in zip(new, encoded):
+            path = self.store._write_file(items[i][0], suffix, body, durable=False)
+            stored[i] = True
+            with self._lock:
+                self._files.append(path)
+                self._dirs.add(os.path.dirname(path))
+                self.written += 1
+                self.stored_bytes += len(body)
+        return stored
 
     def sync(self) -> None:
         """fsync every chunk written by the batch and the directories holding them."""
@@ -138,6 +168,7 @@ class ChunkStore:
     def __init__(self, keg_path: str, durable: bool = True):
         self.root = os.path.join(keg_path, "keg", "chunks")
         self.durable = durable
+        self._made: set = set()  # prefix directories known to exist
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name[:2], name)
@@ -155,14 +186,17 @@ class ChunkStore:
 
     def touch(self, name: str) -> bool:
         """Mark a stored chunk as just used (see :meth:`Store.gc_chunks`); False when it is absent."""
-        path = self._existing(check_hash(name))
-        if path is None:
-            return False
-        try:
-            os.utime(path)
-        except FileNotFoundError:
-            return False
-        return True
+        return self._touch(check_hash(name))
+
+    def _touch(self, name: str) -> bool:
+        base = self._path(name)
+        for path in (base + COMPRESSED, base):  # utime is the existence test: one call for a stored chunk
+            try:
+                os.utime(path)
+                return True
+            except FileNotFoundError:
+                continue
+        return False
 
     def missing(self, names) -> list:
         """The names not stored, in the order given; the stored ones are touched.
@@ -178,18 +212,28 @@ class ChunkStore:
             actual = chunk_hash(data)
             if actual != name:
                 raise BadRequest(f"chunk body hashes to {actual}, not to {name}; nothing was stored")
-        if self.touch(name):
+        if self._touch(name):
             return None
         suffix, body = encode_chunk(data)
+        return self._write_file(name, suffix, body, durable)
+
+    def _write_file(self, name: str, suffix: str, body, durable: bool) -> str:
+        """Write an encoded chunk under a temporary name and rename it into place; returns its path."""
         path = self._path(name) + suffix
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
+        if directory not in self._made:
+            os.makedirs(directory, exist_ok=True)
+            self._made.add(directory)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(body)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         if durable:
             fsync_dir(directory)

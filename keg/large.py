@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
@@ -46,7 +45,7 @@ AVG_CHUNK = 1 << 20
 MIN_CHUNK = AVG_CHUNK // 4
 MAX_CHUNK = AVG_CHUNK * 4
 MAX_POINTER = 64 << 20  # a pointer blob larger than this is refused as damaged
-WORKERS = max(2, min(8, os.cpu_count() or 2))
+GROUP_BYTES = 8 << 20  # chunks hashed, checked and compressed together (zstd spreads a group over CPUs)
 _LINE = re.compile(rb"^([0-9a-f]{64}) ([0-9]+)$")
 
 
@@ -172,37 +171,44 @@ def cut(stream, progress=None):
         yield bytes(piece.data)  # the chunker reuses its buffer
 
 
-def ingest(store_or_batch, stream, progress=None, workers: int = WORKERS) -> Pointer:
+def ingest(store_or_batch, stream, progress=None) -> Pointer:
     """Cut ``stream`` into chunks, store each once, and return the pointer.
 
-    Hashing, compressing and writing run on ``workers`` threads (blake3 and
-    zstd release the GIL), with a bounded number of chunks in flight, so
-    memory stays near ``workers`` × the largest chunk whatever the size of
-    the stream.
+    Chunks are handled in groups of about ``GROUP_BYTES``: hashed, checked
+    against the store, and the new ones compressed together on zstd's own
+    threads, so memory stays near two groups whatever the size of the stream.
 
     Args:
         store_or_batch: a :class:`ChunkStore` (the chunks are made durable
-            before this returns) or a ``Batch`` (the caller syncs it).
+            before this returns) or a batch (anything with ``put(name, data,
+            verified)``, and optionally ``put_many(items, verified)``; the
+            caller syncs it).
         stream: a binary file object, read to its end.
         progress: called with the number of bytes read, as they are read.
     """
     own_batch = isinstance(store_or_batch, ChunkStore)
     batch = store_or_batch.batch() if own_batch else store_or_batch
-    whole = blake3.blake3()
-    chunks, pending = [], []
+    put_many = getattr(batch, "put_many", None)
+    whole = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    chunks, group, group_bytes = [], [], 0
 
-    def store(data):
-        name = chunk_hash(data)
-        batch.put(name, data, verified=True)
-        return name, len(data)
+    def flush():
+        if put_many is not None:
+            put_many(group, verified=True)
+        else:
+            for name, data in group:
+                batch.put(name, data, verified=True)
+        chunks.extend((name, len(data)) for name, data in group)
+        group.clear()
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="keg-chunk") as pool:
-        for data in cut(stream, progress):
-            whole.update(data)
-            pending.append(pool.submit(store, data))
-            if len(pending) >= 2 * workers:
-                chunks.append(pending.pop(0).result())
-        chunks.extend(f.result() for f in pending)
+    for data in cut(stream, progress):
+        whole.update(data)
+        group.append((chunk_hash(data), data))
+        group_bytes += len(data)
+        if group_bytes >= GROUP_BYTES:
+            flush()
+            group_bytes = 0
+    flush()
     if own_batch:
         batch.sync()
     return Pointer(sum(n for _, n in chunks), whole.hexdigest(), tuple(chunks))

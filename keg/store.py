@@ -784,14 +784,16 @@ class Store:
         staging = Staging(self._tree, self._tree(root), self.volatile.matches, root)
         new_objects: dict = {}
         results, applied, authors = [], [], []
+        checked: set = set()  # pointer blobs whose chunks this commit has checked
         for tx in transactions:
             snap, objects_before = staging.snapshot(), dict(new_objects)
             try:
                 if isinstance(tx, KegError):
                     raise tx
                 for op in tx.ops:
-                    if isinstance(op, Put) and op.large:
-                        self._check_large(op)
+                    if isinstance(op, Put) and op.large and op.data not in checked:
+                        self._check_large(op)   # every chunk is there (and touched), once per pointer per commit
+                        checked.add(op.data)
                 for cmp in tx.compares:
                     entry = staging.entry(cmp.path)
                     actual = _kid(entry[1]) if entry else None

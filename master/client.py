@@ -59,28 +59,29 @@ def _entry(obj: dict) -> Entry:
 class _ChunkUploader:
     """Where ``keg.large.ingest`` puts chunks when the keg is remote: only the missing ones are sent.
 
-    Called from ingest's worker threads, so each thread has its own connection.
+    One question per group of chunks (``POST /v1/chunks/missing``), then one
+    request per missing chunk, on the caller's connection.
     """
 
     def __init__(self, remote: "RemoteKeg"):
         self.remote = remote
-        self.local = threading.local()
         self.sent = 0
 
-    def _client(self) -> "RemoteKeg":
-        client = getattr(self.local, "client", None)
-        if client is None:
-            client = self.local.client = RemoteKeg(",".join(self.remote.urls), self.remote.token,
-                                                   self.remote.timeout)
-        return client
-
     def put(self, name: str, data, verified: bool = False) -> bool:
-        client = self._client()
-        if not client.chunk_missing([name]):
-            return False
-        client.chunk_put(name, data)
-        self.sent += 1
-        return True
+        return self.put_many([(name, data)], verified)[0]
+
+    def put_many(self, items: list, verified: bool = False) -> list:
+        missing = set(self.remote.chunk_missing([name for name, _ in items]))
+        stored = []
+        for name, data in items:
+            if name in missing:
+                self.remote.chunk_put(name, data)
+                missing.discard(name)  # a chunk twice in one group is sent once
+                self.sent += 1
+                stored.append(True)
+            else:
+                stored.append(False)
+        return stored
 
 
 class RemoteKeg:

@@ -470,6 +470,7 @@ class Mayor:
                         return
                     if paths.is_under(event.path, self.procs) or paths.is_under(event.path, self.exec_dir):
                         self.changed.set()
+                        self.runtime.wake()
             except KegError:
                 stop.wait(1.0)
 

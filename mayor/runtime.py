@@ -62,6 +62,9 @@ class Runtime(abc.ABC):
     def wait(self, timeout: float) -> bool:
         """Block until a container exits (or its health changes) or ``timeout`` passes; True when something did."""
 
+    def wake(self) -> None:
+        """Make a ``wait`` in progress return now (called from the Mayor's watch thread on a table change)."""
+
     def exec(self, name: str, args: list, timeout: float = 60.0) -> ExecHandle:
         """Start ``args`` inside the running container of ``name``.
 
@@ -101,6 +104,7 @@ class NoopRuntime(Runtime):
         self._logs: dict = {}
         self._ids = itertools.count(1)
         self._changed = threading.Condition()
+        self._exited = False
         self.started = 0
 
     def actual(self) -> dict:
@@ -120,6 +124,7 @@ class NoopRuntime(Runtime):
         with self._changed:
             have = self._records[name]
             self._records[name] = dataclasses.replace(have, state="exited", exit_code=code, exited=when)
+            self._exited = True
             self._changed.notify_all()
 
     def stop(self, container, grace=10.0) -> None:
@@ -135,7 +140,13 @@ class NoopRuntime(Runtime):
 
     def wait(self, timeout: float) -> bool:
         with self._changed:
-            return self._changed.wait(timeout)
+            woken = self._changed.wait(timeout)
+            exited, self._exited = self._exited, False
+            return woken and exited
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def exec(self, name, args, timeout=60.0) -> ExecHandle:
         with self._changed:

@@ -582,6 +582,12 @@ from shell.posix import checkout_cmd, sync_cmd  # noqa: E402
 cli.add_command(checkout_cmd)
 cli.add_command(sync_cmd)
 
+from shell.mayor_cli import COMMANDS as MAYOR_COMMANDS, mayor_group  # noqa: E402
+
+cli.add_command(mayor_group)
+for _command in MAYOR_COMMANDS:
+    cli.add_command(_command)
+
 
 if __name__ == "__main__":
     entry_point()

@@ -39,6 +39,7 @@ import stat
 
 from keg.errors import KegError
 from mayor.layers import ID_RANGE
+from mayor.plan import BACKOFF_MAX, BACKOFF_START
 
 ID_BASE = 100000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -50,6 +51,10 @@ RESTART_POLICIES = ("always", "on-failure", "never")
 NETWORKS = ("private", "none", "host")
 MAX_ID_FILE = 4 * 1024 * 1024  # /etc/passwd or /etc/group larger than this is not believed
 MAX_SYMLINKS = 40
+HEALTH_DEFAULTS = {"interval": 10.0, "timeout": 5.0, "threshold": 3, "start_period": 0.0, "restart_on_failure": True}
+HEALTH_KEYS = ("exec", "http", *HEALTH_DEFAULTS)
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+MAX_SECONDS = 7 * 24 * 3600.0  # no interval, timeout or grace is believed beyond a week
 
 # Docker's default capability set, without NET_RAW (raw sockets allow spoofing on shared networks).
 CAPABILITIES = [
@@ -283,6 +288,90 @@ def _check_mounts(mounts) -> list:
     return out
 
 
+def _seconds(value, what: str, zero_ok: bool = False) -> float:
+    """A finite number of seconds, > 0 (or >= 0 with ``zero_ok``) and at most a week."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{what} must be a number of seconds, not {value!r}")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise SpecError(f"{what} must be {'zero or more' if zero_ok else 'more than zero'} seconds, not {value!r}")
+    if value > MAX_SECONDS:
+        raise SpecError(f"{what} {value!r} is more than a week; give seconds (at most {int(MAX_SECONDS)})")
+    return float(value)
+
+
+def _check_http_probe(http) -> dict:
+    if not isinstance(http, dict):
+        raise SpecError(f'health.http must be an object like {{"port": 8080, "path": "/"}}, not {http!r}')
+    unknown = set(http) - {"port", "path"}
+    if unknown:
+        raise SpecError(f"unknown keys in health.http: {sorted(unknown)}; known: port, path")
+    port = http.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise SpecError(f"health.http.port must be a TCP port number 1..65535, not {port!r}")
+    path = http.get("path", "/")
+    if not isinstance(path, str) or not path.startswith("/") or any(c.isspace() or c == "\0" for c in path):
+        raise SpecError(f"health.http.path must be an absolute URL path such as '/healthz' without spaces, "
+                        f"not {path!r}")
+    return {"port": port, "path": path}
+
+
+def _check_health(health):
+    """The normalised health check (all fields present), or None without one."""
+    if health is None:
+        return None
+    if not isinstance(health, dict):
+        raise SpecError(f'health must be an object like {{"exec": ["cmd", "arg"]}} or '
+                        f'{{"http": {{"port": 8080, "path": "/"}}}}, not {health!r}')
+    unknown = set(health) - set(HEALTH_KEYS)
+    if unknown:
+        raise SpecError(f"unknown keys in health: {sorted(unknown)}; known: {', '.join(HEALTH_KEYS)}")
+    if ("exec" in health) == ("http" in health):
+        raise SpecError("health needs exactly one check: 'exec' (a command run in the container) "
+                        "or 'http' (a port and path to GET)")
+    out = dict(HEALTH_DEFAULTS)
+    if "exec" in health:
+        command = _check_args(health["exec"], "health.exec")
+        if not command:
+            raise SpecError("health.exec is empty; give the command to run, e.g. [\"/bin/check\"]")
+        out["exec"] = command
+    else:
+        out["http"] = _check_http_probe(health["http"])
+    for key in ("interval", "timeout"):
+        if key in health:
+            out[key] = _seconds(health[key], f"health.{key}")
+    if "start_period" in health:
+        out["start_period"] = _seconds(health["start_period"], "health.start_period", zero_ok=True)
+    threshold = health.get("threshold", out["threshold"])
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise SpecError(f"health.threshold (failures in a row before unhealthy) must be a positive integer, "
+                        f"not {threshold!r}")
+    out["threshold"] = threshold
+    restart = health.get("restart_on_failure", True)
+    if not isinstance(restart, bool):
+        raise SpecError(f"health.restart_on_failure must be true or false, not {restart!r}")
+    out["restart_on_failure"] = restart
+    return out
+
+
+def _check_backoff(backoff):
+    """``{"start": s, "max": s}`` with both present, or None to use the Mayor's defaults."""
+    if backoff is None:
+        return None
+    if not isinstance(backoff, dict):
+        raise SpecError(f'backoff must be an object like {{"start": 10, "max": 300}}, not {backoff!r}')
+    unknown = set(backoff) - {"start", "max"}
+    if unknown:
+        raise SpecError(f"unknown keys in backoff: {sorted(unknown)}; known: start, max")
+    out = {"start": BACKOFF_START, "max": BACKOFF_MAX}
+    for key in ("start", "max"):
+        if key in backoff:
+            out[key] = _seconds(backoff[key], f"backoff.{key}")
+    if out["max"] < out["start"]:
+        raise SpecError(f"backoff.max ({out['max']:g} s) is less than backoff.start ({out['start']:g} s); "
+                        "the delay starts at 'start' and doubles up to 'max'")
+    return out
+
+
 def validate_spec(spec, capacity=None) -> dict:
     """Check a process spec and return it normalised, before anything is written or started.
 
@@ -290,7 +379,10 @@ def validate_spec(spec, capacity=None) -> dict:
         spec: a process spec (DESIGN §2): ``args``, ``env``, ``cwd``, ``user``,
             ``resources`` {cpu, memory, pids}, ``restart``, ``network``
             (``private``/``none``/``host``), ``readonly_rootfs``, ``mounts``
-            [{source, destination, readonly=True}]; other keys are kept as they are.
+            [{source, destination, readonly=True}], ``health`` ({exec: [args]} or
+            {http: {port, path}}, with interval, timeout, threshold,
+            start_period, restart_on_failure), ``backoff`` {start, max} and
+            ``stop_grace`` (seconds); other keys are kept as they are.
         capacity: the machine's capacity ({cpus, memory}) to check limits
             against, or None to skip that check.
 
@@ -299,7 +391,9 @@ def validate_spec(spec, capacity=None) -> dict:
         {name: value} dict, ``cwd``/``user`` a string or None,
         ``resources`` with ``memory`` in bytes, ``restart`` (default
         ``always``), ``network`` (default ``private``), ``readonly_rootfs``
-        (default False), ``mounts`` a list.
+        (default False), ``mounts`` a list, ``health`` with every field
+        filled in (or None), ``backoff`` {start, max} (or None for the
+        Mayor's defaults), ``stop_grace`` in seconds (default 10).
 
     Raises:
         SpecError: what is wrong, in words a person can act on.
@@ -333,6 +427,10 @@ def validate_spec(spec, capacity=None) -> dict:
         raise SpecError(f"readonly_rootfs must be true or false, not {readonly!r}")
     out["readonly_rootfs"] = readonly
     out["mounts"] = _check_mounts(spec.get("mounts"))
+    out["health"] = _check_health(spec.get("health"))
+    out["backoff"] = _check_backoff(spec.get("backoff"))
+    grace = spec.get("stop_grace")
+    out["stop_grace"] = STOP_GRACE if grace is None else _seconds(grace, "stop_grace", zero_ok=True)
     return out
 
 
@@ -592,8 +690,12 @@ def _environment(image_env: dict, spec_env: dict, home: str) -> list:
     return [f"{name}={value}" for name, value in merged.items()]
 
 
-def _check_searchable(rootfs: str) -> None:
-    """Refuse a root filesystem the container's (unprivileged) root could not reach."""
+def check_searchable(rootfs: str) -> None:
+    """Refuse a root filesystem the container's (unprivileged) root could not reach.
+
+    Raises:
+        SpecError: a directory above ``rootfs`` lacks o+x, saying which and how to fix it.
+    """
     path = os.path.dirname(os.path.abspath(rootfs))
     while True:
         if not os.stat(path).st_mode & stat.S_IXOTH:
@@ -646,7 +748,7 @@ def build_config(
             ``rootfs`` lies beneath a directory the container cannot search.
     """
     spec = validate_spec(spec, capacity)
-    _check_searchable(rootfs)
+    check_searchable(rootfs)
     image = image_process(image_config)
     args = spec["args"] if spec["args"] is not None else image["entrypoint"] + image["cmd"]
     if not args:

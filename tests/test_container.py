@@ -4,12 +4,10 @@ configuration and the runc wrapper, with real runc and a busybox image built her
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
 import time
 import uuid
@@ -17,36 +15,19 @@ import uuid
 import pytest
 import zstandard
 
+from busybox import busybox_layer, digest_of, make_tar, remove_cgroup_parent, snapshot, tar_entry, why_no_containers
 from mayor import layers, rootfs, runtime_spec
 from mayor.layers import LayerCache, LayerError, unpack_layer
 from mayor.runc import Runc, RuncError, check_runc, check_runc_version, parse_runc_version
 from mayor.runtime_spec import SpecError, build_config, parse_memory, validate_spec, write_config
 
-BUSYBOX = "/bin/busybox"
-APPLETS = ["sh", "echo", "cat", "id", "sleep", "unshare", "mount", "ls", "head", "tr", "touch", "grep", "true"]
-PASSWD = (
-    b"root:x:0:0:root:/root:/bin/sh\n"
-    b"app:x:1234:2345:app:/home/app:/bin/sh\n"
-    b"nobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
-)
-GROUP = b"root:x:0:\napp:x:2345:\nstaff:x:50:app\nnogroup:x:65534:\n"
 ID_BASE = runtime_spec.ID_BASE
-
-
-def _why_no_containers():
-    if os.geteuid() != 0:
-        return "needs root to mount overlayfs and run runc"
-    if shutil.which("runc") is None:
-        return "runc is not installed (apt-get install runc)"
-    if not os.path.exists(BUSYBOX):
-        return "busybox-static is not installed (apt-get install busybox-static)"
-    return None
 
 
 @pytest.fixture
 def containers_available():
     """Fail, never skip, when runc, busybox or root are missing: ./install.sh provides them."""
-    why = _why_no_containers()
+    why = why_no_containers()
     if why is not None:
         pytest.fail(why)
 
@@ -59,87 +40,6 @@ def root_available():
 
 needs_runc = pytest.mark.usefixtures("containers_available")
 needs_root = pytest.mark.usefixtures("root_available")
-
-
-# ---------------------------------------------------------------------------
-# builders
-
-
-def tar_entry(name, kind="file", data=b"", mode=None, uid=0, gid=0, target="", mtime=1_600_000_000, dev=(0, 0)):
-    """One crafted tar member: (TarInfo, data or None)."""
-    info = tarfile.TarInfo(name)
-    info.uid, info.gid, info.mtime = uid, gid, mtime
-    types = {
-        "file": tarfile.REGTYPE,
-        "dir": tarfile.DIRTYPE,
-        "symlink": tarfile.SYMTYPE,
-        "hardlink": tarfile.LNKTYPE,
-        "chr": tarfile.CHRTYPE,
-        "fifo": tarfile.FIFOTYPE,
-    }
-    info.type = types[kind]
-    info.mode = mode if mode is not None else (0o755 if kind == "dir" else 0o644)
-    info.linkname = target
-    info.devmajor, info.devminor = dev
-    if kind == "file":
-        info.size = len(data)
-        return info, data
-    return info, None
-
-
-def make_tar(entries) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for info, data in entries:
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
-
-
-def busybox_layer(extra=()) -> bytes:
-    """A root filesystem: bin/busybox, applet symlinks, /etc/passwd and /etc/group."""
-    with open(BUSYBOX, "rb") as f:
-        busybox = f.read()
-    entries = [tar_entry(d, "dir") for d in ("bin", "etc", "mnt", "home", "home/app")]
-    entries.append(tar_entry("tmp", "dir", mode=0o1777))
-    entries.append(tar_entry("bin/busybox", data=busybox, mode=0o755))
-    entries += [tar_entry(f"bin/{a}", "symlink", target="busybox") for a in APPLETS]
-    entries.append(tar_entry("etc/passwd", data=PASSWD))
-    entries.append(tar_entry("etc/group", data=GROUP))
-    entries += list(extra)
-    return make_tar(entries)
-
-
-def digest_of(blob: bytes) -> str:
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
-
-
-def snapshot(top: str) -> set:
-    """Every path under ``top``, to show nothing appeared outside a layer."""
-    found = set()
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            found.add(os.path.relpath(os.path.join(dirpath, name), top))
-    return found
-
-
-def remove_cgroup_parent(name: str) -> None:
-    """rmdir the test's cgroup parent in every hierarchy, beneath this process's own cgroups."""
-    own = set()
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            own.add(line.rstrip("\n").split(":", 2)[2])
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ")
-            fstype = fields[fields.index("-") + 1]
-            if fstype in ("cgroup", "cgroup2"):
-                mounts.append(fields[4])
-    for mount_point in mounts:
-        for path in own | {"/"}:
-            candidate = os.path.join(mount_point, path.lstrip("/"), name)
-            if os.path.isdir(candidate):
-                os.rmdir(candidate)
 
 
 # ---------------------------------------------------------------------------

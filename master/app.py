@@ -13,6 +13,7 @@ One application for every server: the standalone event-loop server
 ``GET /v1/whoami``            the principal a token names
 ``GET /v1/openapi.json``      this table, as OpenAPI 3.1 (no token needed)
 ``/git/keg.git/…``            git smart HTTP, fetch only
+``/``, ``/ui/<path>``, ``/-/…`` the web UI (``master/ui``, docs/ui.md)
 
 Errors are JSON: ``{"error": "what was wrong", "error_type": …, "status": …}``.
 """
@@ -31,6 +32,7 @@ from master import git_http
 from master.auth import ANONYMOUS, Authority, AuthError, Forbidden, Unauthenticated
 from master.bodies import DeferredResponse, ValueStream
 from master.openapi import spec
+from master.ui import WebUi
 from master.watch import FORMATS, WatchStream
 
 MAX_BODY = 64 << 20
@@ -183,6 +185,7 @@ class KegApp:
         self.max_body = max_body
         self.heartbeat = heartbeat
         self.git_root = git_http.project_root(master.store.path) if hasattr(master, "store") else None
+        self.ui = WebUi(self)
 
     # ---------------------------------------------------------------- entry
 
@@ -216,7 +219,9 @@ class KegApp:
         path = req.path
         if path == "/v1/openapi.json":
             return self._json(start_response, spec())
-        principal = self.authority.authenticate(req.header("Authorization"))
+        if self.ui.owns(path):
+            return self.ui(req, start_response)
+        principal = self.authority.authenticate(req.header("Authorization") or self.ui.cookie_authorization(req))
         if path.startswith("/v1/keg/") or path == "/v1/keg":
             return self._keg(req, start_response, principal, path[len("/v1/keg"):] or "/")
         if path.startswith("/git/"):
@@ -339,11 +344,18 @@ class KegApp:
     def _tx(self, req, start_response, principal):
         self._allow(req, "POST")
         tx = parse_transaction(req.json_body(), principal.author)
+        self.check_tx(principal, tx)
+        return self._submit(start_response, tx)
+
+    def check_tx(self, principal, tx) -> None:
+        """Raise unless ``principal`` may read every compared path and write every written one.
+
+        The one check for every transaction from outside: ``POST /v1/tx`` and the web UI's actions.
+        """
         for cmp in tx.compares:
             self.authority.check(principal, cmp.path, "r")
         for op in tx.ops:
             self.authority.check(principal, op.path, "w")
-        return self._submit(start_response, tx)
 
     def _compact(self, req, start_response, principal):
         self._allow(req, "POST")

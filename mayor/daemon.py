@@ -257,6 +257,10 @@ class Mayor:
     def report(self, desired: dict, actions: Actions) -> None:
         """Queue one status object per process, their log tails, and the Mayor's own heartbeat."""
         actual = self.runtime.actual()
+        if any(a.state == "exited" and a.container not in self._counted for a in actual.values()):
+            # An exit no plan has seen (say, a process that ended before this report): the runtime's wait()
+            # counts it as seen now, so without this the restart would wait for the next resync.
+            self.changed.set()
         holding = dict(actions.holding)
         for name in sorted(set(desired) | set(actual) | set(self.errors)):
             have = actual.get(name)

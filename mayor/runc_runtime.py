@@ -101,6 +101,11 @@ def check_name(name) -> str:
     return name
 
 
+def machine_capacity() -> dict:
+    """This machine's {cpus, memory}, as the Mayor registers them in ``machine.json``."""
+    return {"cpus": os.cpu_count() or 1, "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+
+
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -237,7 +242,8 @@ class RuncRuntime(Runtime):
         machine: the machine's name; part of every container id.
         runc: the runc executable.
         id_base: first host uid/gid of the containers' user namespace range.
-        capacity: the machine's {cpus, memory}, to refuse specs asking for more.
+        capacity: the machine's {cpus, memory}, to refuse specs asking for more (default: this machine's,
+            as ``machine_capacity()`` says).
         cgroup_parent: containers' cgroups are ``/<cgroup_parent>/<container id>``.
         clock: the clock of ``Actual.started``/``exited``.
         log_file_bytes, log_files: log rotation: size of one file, files kept per name.
@@ -257,6 +263,7 @@ class RuncRuntime(Runtime):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", cgroup_parent or "") or ".." in cgroup_parent:
             raise ContainerError(f"cgroup parent {cgroup_parent!r} must be a relative cgroup path such as 'keg'")
         self.keg, self.machine, self.prefix = keg, machine, tag + "."
+        capacity = machine_capacity() if capacity is None else capacity
         self.id_base, self.capacity, self.cgroup_parent, self.clock = id_base, capacity, cgroup_parent, clock
         self.log_file_bytes, self.log_files = log_file_bytes, log_files
         self.data_dir = os.path.abspath(data_dir)

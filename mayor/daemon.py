@@ -37,7 +37,7 @@ from keg import paths
 from keg.errors import KegError, NotFound
 from keg.fsio import write_file_atomic
 from keg.transaction import Delete, Transaction, delete, put
-from mayor.plan import Actions, Desired, RESTART_POLICIES, failures_after_exit, plan
+from mayor.plan import Actions, Desired, RESTART_POLICIES, backoff, failures_after_exit, plan
 
 RESYNC_SECONDS = 30.0     # full re-read of the process table, whatever the watch stream says
 HEARTBEAT_SECONDS = 10.0  # the heartbeat in status/mayor.json is refreshed at least this often
@@ -81,6 +81,7 @@ class Mayor:
         self.previous: dict = {}       # name -> what the last ended incarnation left: kid, exit code, …
         self.published: dict = {}      # path -> bytes last sent (or queued): unchanged status is not sent again
         self.execs: dict = {}          # request id -> _Exec
+        self.start_failures: dict = {} # name -> [spec KID, failed starts in a row, time of the last]
         self.specs: dict = {}          # name -> the validated-enough spec of the last read
         self.last_heartbeat = 0.0
         self.last_desired: dict = {}
@@ -179,7 +180,7 @@ class Mayor:
                 self._counted.add(have.container)
                 self.failures[name] = failures_after_exit(self.failures.get(name, 0), have.started, have.exited or now)
                 actual[name] = dataclasses.replace(have, failures=self.failures[name])
-        actions = plan({n: d for n, (d, _) in desired.items()}, actual, now)
+        actions = self._hold_failed_starts(plan({n: d for n, (d, _) in desired.items()}, actual, now), desired, now)
         for line in actions.describe():
             _log(line)
         self.specs = {n: s for n, (_, s) in desired.items()}
@@ -191,6 +192,24 @@ class Mayor:
         self.report(self.last_desired, actions)
         self.publish()
         return actions
+
+    def _hold_failed_starts(self, actions: Actions, desired: dict, now: float) -> Actions:
+        """Hold back a start that failed for the same spec until its back-off ends (a bad image is not
+        fetched and refused again on every step)."""
+        steps, holding, wakes = [], list(actions.holding), [actions.wake_at] if actions.wake_at else []
+        for step in actions.steps:
+            failed = self.start_failures.get(step.name)
+            if step.kind == "start" and failed and failed[0] == step.spec_kid and step.name in desired:
+                want = desired[step.name][0]
+                due = failed[2] + backoff(failed[1], want.backoff_start, want.backoff_max)
+                if now < due:
+                    holding.append((step.name, f"back-off after a failed start: trying again in {due - now:.1f}s"))
+                    wakes.append(due)
+                    continue
+            steps.append(step)
+        if len(steps) == len(actions.steps):
+            return actions
+        return Actions(tuple(steps), min(wakes) if wakes else None, tuple(holding))
 
     def apply(self, actions: Actions, specs: dict) -> None:
         """Carry out the steps in order; a step that fails is recorded in that process's status."""
@@ -208,9 +227,14 @@ class Mayor:
                     self.runtime.start(step.name, spec_kid, specs[step.name], process_kid, incarnation)
                     self.incarnations[step.name] = [spec_kid, incarnation]
                     self.errors.pop(step.name, None)
+                    self.start_failures.pop(step.name, None)
             except KegError as err:
                 self.errors[step.name] = str(err)
                 _log(f"{step.kind} {step.name} failed: {err}")
+                if step.kind == "start":
+                    last = self.start_failures.get(step.name)
+                    count = last[1] + 1 if last and last[0] == step.spec_kid else 1
+                    self.start_failures[step.name] = [step.spec_kid, count, self.clock()]
         self._save_state()
 
     def _next_incarnation(self, name: str, spec_kid: str) -> tuple:

@@ -181,3 +181,41 @@ def test_exec_requests_are_carried_out_and_answered(cluster):
     mayor.step()
     assert not admin.exists("/machines/m1/status/exec/x-1.json")
     assert not admin.exists("/machines/m1/status/exec/x-2.json")
+
+
+class Refusing(NoopRuntime):
+    """Refuses to start one process, as a runtime does with an unknown image."""
+
+    def start(self, name, spec_kid, spec, process_kid=None, incarnation=0, now=0.0):
+        if name == "bad":
+            from keg.errors import NotFound
+            self.refused = getattr(self, "refused", 0) + 1
+            raise NotFound("image K-0000 is not in /oci-images")
+        return super().start(name, spec_kid, spec, process_kid, incarnation, now)
+
+
+def test_a_failed_start_backs_off_and_is_retried(keg_dir, tmp_path):
+    token = init_keg_with_token(keg_dir)
+    server = MasterProcess(keg_dir, token)
+    try:
+        admin = RemoteKeg(server.url, token)
+        clock, runtime = Clock(), Refusing()
+        mayor = Mayor(RemoteKeg(server.url, token), "m1", runtime, str(tmp_path / "m"), clock=clock)
+        admin.apply(Transaction((put("/machines/m1/procs/bad.json", '{"image": "K-0000"}'),)))
+        mayor.step()
+        assert runtime.refused == 1 and "not in /oci-images" in status(admin, "bad")["last_error"]
+        clock.now += 5
+        mayor.step()
+        assert runtime.refused == 1                      # held: the first back-off is 10 s
+        assert mayor.last_actions.wake_at == pytest.approx(1010.0)
+        clock.now += 5
+        mayor.step()
+        assert runtime.refused == 2                      # tried again; now 20 s
+        clock.now += 19
+        mayor.step()
+        assert runtime.refused == 2 and status(admin, "bad")["state"] == "failed"
+        admin.apply(Transaction((put("/machines/m1/procs/bad.json", '{"image": "K-0001"}'),)))
+        mayor.step()
+        assert runtime.refused == 3                      # a new spec is tried at once
+    finally:
+        server.stop()

@@ -86,6 +86,13 @@ class Mayor:
         self.last_heartbeat = 0.0
         self.last_desired: dict = {}
         self._listed_status = False
+        self._spec_cache: dict = {}         # spec KID -> spec, of the specs in the last table read
+        self._table = None                  # the last table read: {name: {"kid", "spec"}}
+        self._table_read_at = 0.0
+        self._table_dirty = threading.Event()  # the watch saw a change under procs/
+        self._exec_dirty = threading.Event()   # … under exec/
+        self._watching = False              # the watch thread is following this machine
+        self._execs_read = False
         self.exec_dir = f"/machines/{name}/exec"
         os.makedirs(data_dir, exist_ok=True)
         self._load_outbox()
@@ -118,36 +125,53 @@ class Mayor:
         return os.path.join(self.data_dir, "desired.json")
 
     def read_desired(self) -> dict:
-        """``{name: (Desired, spec)}`` from the process table; from the local copy when the master is away."""
-        try:
-            table = self._read_table()
-        except KegError as err:
-            return self._cached_desired(err)
-        write_file_atomic(self._cache_path(), json.dumps(table).encode(), durable=False)
-        return {n: (self._desired(n, v["kid"], v["spec"]), v["spec"]) for n, v in table.items()}
+        """``{name: (Desired, spec)}`` from the process table; from the local copy when the master is away.
+
+        While the watch thread follows the table (``run``), the last table read is used again until
+        the watch reports a change under ``procs/`` or ``RESYNC_SECONDS`` pass; a step called by hand
+        always reads.
+        """
+        fresh = time.monotonic() - self._table_read_at < RESYNC_SECONDS
+        if self._watching and not self._table_dirty.is_set() and fresh and self._table is not None:
+            table = self._table
+        else:
+            self._table_dirty.clear()  # a change arriving from here on makes the next step read again
+            try:
+                table = self._read_table()
+            except KegError as err:
+                self._table_dirty.set()
+                return self._cached_desired(err)
+            if table != self._table:
+                write_file_atomic(self._cache_path(), json.dumps(table).encode(), durable=False)
+            self._table, self._table_read_at = table, time.monotonic()
+        return {n: (self._desired(n, v["kid"], v["spec"]), dict(v["spec"])) for n, v in table.items()}
 
     def _read_table(self) -> dict:
         try:
             entries = self.keg.list(self.procs)
         except NotFound:
             return {}
-        table = {}
+        table, specs = {}, {}
         for entry in entries:
             if entry.kind != "file" or not entry.name.endswith(".json"):
                 continue
             name = entry.name[:-len(".json")]
-            try:
-                spec = json.loads(self.keg.read(entry.path))
-                if not isinstance(spec, dict):
-                    raise ValueError("a process spec is a JSON object")
-            except NotFound:
-                continue  # removed since the listing
-            except (ValueError, UnicodeDecodeError) as err:
-                self.errors[name] = f"{entry.path} is not a valid spec: {err}"
-                continue
+            spec = self._spec_cache.get(entry.kid)  # a KID names its bytes: a spec read once is not read again
+            if spec is None:
+                try:
+                    spec = json.loads(self.keg.read(entry.path))
+                    if not isinstance(spec, dict):
+                        raise ValueError("a process spec is a JSON object")
+                except NotFound:
+                    continue  # removed since the listing
+                except (ValueError, UnicodeDecodeError) as err:
+                    self.errors[name] = f"{entry.path} is not a valid spec: {err}"
+                    continue
+            specs[entry.kid] = spec
             if self.errors.get(name, "").startswith(entry.path):
                 del self.errors[name]  # the spec was fixed
             table[name] = {"kid": entry.kid, "spec": spec}
+        self._spec_cache = specs
         return table
 
     def _cached_desired(self, why) -> dict:
@@ -187,10 +211,13 @@ class Mayor:
         self.apply(actions, self.specs)
         self.last_actions = actions
         self.last_desired = {n: d for n, (d, _) in desired.items()}
-        self.read_exec_requests()
-        self.poll_execs()
         self.report(self.last_desired, actions)
-        self.publish()
+        self.publish()  # the processes' status first: exec requests must not delay it
+        if not self._watching or self._exec_dirty.is_set() or self.execs or not self._execs_read:
+            self._exec_dirty.clear()
+            self.read_exec_requests()
+            self.poll_execs()
+            self.publish()
         return actions
 
     def _hold_failed_starts(self, actions: Actions, desired: dict, now: float) -> Actions:
@@ -432,7 +459,9 @@ class Mayor:
         except NotFound:
             entries = []
         except KegError:
+            self._exec_dirty.set()
             return  # the master is away: running execs go on, new ones wait
+        self._execs_read = True
         wanted = {e.name[:-5]: e for e in entries}
         for ident, ex in list(self.execs.items()):
             if ident not in wanted:
@@ -488,24 +517,44 @@ class Mayor:
         self.publish()
 
 
-    def _watch(self, stop: threading.Event) -> None:
-        """Wake the loop on changes to this machine's process table and exec requests (not its own status)."""
+    def _watch(self, stop: threading.Event, since) -> None:
+        """Wake the loop on changes to this machine's process table and exec requests (not its own status).
+
+        Follows from ``since`` (the revision before the first table read), and after a lost stream from
+        the last revision seen, so no change is missed between a read and the watch.
+        """
         mine = f"/machines/{self.name}"
         while not stop.is_set():
             try:
-                for event in self.keg.watch(mine, timeout=RESYNC_SECONDS):
+                for event in self.keg.watch(mine, since=since, timeout=RESYNC_SECONDS):
+                    since = event.revision
                     if stop.is_set():
                         return
-                    if paths.is_under(event.path, self.procs) or paths.is_under(event.path, self.exec_dir):
-                        self.changed.set()
-                        self.runtime.wake()
+                    if paths.is_under(event.path, self.procs):
+                        self._table_dirty.set()
+                    elif paths.is_under(event.path, self.exec_dir):
+                        self._exec_dirty.set()
+                    else:
+                        continue
+                    self.changed.set()
+                    self.runtime.wake()
             except KegError:
+                since = None  # (the revision may be past what the master keeps) the re-read covers the gap
+                self._table_dirty.set()  # events may have been missed: read everything on the next step
+                self._exec_dirty.set()
+                self.changed.set()
                 stop.wait(1.0)
 
     def run(self, stop: threading.Event) -> None:
         """Step on every table change, container exit, back-off end and every ``RESYNC_SECONDS``; tick between."""
         registered = False
-        watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True, name="mayor-watch")
+        try:
+            since = self.keg.revision().number
+        except KegError:
+            since = None  # the master is away: the first table read happens when it answers
+        watcher = threading.Thread(target=self._watch, args=(stop, since), daemon=True, name="mayor-watch")
+        self._table_dirty.set()
+        self._watching = True
         watcher.start()
         while not stop.is_set():
             self.changed.clear()

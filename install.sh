@@ -6,8 +6,9 @@ cd "$(dirname "$0")"
 
 # git: the store's format and git http-backend; etcd: the benchmark anchor; nginx: FastCGI front end;
 # skopeo, umoci: check exported OCI images; casync, restic, ostree: the large-value benchmark anchors;
-# runc, busybox-static: the Mayor's containers and the image their tests run; chromium, chromium-driver: the web UI's browser tests.
-SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree runc busybox-static chromium chromium-driver)
+# runc, busybox-static: the Mayor's containers and the image their tests run; iproute2: the network namespaces of the
+# multi-machine tests; chromium, chromium-driver: the web UI's browser tests.
+SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree runc busybox-static iproute2 chromium chromium-driver)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -48,7 +48,7 @@ class NetnsError(Exception):
 
 
 def unavailable() -> str | None:
-    """Why network namespaces cannot be made here (a reason to skip), or None when they can."""
+    """Why network namespaces cannot be made here (the tests then fail, saying so), or None when they can."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:

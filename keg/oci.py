@@ -161,13 +161,19 @@ def _canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def _parse_json(data: bytes, where: str) -> dict:
+def parse_json_object(data: bytes, where: str, error=None) -> dict:
+    """An image document (index, manifest, config, layout) as a dict.
+
+    Raises:
+        ``error`` (default :class:`BadImage`) naming ``where``: not JSON, or not an object.
+    """
+    error = error or BadImage
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
-        raise BadImage(f"{where} is not valid JSON: {err}") from err
+        raise error(f"{where} is not valid JSON: {err}") from err
     if not isinstance(obj, dict):
-        raise BadImage(f"{where} must be a JSON object")
+        raise error(f"{where} must be a JSON object")
     return obj
 
 
@@ -339,7 +345,7 @@ class _LayoutSource:
     def _index(self) -> dict:
         if not self.reader.exists("oci-layout"):
             raise BadImage(f"{self.where} has no oci-layout file, so it is not an OCI image layout")
-        layout = _parse_json(_read_small(self.reader, "oci-layout", f"{self.where}: oci-layout"),
+        layout = parse_json_object(_read_small(self.reader, "oci-layout", f"{self.where}: oci-layout"),
                              f"{self.where}: oci-layout")
         version = layout.get("imageLayoutVersion")
         if not isinstance(version, str) or not version.startswith("1."):
@@ -347,7 +353,7 @@ class _LayoutSource:
         if not self.reader.exists("index.json"):
             raise BadImage(f"{self.where} has no index.json: an OCI layout lists its images there; "
                            "the layout is incomplete (was it copied in full?)")
-        index = _parse_json(_read_small(self.reader, "index.json", f"{self.where}: index.json"),
+        index = parse_json_object(_read_small(self.reader, "index.json", f"{self.where}: index.json"),
                             f"{self.where}: index.json")
         if not isinstance(index.get("manifests"), list) or not index["manifests"]:
             raise BadImage(f"{self.where}: index.json lists no manifests; there is no image to import")
@@ -374,7 +380,7 @@ class _LayoutSource:
         if len(data) != desc.get("size"):
             raise BadImage(f"{where}: the blob has {len(data)} bytes, its descriptor says {desc.get('size')}; "
                            "the source is damaged. Nothing was imported")
-        obj = _parse_json(data, where)
+        obj = parse_json_object(data, where)
         if "mediaType" in obj and obj["mediaType"] != desc.get("mediaType"):
             raise BadImage(f"{where}: the blob says mediaType {obj['mediaType']!r}, its descriptor "
                            f"{desc.get('mediaType')!r}")
@@ -484,7 +490,7 @@ class _DockerArchiveSource:
             raise BadImage(f"{self.where}: manifest.json needs 'Config' (a file name) and 'Layers' (a list)")
         where = f"{self.where}: {config_name}"
         config_bytes = _read_small(self.reader, _safe_member_name(config_name, self.where), where)
-        config = _parse_json(config_bytes, where)
+        config = parse_json_object(config_bytes, where)
         diff_ids = (config.get("rootfs") or {}).get("diff_ids")
         if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_names):
             raise BadImage(f"{where}: rootfs.diff_ids must list one digest per layer ({len(layer_names)})")
@@ -966,7 +972,7 @@ def _prepare_dest(dest: str) -> dict | None:
         if not os.path.exists(index_path):
             return None
         with open(index_path, "rb") as f:
-            return _parse_json(f.read(), index_path)
+            return parse_json_object(f.read(), index_path)
     os.makedirs(dest, exist_ok=True)
     return None
 

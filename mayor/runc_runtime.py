@@ -52,7 +52,7 @@ import time
 
 import kid as kidlib
 from keg.errors import KegError, NotFound
-from keg.oci import INDEX_TYPES, MANIFEST_TYPES, ROOT as IMAGES_ROOT, machine_platform
+from keg.oci import INDEX_TYPES, MANIFEST_TYPES, ROOT as IMAGES_ROOT, machine_platform, parse_json_object
 from mayor import layers as layerlib, rootfs, runtime_spec
 from mayor.layers import LayerCache, LayerError
 from mayor.plan import Actual
@@ -466,13 +466,7 @@ class RuncRuntime(Runtime):
 
     @staticmethod
     def _json(data: bytes, where: str) -> dict:
-        try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ImageError(f"{where} is not valid JSON: {err}") from err
-        if not isinstance(obj, dict):
-            raise ImageError(f"{where} must be a JSON object")
-        return obj
+        return parse_json_object(data, where, ImageError)
 
     @staticmethod
     def _choose(manifests, where: str) -> dict:

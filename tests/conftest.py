@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -134,3 +135,22 @@ def master_server(keg_dir):
     server = MasterProcess(keg_dir, token)
     yield server
     server.stop()
+
+
+def wait_until(condition, what: str = "the condition", timeout: float = 60.0, log=None, poll: float = 0.05):
+    """Poll ``condition`` (another process's doing, which a test cannot be told about) until it returns
+    something true, and return that value.
+
+    Args:
+        what: named in the failure.
+        log: a callable giving text to show with the failure (a process's log).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = f"\n--- log:\n{log()[-4000:]}" if log is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{tail}")
+        time.sleep(poll)

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import MasterProcess, init_keg_with_token, keg_command
+from conftest import MasterProcess, init_keg_with_token, keg_command, wait_until
 from keg.transaction import Transaction, delete, put
 from master import auth
 from master.client import RemoteKeg
@@ -32,17 +32,6 @@ from test_cli import run
 KID_A = "K-" + "a1" * 20
 KID_B = "K-" + "b2" * 20
 KID_C = "K-" + "c3" * 20
-
-
-def wait_until(condition, timeout=20.0, what="the condition"):
-    """Wait for a condition a test cannot be told about (another process's writes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Cluster:

@@ -22,7 +22,7 @@ import pytest
 
 import keg
 import netns
-from conftest import init_keg_with_token, keg_command
+from conftest import init_keg_with_token, keg_command, wait_until
 from keg.errors import NotFound
 from keg.transaction import Transaction, delete, put
 from master import auth
@@ -49,16 +49,9 @@ def mayor_command(url: str, token_file: str, name: str, data: str) -> list:
 
 
 def wait_for(what: str, condition, logs=(), timeout: float = WAIT):
-    """Poll ``condition`` until it returns something true; fail with the Mayors' logs after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tails = "".join(f"\n--- {path}\n{_read(path)[-2000:]}" for path in logs)
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{tails}")
-        time.sleep(0.05)
+    """``wait_until``, failing with the tails of the Mayors' logs."""
+    return wait_until(condition, what, timeout,
+                      log=lambda: "".join(f"\n--- {path}\n{_read(path)[-2000:]}" for path in logs))
 
 
 def _read(path: str) -> str:

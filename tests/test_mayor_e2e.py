@@ -27,7 +27,7 @@ import time
 import pytest
 
 from busybox import busybox_layer, import_busybox, import_image, make_tar, snapshot, tar_entry, why_no_containers
-from conftest import MasterProcess, init_keg_with_token, keg_command
+from conftest import MasterProcess, init_keg_with_token, keg_command, wait_until
 from keg.errors import KegError
 from keg.transaction import Transaction, put
 from master import auth
@@ -37,26 +37,12 @@ from mayor.runc_runtime import RuncRuntime
 from test_cli import run
 
 WAIT = 60.0          # seconds for the Mayor to get somewhere; generous for a busy two-core machine
-POLL = 0.1           # seconds between looks at another process's writes
 BUSYBOX_REF = "test/busybox:1"
 FOREVER = ["/bin/sh", "-c", "echo up; exec sleep 100000"]
 
 
 # ---------------------------------------------------------------------------
 # the site: a master with images, and Mayors as subprocesses
-
-
-def wait_until(condition, what: str, timeout: float = WAIT, log=None):
-    """Poll ``condition`` (another process's doing) until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = f"\n--- the Mayor's log:\n{log()[-4000:]}" if log else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{tail}")
-        time.sleep(POLL)
 
 
 class Away:

@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from test_mayor_e2e import MayorProcess, Site, cgroups_of, running, shim_processes, wait_until
+from conftest import wait_until
+from test_mayor_e2e import MayorProcess, Site, cgroups_of, running, shim_processes
 
 SEED = 20250606
 ROUNDS = 20

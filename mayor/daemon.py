@@ -32,11 +32,13 @@ import os
 import threading
 import time
 
+import pygit2
+
 import kid as kidlib
 from keg import paths
-from keg.errors import KegError, NotFound
+from keg.errors import CompareFailed, KegError, NotFound
 from keg.fsio import write_file_atomic
-from keg.transaction import Delete, Transaction, delete, put
+from keg.transaction import Delete, Transaction, compare, delete, put
 from mayor.plan import Actions, Desired, RESTART_POLICIES, backoff, failures_after_exit, plan
 
 RESYNC_SECONDS = 30.0     # full re-read of the process table, whatever the watch stream says
@@ -61,12 +63,18 @@ class Mayor:
         data_dir: where the Mayor keeps its own state.
         labels: ``{key: value}`` recorded in ``machine.json``.
         clock: seconds, for start and exit times and back-off.
+        address: where other machines reach this machine's processes (``endpoint`` in status).
+        cpus, memory: the capacity offered to the scheduler (default: the whole machine).
     """
 
-    def __init__(self, keg, name: str, runtime, data_dir: str, labels=None, clock=time.time):
+    def __init__(self, keg, name: str, runtime, data_dir: str, labels=None, clock=time.time,
+                 address: str = "127.0.0.1", cpus=None, memory=None):
         self.keg, self.name, self.runtime = keg, name, runtime
         self.data_dir = data_dir
         self.labels = dict(labels or {})
+        self.address = address
+        self.cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+        self.memory = memory if memory is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         self.clock = clock
         self.machine_kid = str(kidlib.machine_kid(name))
         self.procs = f"/machines/{name}/procs"
@@ -102,22 +110,41 @@ class Mayor:
 
     def machine_object(self) -> dict:
         """What ``machine.json`` says about this machine."""
-        return {"name": self.name, "kid": self.machine_kid, "cpus": os.cpu_count() or 1,
-                "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "labels": self.labels,
+        return {"name": self.name, "kid": self.machine_kid, "cpus": self.cpus, "memory": self.memory,
+                "labels": self.labels, "address": self.address, "version": VERSION,
                 "runtime": getattr(self.runtime, "version", type(self.runtime).__name__)}
 
     def register(self) -> None:
-        """Write ``/machines/<name>/machine.json`` (kept as is when it already says the same)."""
-        body = (json.dumps(self.machine_object(), indent=2, sort_keys=True) + "\n").encode()
+        """Write ``/machines/<name>/machine.json`` (kept as is when it already says the same).
+
+        Fields others wrote there (``unschedulable`` from ``drain-machine``, say) are kept:
+        the write is a compare-and-swap on what was read, tried again if someone wrote between.
+        """
         path = f"/machines/{self.name}/machine.json"
-        try:
-            if self.keg.read(path) == body:
+        for _ in range(5):
+            try:
+                old = self.keg.read(path)
+                old_kid = str(kidlib.from_oid(pygit2.hash(old)))
+            except NotFound:
+                old, old_kid = None, None
+            merged = {}
+            if old is not None:
+                try:
+                    merged = json.loads(old)
+                except ValueError:
+                    merged = {}
+                if not isinstance(merged, dict):
+                    merged = {}
+            merged.update(self.machine_object())
+            body = (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode()
+            if old == body:
                 return
-        except NotFound:
-            pass
-        result = self.keg.apply(Transaction((put(path, body),)))
-        if not result.ok:
-            raise result.error
+            result = self.keg.apply(Transaction((put(path, body),), (compare(path, old_kid),)))
+            if result.ok:
+                return
+            if not isinstance(result.error, CompareFailed):
+                raise result.error
+        raise KegError(f"cannot register {path}: it keeps changing under the Mayor")
 
     # ---------------------------------------------------------------- desired
 
@@ -327,11 +354,14 @@ class Mayor:
                    "image": spec.get("image"), "restarts": self.failures.get(name, 0),
                    "last_error": self.errors.get(name), "previous": self.previous.get(name),
                    "kid": None, "pid": None, "container": None, "exit_code": None, "started": None,
-                   "exited": None, "oom": False, "reason": None, "health": None}
+                   "exited": None, "oom": False, "reason": None, "health": None, "endpoint": None}
             if have is not None:
                 obj.update({"kid": have.kid, "pid": have.pid if have.state == "running" else None,
                             "container": have.container, "exit_code": have.exit_code, "started": have.started,
                             "exited": have.exited, "oom": have.oom, "reason": have.reason, "health": have.health})
+            port = spec.get("port")
+            if have is not None and have.state == "running" and isinstance(port, int) and not isinstance(port, bool):
+                obj["endpoint"] = f"{self.address}:{port}"
             total, tail = self.runtime.log_tail(name, LOG_TAIL)
             obj["log_bytes"] = total
             self.queue(f"{self.status}/{name}.json", obj)

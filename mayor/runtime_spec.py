@@ -299,15 +299,22 @@ def _seconds(value, what: str, zero_ok: bool = False) -> float:
     return float(value)
 
 
-def _check_http_probe(http) -> dict:
+def _check_port(port, what: str) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise SpecError(f"{what} must be a TCP port number 1..65535, not {port!r}")
+    return port
+
+
+def _check_http_probe(http, default_port=None) -> dict:
     if not isinstance(http, dict):
         raise SpecError(f'health.http must be an object like {{"port": 8080, "path": "/"}}, not {http!r}')
     unknown = set(http) - {"port", "path"}
     if unknown:
         raise SpecError(f"unknown keys in health.http: {sorted(unknown)}; known: port, path")
-    port = http.get("port")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise SpecError(f"health.http.port must be a TCP port number 1..65535, not {port!r}")
+    port = http.get("port", default_port)
+    if port is None:
+        raise SpecError("health.http.port is missing; give the port to check (or a 'port' for the process)")
+    port = _check_port(port, "health.http.port")
     path = http.get("path", "/")
     if not isinstance(path, str) or not path.startswith("/") or any(c.isspace() or c == "\0" for c in path):
         raise SpecError(f"health.http.path must be an absolute URL path such as '/healthz' without spaces, "
@@ -315,8 +322,11 @@ def _check_http_probe(http) -> dict:
     return {"port": port, "path": path}
 
 
-def _check_health(health):
-    """The normalised health check (all fields present), or None without one."""
+def _check_health(health, default_port=None):
+    """The normalised health check (all fields present), or None without one.
+
+    An HTTP check without a port checks ``default_port``: the process's own ``port``.
+    """
     if health is None:
         return None
     if not isinstance(health, dict):
@@ -335,7 +345,7 @@ def _check_health(health):
             raise SpecError("health.exec is empty; give the command to run, e.g. [\"/bin/check\"]")
         out["exec"] = command
     else:
-        out["http"] = _check_http_probe(health["http"])
+        out["http"] = _check_http_probe(health["http"], default_port)
     for key in ("interval", "timeout"):
         if key in health:
             out[key] = _seconds(health[key], f"health.{key}")
@@ -377,7 +387,8 @@ def validate_spec(spec, capacity=None) -> dict:
 
     Args:
         spec: a process spec (DESIGN §2): ``args``, ``env``, ``cwd``, ``user``,
-            ``resources`` {cpu, memory, pids}, ``restart``, ``network``
+            ``resources`` {cpu, memory, pids}, ``restart``, ``network``, ``port``
+            (the TCP port the process serves on: its endpoint, and the default port of an HTTP check)
             (``private``/``none``/``host``), ``readonly_rootfs``, ``mounts``
             [{source, destination, readonly=True}], ``health`` ({exec: [args]} or
             {http: {port, path}}, with interval, timeout, threshold,
@@ -427,7 +438,9 @@ def validate_spec(spec, capacity=None) -> dict:
         raise SpecError(f"readonly_rootfs must be true or false, not {readonly!r}")
     out["readonly_rootfs"] = readonly
     out["mounts"] = _check_mounts(spec.get("mounts"))
-    out["health"] = _check_health(spec.get("health"))
+    port = spec.get("port")
+    out["port"] = None if port is None else _check_port(port, "port")
+    out["health"] = _check_health(spec.get("health"), out["port"])
     out["backoff"] = _check_backoff(spec.get("backoff"))
     grace = spec.get("stop_grace")
     out["stop_grace"] = STOP_GRACE if grace is None else _seconds(grace, "stop_grace", zero_ok=True)

@@ -296,7 +296,14 @@ def _register_or_explain(the_mayor, name: str) -> None:
               help="A label recorded in /machines/NAME/machine.json for placement (repeatable).")
 @click.option("--runtime", "runtime_kind", type=click.Choice(["runc", "noop"]), default="runc",
               show_default=True, help="runc: real containers. noop: processes are records only (trials, tests).")
-def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_kind):
+@click.option("--address", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="Where other machines (the router) reach this machine's processes; "
+                   "each process with a port is published as ADDRESS:PORT.")
+@click.option("--cpus", type=click.FloatRange(min=0, min_open=True), metavar="CORES",
+              help="CPU cores offered to the scheduler (default: all of this machine's).")
+@click.option("--memory", "memory_text", metavar="SIZE",
+              help="Memory offered to the scheduler: bytes or 8Gi, 512Mi… (default: all of this machine's).")
+def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_kind, address, cpus, memory_text):
     """Run the Mayor of machine NAME until SIGTERM or SIGINT.
 
     It registers /machines/NAME/machine.json, then runs the processes of
@@ -326,6 +333,15 @@ def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_k
         token = _read_token_file(token_file)
     _check_machine_name(name)
     label_map = _pairs(labels, "--label")
+    memory = None
+    if memory_text is not None:
+        from mayor.runtime_spec import SpecError, parse_memory
+        try:
+            memory = parse_memory(memory_text)
+        except SpecError as err:
+            raise click.BadParameter(str(err), param_hint="--memory") from err
+    if not address or any(c.isspace() or c in "/\t" for c in address):
+        raise click.BadParameter(f"{address!r} is not a host address", param_hint="--address")
     if url:
         from master.client import RemoteKeg
         store = RemoteKeg(url, token, timeout=10.0)
@@ -335,7 +351,7 @@ def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_k
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         the_mayor = Mayor(store, name, _make_runtime(runtime_kind, store, data_dir, name), data_dir,
-                          labels=label_map)
+                          labels=label_map, address=address, cpus=cpus, memory=memory)
         _register_or_explain(the_mayor, name)
         click.echo(f"keg mayor: machine {name} ({the_mayor.machine_kid}), runtime {runtime_kind}, "
                    f"data {data_dir}", err=True)

@@ -190,6 +190,9 @@ def test_parse_memory():
         ({"mounts": [{"source": "rel", "destination": "/data"}]}, "absolute host path"),
         ({"mounts": [{"source": "/srv", "destination": "/sys/kernel"}]}, "/sys"),
         ("not a dict", "must be a JSON object"),
+        ({"port": 70000}, "port must be a TCP port number"),
+        ({"port": "80"}, "port must be a TCP port number"),
+        ({"health": {"http": {"path": "/"}}}, "health.http.port is missing"),
     ],
 )
 def test_validate_spec_refuses(spec, message):
@@ -203,6 +206,8 @@ def test_validate_spec_normalises():
     assert (spec["restart"], spec["network"], spec["readonly_rootfs"]) == ("always", "private", False)
     assert spec["name"] == "web"
     assert validate_spec({"env": ["A=1", "B=2", "A=3"]})["env"] == {"B": "2", "A": "3"}
+    checked = validate_spec({"port": 20001, "health": {"http": {"path": "/ok"}}})
+    assert checked["health"]["http"] == {"port": 20001, "path": "/ok"}   # the process's own port by default
 
 
 @pytest.fixture

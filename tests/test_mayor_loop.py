@@ -63,6 +63,29 @@ def test_a_process_table_becomes_processes_and_status(cluster):
     assert json.loads(admin.read("/machines/m1/status/mayor.json"))["processes"] == 0
 
 
+def test_registration_keeps_what_others_wrote_and_processes_with_a_port_publish_an_endpoint(cluster, tmp_path):
+    server, admin, mayor, runtime, clock = cluster
+    mayor.register()
+    path = "/machines/m1/machine.json"
+    machine = json.loads(admin.read(path))
+    assert machine["address"] == "127.0.0.1"
+    machine["unschedulable"] = True                     # as drain-machine marks it
+    admin.apply(Transaction((put(path, json.dumps(machine)),)))
+    again = Mayor(mayor.keg, "m1", runtime, str(tmp_path / "mayor2"), address="10.0.0.7", cpus=1.5,
+                  memory=1 << 30, clock=clock)
+    again.register()
+    machine = json.loads(admin.read(path))
+    assert machine["unschedulable"] is True
+    assert (machine["address"], machine["cpus"], machine["memory"]) == ("10.0.0.7", 1.5, 1 << 30)
+
+    spec = {"image": "K-1", "port": 20001, "env": {"PORT": "20001"}, "health": {"http": {"path": "/ok"}}}
+    admin.apply(Transaction((put("/machines/m1/procs/web.json", json.dumps(spec)),
+                             put("/machines/m1/procs/bg.json", '{"image": "K-1"}'))))
+    again.step()
+    assert status(admin, "web")["endpoint"] == "10.0.0.7:20001"
+    assert status(admin, "bg")["endpoint"] is None
+
+
 def test_crashes_restart_with_backoff_while_the_master_is_down(cluster):
     server, admin, mayor, runtime, clock = cluster
     admin.apply(Transaction((put("/machines/m1/procs/job.json", '{"image": "K-1", "restart": "on-failure"}'),)))

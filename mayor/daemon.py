@@ -65,14 +65,16 @@ class Mayor:
         clock: seconds, for start and exit times and back-off.
         address: where other machines reach this machine's processes (``endpoint`` in status).
         cpus, memory: the capacity offered to the scheduler (default: the whole machine).
+        heartbeat: seconds between heartbeats (``HEARTBEAT_SECONDS``); keep it well under the scheduler's lease TTL.
     """
 
     def __init__(self, keg, name: str, runtime, data_dir: str, labels=None, clock=time.time,
-                 address: str = "127.0.0.1", cpus=None, memory=None):
+                 address: str = "127.0.0.1", cpus=None, memory=None, heartbeat: float | None = None):
         self.keg, self.name, self.runtime = keg, name, runtime
         self.data_dir = data_dir
         self.labels = dict(labels or {})
         self.address = address
+        self.heartbeat_seconds = HEARTBEAT_SECONDS if heartbeat is None else heartbeat
         self.cpus = cpus if cpus is not None else (os.cpu_count() or 1)
         self.memory = memory if memory is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         self.clock = clock
@@ -375,7 +377,7 @@ class Mayor:
         self.heartbeat(actual)
 
     def heartbeat(self, actual=None, force: bool = False) -> None:
-        """Queue ``mayor.json`` when it changed or ``HEARTBEAT_SECONDS`` have passed since the last one."""
+        """Queue ``mayor.json`` when it changed or ``heartbeat_seconds`` have passed since the last one."""
         actual = self.runtime.actual() if actual is None else actual
         running = {n: a for n, a in actual.items() if a.state == "running"}
         in_use = {"cpu": 0.0, "memory": 0, "processes": len(running)}
@@ -393,7 +395,7 @@ class Mayor:
         path = f"{self.status}/mayor.json"
         now = self.clock()
         old = self.published.get(path)
-        if not force and old is not None and now - self.last_heartbeat < HEARTBEAT_SECONDS:
+        if not force and old is not None and now - self.last_heartbeat < self.heartbeat_seconds:
             try:
                 previous = json.loads(old)
                 previous.pop("heartbeat", None)
@@ -611,9 +613,35 @@ class Mayor:
                         self.tick()
                     except KegError as err:
                         _log(f"publishing failed: {err}")
-                    next_tick = self.clock() + (TICK_SECONDS if self._busy() else HEARTBEAT_SECONDS / 2)
+                    next_tick = self.clock() + (TICK_SECONDS if self._busy() else self.heartbeat_seconds / 2)
         for ex in self.execs.values():
             ex.kill()
+
+    def stop_all(self, grace: float | None = None) -> int:
+        """Stop and remove every container of this machine (``keg mayor run --stop-on-exit``); returns how many.
+
+        Not what a Mayor does on a plain exit — containers outlive it and are
+        adopted by the next start — but what ``keg up`` wants on Ctrl-C: nothing
+        left running. Their status objects are removed while the master answers.
+        """
+        actual = self.runtime.actual()
+        for name, have in sorted(actual.items()):
+            spec_grace = (self.specs.get(name) or {}).get("stop_grace")
+            wait = grace if grace is not None else (spec_grace if isinstance(spec_grace, (int, float)) else 10.0)
+            try:
+                if have.state == "running":
+                    self.runtime.stop(have.container, wait)
+                self.runtime.remove(have.container)
+            except KegError as err:
+                _log(f"cannot stop {name}: {err}")
+        gone = tuple(delete(f"{self.status}/{n}.json") for n in sorted(actual)
+                     if f"{self.status}/{n}.json" in self.published)
+        if gone:
+            try:
+                self.keg.apply(Transaction(gone))
+            except KegError:
+                pass    # the master may be gone already; the next start publishes afresh
+        return len(actual)
 
     def _busy(self) -> bool:
         """True while output may be arriving: a process is running or an exec is."""

@@ -303,7 +303,14 @@ def _register_or_explain(the_mayor, name: str) -> None:
               help="CPU cores offered to the scheduler (default: all of this machine's).")
 @click.option("--memory", "memory_text", metavar="SIZE",
               help="Memory offered to the scheduler: bytes or 8Gi, 512Mi… (default: all of this machine's).")
-def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_kind, address, cpus, memory_text):
+@click.option("--heartbeat", type=click.FloatRange(min=0.2, max=3600), default=10.0, show_default=True,
+              metavar="SECONDS", help="Refresh the heartbeat in status/mayor.json this often; keep it well under "
+                                      "the scheduler's --lease-ttl (30 s by default).")
+@click.option("--stop-on-exit", is_flag=True,
+              help="On SIGTERM/SIGINT stop and remove every container first (keg up does this); "
+                   "by default they keep running and the next start adopts them.")
+def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_kind, address, cpus, memory_text,
+              heartbeat, stop_on_exit):
     """Run the Mayor of machine NAME until SIGTERM or SIGINT.
 
     It registers /machines/NAME/machine.json, then runs the processes of
@@ -351,11 +358,15 @@ def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_k
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         the_mayor = Mayor(store, name, _make_runtime(runtime_kind, store, data_dir, name), data_dir,
-                          labels=label_map, address=address, cpus=cpus, memory=memory)
+                          labels=label_map, address=address, cpus=cpus, memory=memory, heartbeat=heartbeat)
         _register_or_explain(the_mayor, name)
         click.echo(f"keg mayor: machine {name} ({the_mayor.machine_kid}), runtime {runtime_kind}, "
                    f"data {data_dir}", err=True)
         the_mayor.run(stop)
+        if stop_on_exit:
+            count = the_mayor.stop_all()
+            click.echo(f"keg mayor: stopped {count} container(s) of {name}", err=True)
+            return
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

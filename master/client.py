@@ -302,6 +302,24 @@ class RemoteKeg:
         obj = json.loads(data)
         return TxResult(True, obj["revision"], obj["revision_kid"], obj["kids"])
 
+    def whoami(self) -> dict:
+        """Who the token is: ``{"name", "kind", …}`` (``GET /v1/whoami``)."""
+        return self._get_json("/v1/whoami")
+
+    def send_source(self, app: str, commit: str, pack: bytes, old: str | None) -> TxResult:
+        """``POST /v1/src/<app>``: the objects of a pushed commit, then the pointer ``/src/<app>``.
+
+        ``old`` is the pointer's KID the push started from (None: no source yet); a
+        push that raced another one fails its compare instead of overwriting it.
+        """
+        target = self._target(f"/v1/src/{urllib.parse.quote(app)}", commit=commit, old=old or "none")
+        try:
+            _, _, data = self.request("POST", target, pack, {"Content-Type": "application/x-git-packed-objects"})
+        except CompareFailed as err:
+            return TxResult(False, error=err)
+        obj = json.loads(data)
+        return TxResult(True, obj["revision"], obj["revision_kid"], obj["kids"])
+
     def commit(self, transactions) -> list:
         """As ``Store.commit`` (one request per transaction; the master groups them)."""
         return [self.apply(tx) for tx in transactions]

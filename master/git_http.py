@@ -176,3 +176,76 @@ class CgiBody(AsyncBody):
                     yield data
         finally:
             self.close()
+
+
+# ------------------------------------------------------------ app pushes
+
+APPS_DIR = "apps"                # <project root>/apps/<app>.git: the receiving repositories
+HOOKS_DIR = os.path.join("keg", "hooks")
+PRE_RECEIVE = """#!/bin/sh
+# Written by the Keg master: hands every push to `python -m builders.receive` (see builders/receive.py).
+exec {python} -m builders.receive
+"""
+
+
+def app_repository(root: str, app: str) -> str:
+    """The receiving repository of ``app`` under the project root, created bare on first use.
+
+    It holds what was pushed (so that the next push sends only what is new); the
+    source itself goes into the keg (``keg.sources``) before any ref moves here.
+    """
+    repo = os.path.join(root, APPS_DIR, app + ".git")
+    if not os.path.isdir(repo):
+        os.makedirs(os.path.dirname(repo), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{app}.", dir=os.path.dirname(repo))
+        subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", tmp], check=True,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")})
+        try:
+            os.rename(tmp, repo)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)   # made at the same time by another request
+    return repo
+
+
+def hooks_dir(keg_path: str, python: str) -> str:
+    """The directory with the pre-receive hook every app push runs (rewritten when it differs)."""
+    directory = os.path.join(keg_path, HOOKS_DIR)
+    os.makedirs(directory, exist_ok=True)
+    hook = os.path.join(directory, "pre-receive")
+    text = PRE_RECEIVE.format(python=python)
+    try:
+        with open(hook) as f:
+            same = f.read() == text
+    except OSError:
+        same = False
+    if not same:
+        tmp = hook + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, hook)
+    return directory
+
+
+def push_environ(environ: dict, root: str, path_info: str, remote_user: str, hooks: str, max_push: int,
+                 hook_env: dict) -> dict:
+    """The environment of ``git http-backend`` for a push to an app repository.
+
+    Receiving is on, every object is checked (``receive.fsckObjects``), a pack
+    larger than ``max_push`` is refused by git itself, ref deletions are
+    refused, and the pre-receive hook gets ``hook_env`` (how to reach the master).
+    """
+    env = cgi_environ(environ, root, path_info, remote_user)
+    extra = {"http.receivepack": "true", "receive.fsckObjects": "true", "transfer.fsckObjects": "true",
+             "receive.maxInputSize": str(max_push), "receive.denyDeletes": "true",
+             "receive.denyNonFastForwards": "false", "core.hooksPath": hooks}
+    count = int(env["GIT_CONFIG_COUNT"])
+    for i, key in enumerate(env[f"GIT_CONFIG_KEY_{n}"] for n in range(count)):
+        if key in extra:
+            env[f"GIT_CONFIG_VALUE_{i}"] = extra.pop(key)
+    for key, value in extra.items():
+        env[f"GIT_CONFIG_KEY_{count}"], env[f"GIT_CONFIG_VALUE_{count}"] = key, value
+        count += 1
+    env["GIT_CONFIG_COUNT"] = str(count)
+    env.update(hook_env)
+    return env

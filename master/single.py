@@ -204,6 +204,12 @@ class SingleMaster(Master):
     def put_stream(self, path, stream, mode=0o100644):
         return self.store.put_stream(path, stream, mode)  # chunks need no lock; the commit checks them
 
+    def receive_source(self, app, commit, pack):
+        from keg import sources
+
+        with self._lock:
+            return sources.receive(self.store.path, app, commit, pack)
+
     def publish(self) -> str:
         self.flush()
         with self._lock:

@@ -1,0 +1,206 @@
+"""Pushed source: the objects of an app's commit brought into the keg, and its pointer ``/src/<app>``.
+
+``git push keg main`` lands in the app's receiving repository (``master.git_http``);
+its pre-receive hook (``builders.receive``) sends the objects the keg lacks as a
+pack, and the master calls :func:`receive`:
+
+1. the pack is indexed with ``git index-pack --strict`` (every object checked
+   as ``fsck`` would) in a quarantine repository that borrows the keg's objects,
+   the source's tree is checked (:func:`check_tree`), and only then is the pack
+   moved into the keg's object store (fsynced);
+2. ``refs/keg/src/<app>`` is set to the commit, so the source stays reachable
+   (served by ``git fetch``, kept by repacks) — before the pointer exists;
+3. the caller commits the pointer ``/src/<app>`` (a gitlink whose KID is the
+   commit id) in a transaction compared against the pointer the push started from.
+
+A source is checked before anything else sees it (:func:`check_tree`): no
+submodules (``.gitmodules``, gitlinks), no symbolic link that is absolute, leaves
+the tree or points into ``.git`` (the CVE-2024-32002 kind of payload), no path
+component ``.git`` in any case.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pygit2
+
+from keg.errors import BadRequest, KegError
+
+SRC_REFS = "refs/keg/src/"
+APP_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+MAX_SYMLINK_TARGET = 4096
+
+
+class BadSource(BadRequest):
+    """A pushed source the keg refuses: nothing of it was kept."""
+
+
+def check_app(name: str) -> str:
+    """An app name: a DNS label, so that ``<app>.<domain>`` is a host name."""
+    if not isinstance(name, str) or not APP_RE.match(name) or name.endswith("-"):
+        raise BadRequest(f"{name!r} is not an app name: use 1-63 lowercase letters, digits and '-', "
+                         "starting with a letter (it becomes a host name)")
+    return name
+
+
+def _git_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Incoming:
+    """A quarantine for pushed objects: a repository that borrows the keg's objects (alternates).
+
+    The pack is indexed here and checked; only :meth:`accept` moves it into the
+    keg, so a refused push leaves no object of its own behind.
+    """
+
+    def __init__(self, keg_path: str):
+        self.keg_path = os.path.abspath(keg_path)
+        base = os.path.join(self.keg_path, "keg", "incoming")
+        os.makedirs(base, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix="push-", dir=base)
+        os.makedirs(os.path.join(self.path, "objects", "info"))
+        os.makedirs(os.path.join(self.path, "objects", "pack"))
+        os.makedirs(os.path.join(self.path, "refs"))
+        with open(os.path.join(self.path, "HEAD"), "w") as f:
+            f.write("ref: refs/heads/main\n")
+        with open(os.path.join(self.path, "objects", "info", "alternates"), "w") as f:
+            f.write(os.path.join(self.keg_path, "objects") + "\n")
+
+    def index(self, pack: bytes) -> None:
+        """Index ``pack`` here, each object checked as ``fsck`` would (``--strict``).
+
+        Raises:
+            BadSource: git refused the pack (malformed, or failing the checks).
+        """
+        if not pack:
+            return
+        done = subprocess.run(
+            ["git", "-c", "core.fsync=objects,derived-metadata", "-c", "core.fsyncMethod=fsync",
+             "--git-dir", self.path, "index-pack", "--stdin", "--strict"],
+            input=pack, capture_output=True, env=_git_env(), check=False)
+        if done.returncode != 0:
+            message = done.stderr.decode(errors="replace").strip().splitlines()
+            raise BadSource("the pushed objects are malformed: "
+                            + ("; ".join(message[-3:]) or "git index-pack failed"))
+
+    def accept(self) -> None:
+        """Move the checked pack into the keg (index last, so no reader sees a pack without one)."""
+        src = os.path.join(self.path, "objects", "pack")
+        dst = os.path.join(self.keg_path, "objects", "pack")
+        os.makedirs(dst, exist_ok=True)
+        names = sorted(os.listdir(src), key=lambda n: (n.endswith(".idx"), n))
+        for name in names:
+            os.replace(os.path.join(src, name), os.path.join(dst, name))
+        if names:
+            _fsync_dir(dst)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _entries(repo: pygit2.Repository, tree: pygit2.Tree, prefix: str = ""):
+    for entry in tree:
+        path = prefix + entry.name
+        yield path, entry
+        if entry.filemode == pygit2.enums.FileMode.TREE:
+            yield from _entries(repo, repo[entry.id], path + "/")
+
+
+def _check_symlink(path: str, target: bytes) -> None:
+    if len(target) > MAX_SYMLINK_TARGET or b"\0" in target:
+        raise BadSource(f"{path}: a symbolic link with an impossible target")
+    text = target.decode("utf-8", "replace")
+    if text.startswith("/"):
+        raise BadSource(f"{path}: a symbolic link to an absolute path ({text}); links must stay in the source")
+    stack = path.split("/")[:-1]       # the link's directory
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                raise BadSource(f"{path}: a symbolic link that leaves the source ({text})")
+            stack.pop()
+            continue
+        if part.lower().rstrip(". ") == ".git":
+            raise BadSource(f"{path}: a symbolic link into .git ({text})")
+        stack.append(part)
+
+
+def check_tree(keg_path: str, commit: str, most_files: int = 100_000) -> str:
+    """Check the tree of ``commit`` (see the module text); returns its tree id.
+
+    Raises:
+        BadSource: what is wrong, naming the path.
+    """
+    repo = pygit2.Repository(keg_path)
+    try:
+        obj = repo[commit]
+    except (KeyError, ValueError) as err:
+        raise BadSource(f"commit {commit} is not among the pushed objects") from err
+    if obj.type != pygit2.enums.ObjectType.COMMIT:
+        raise BadSource(f"{commit} is not a commit")
+    count = 0
+    for path, entry in _entries(repo, obj.tree):
+        count += 1
+        if count > most_files:
+            raise BadSource(f"the source has more than {most_files} files")
+        name = path.rsplit("/", 1)[-1]
+        folded = name.lower().rstrip(". ")
+        if folded == ".git" or folded.startswith("git~"):
+            raise BadSource(f"{path}: a path named like .git is not allowed")
+        if folded == ".gitmodules" or entry.filemode == pygit2.enums.FileMode.COMMIT:
+            raise BadSource(f"{path}: submodules are not supported in pushed sources "
+                            "(vendor the code, or import packages with `keg pkg import`)")
+        if entry.filemode == pygit2.enums.FileMode.LINK:
+            _check_symlink(path, repo[entry.id].data)
+    return str(obj.tree_id)
+
+
+def set_ref(keg_path: str, app: str, commit: str) -> None:
+    """Point ``refs/keg/src/<app>`` at ``commit`` (fsynced), keeping its objects reachable."""
+    done = subprocess.run(
+        ["git", "-c", "core.fsync=reference", "-c", "core.fsyncMethod=fsync", "--git-dir", keg_path,
+         "update-ref", "-m", f"push of {app}", SRC_REFS + app, commit],
+        capture_output=True, env=_git_env(), check=False)
+    if done.returncode != 0:
+        raise KegError(f"cannot record the source of {app}: {done.stderr.decode(errors='replace').strip()}")
+
+
+def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
+    """Steps 1 and 2 of the module text; returns the source's tree id. The caller commits the pointer.
+
+    Raises:
+        BadRequest: a bad app name or commit id.
+        BadSource: malformed objects, a missing commit, or a source :func:`check_tree` refuses.
+    """
+    check_app(app)
+    if not isinstance(commit, str) or not SHA_RE.match(commit):
+        raise BadRequest(f"{commit!r} is not a commit id (40 hex digits)")
+    incoming = Incoming(keg_path)
+    try:
+        incoming.index(pack)
+        tree = check_tree(incoming.path, commit)
+        missing = subprocess.run(["git", "--git-dir", incoming.path, "rev-list", "--objects", "--quiet", commit],
+                                 capture_output=True, env=_git_env(), check=False)
+        if missing.returncode != 0:
+            raise BadSource(f"the objects of commit {commit} are incomplete: send everything the keg lacks")
+        incoming.accept()
+    finally:
+        incoming.close()
+    set_ref(keg_path, app, commit)
+    return tree

@@ -6,9 +6,9 @@ cd "$(dirname "$0")"
 
 # git: the store's format and git http-backend; etcd: the benchmark anchor; nginx: FastCGI front end;
 # skopeo, umoci: check exported OCI images; casync, restic, ostree: the large-value benchmark anchors;
-# runc, busybox-static: the Mayor's containers and the image their tests run; iproute2: the network namespaces of the
+# runc, busybox-static: the Mayor's containers and the image their tests run; debootstrap: the Debian base image of builds; iproute2: the network namespaces of the
 # multi-machine tests; chromium, chromium-driver: the web UI's browser tests.
-SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree runc busybox-static iproute2 chromium chromium-driver)
+SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree runc busybox-static debootstrap iproute2 iptables chromium chromium-driver)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -28,4 +28,21 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# The packages of the Debian base image builds run on, downloaded once so that `keg image bootstrap debian
+# --tarball` and the tests bootstrap it offline (tests never reach the internet). From the mirror apt uses.
+DEBIAN_TARBALL=/var/cache/keg/debian-bookworm.tgz
+if [ ! -f "$DEBIAN_TARBALL" ]; then
+    mirror=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\/debian\)[[:space:]]*$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1 || true)
+    [ -n "$mirror" ] || mirror=$(sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]*\/debian\)[[:space:]]\+bookworm[[:space:]].*/\2/p' /etc/apt/sources.list 2>/dev/null | head -n 1 || true)
+    [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+    scratch=$(mktemp -d)
+    echo "install.sh: downloading the Debian base image's packages from $mirror into $DEBIAN_TARBALL (debootstrap --make-tarball)"
+    as_root mkdir -p "$(dirname "$DEBIAN_TARBALL")"
+    as_root debootstrap --make-tarball="$DEBIAN_TARBALL.partial" --variant=minbase --include=python3,python3-pip \
+        bookworm "$scratch" "$mirror" > /tmp/keg-debootstrap.log 2>&1 \
+        || { tail -n 20 /tmp/keg-debootstrap.log; echo "install.sh: debootstrap failed; its log is /tmp/keg-debootstrap.log"; exit 1; }
+    as_root mv "$DEBIAN_TARBALL.partial" "$DEBIAN_TARBALL"
+    as_root rm -rf "$scratch"
+fi
 echo "install.sh: done; the keg command is .venv/bin/keg"

@@ -7,10 +7,15 @@ module, not this one, to get the whole command.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import sys
+import tempfile
+import time
 
 import click
 
+from builders import bootstrap
 from keg import oci
 from keg.errors import BadRequest
 from shell.cli import _emit_json, json_option, keg_target, rev_option
@@ -128,3 +133,94 @@ def image_export(reference, dest, rev, opener, as_json):
         _emit_json(result.to_json())
     else:
         click.echo(f"{result.dest}\t{result.kid}")
+
+
+class _DebootstrapLines:
+    """debootstrap's output condensed: one line per phase (Retrieving, Extracting, …) with its count,
+    redrawn in place on a terminal; warnings and errors in full."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.phase, self.count, self.started = None, 0, time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(("W:", "E:")):
+            self._end()
+            click.echo(f"debootstrap: {line}", err=True)
+            return
+        words = line.split()
+        if len(words) < 2 or words[0] != "I:":
+            return
+        phase = words[1]
+        if phase != self.phase:
+            self._end()
+            self.phase, self.count = phase, 0
+        self.count += 1
+        if self.tty:
+            text = f"debootstrap: {' '.join(words[1:])}"[:78]
+            click.echo(f"\r{text:<78}", err=True, nl=False)
+        elif self.count == 1:
+            click.echo(f"debootstrap: {' '.join(words[1:])}", err=True)
+
+    def _end(self) -> None:
+        if self.phase is None:
+            return
+        if self.tty:
+            click.echo(f"\r{'debootstrap: ' + self.phase + ' (' + str(self.count) + ')':<78}", err=True)
+        elif self.count > 1:
+            click.echo(f"debootstrap: {self.phase}: {self.count} lines", err=True)
+        self.phase = None
+
+    def close(self) -> None:
+        self._end()
+        click.echo(f"debootstrap: done in {time.monotonic() - self.started:.0f} s", err=True)
+
+
+@image_group.command("bootstrap")
+@click.argument("distribution", type=click.Choice(bootstrap.DISTRIBUTIONS))
+@click.option("--suite", default=bootstrap.DEFAULT_SUITE, show_default=True, help="The Debian release.")
+@click.option("--mirror", default=None, metavar="URL",
+              help=f"Where packages are downloaded from, and what the image's apt sources name "
+                   f"(default: {bootstrap.DEFAULT_MIRROR}, or with --tarball the mirror it was made from).")
+@click.option("--tarball", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Take the packages from this file (made by `debootstrap --make-tarball`, as ./install.sh "
+                   f"does at {bootstrap.DEFAULT_TARBALL}): nothing is downloaded.")
+@click.option("--include", "include", multiple=True, metavar="PKG",
+              help="A package to install besides the minimal base (repeatable; commas allowed). "
+                   f"Default: {' '.join(bootstrap.DEFAULT_INCLUDE)}. With --tarball, give what the tarball was "
+                   "made with.")
+@click.option("--name", default=None, help="The image name (default: the distribution, debian).")
+@click.option("--tag", default=None, help="The image tag (default: the suite, bookworm).")
+@keg_target
+@json_option
+def image_bootstrap(distribution, suite, mirror, tarball, include, name, tag, opener, as_json):
+    """Build a base image with debootstrap and import it as NAME:TAG (debian:bookworm).
+
+    debootstrap (minbase variant, needs root) installs the suite and the
+    --include packages into a scratch directory; device nodes and apt's
+    downloaded package lists are removed; the root filesystem is imported as
+    one layer with PATH and LANG=C.UTF-8 set and bash as the command. Builds
+    use debian:bookworm unless their keg.json names another base.
+
+    \b
+    Examples:
+      keg image bootstrap debian
+      keg image bootstrap debian --tarball /var/cache/keg/debian-bookworm.tgz
+      keg image bootstrap debian --include python3,python3-pip,git --tag bookworm-git
+    """
+    packages = tuple(p for item in include for p in item.split(",") if p) or bootstrap.DEFAULT_INCLUDE
+    reference = f"{name or distribution}:{tag or suite}"
+    oci.parse_reference(reference)
+    lines = _DebootstrapLines()
+    where = f"from {tarball}" if tarball else f"from {mirror or bootstrap.DEFAULT_MIRROR}"
+    click.echo(f"debootstrap: {suite} with {', '.join(packages)}, {where}", err=True)
+    with opener() as store, tempfile.TemporaryDirectory(prefix="keg-bootstrap-") as scratch:
+        root = bootstrap.bootstrap_rootfs(os.path.join(scratch, "rootfs"), suite, mirror, packages, tarball, lines)
+        lines.close()
+        with oci.open_source(root, kind="rootfs", rootfs=bootstrap.image_config()) as src:
+            with progress(f"import {reference}", src.total) as update:
+                result = oci.import_image(store, src, reference, progress=update)
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        click.echo(f"{result.path}\t{result.kid}")

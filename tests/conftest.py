@@ -154,3 +154,90 @@ def wait_until(condition, what: str = "the condition", timeout: float = 60.0, lo
             tail = f"\n--- log:\n{log()[-4000:]}" if log is not None else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{tail}")
         time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------
+# the Debian base image (builders/bootstrap.py), made once and shared by the build tests
+
+DEBIAN_TARBALL = "/var/cache/keg/debian-bookworm.tgz"   # made by ./install.sh (debootstrap --make-tarball)
+DEBIAN_LAYOUT = "/var/cache/keg/test-debian-oci"        # the image as an OCI layout, kept between sessions
+DEBIAN_REFERENCE = "debian:bookworm"
+NO_MIRROR = "http://127.0.0.1:9/debian"                 # tests never download: a mirror nothing listens on
+
+
+def _debian_stamp() -> str:
+    """What the cached layout was made from: the tarball and the recipe (builders/bootstrap.py)."""
+    import hashlib
+    import json
+    st = os.stat(DEBIAN_TARBALL)
+    with open(os.path.join(REPO, "builders", "bootstrap.py"), "rb") as f:
+        recipe = hashlib.sha256(f.read()).hexdigest()
+    return json.dumps({"tarball": DEBIAN_TARBALL, "size": st.st_size, "mtime": int(st.st_mtime),
+                       "recipe": recipe}, sort_keys=True)
+
+
+def debian_layout() -> str:
+    """The Debian base image as an OCI layout at ``DEBIAN_LAYOUT``, made with ``keg image bootstrap debian
+    --tarball`` (offline, without a network) unless a layout made from the same tarball and recipe is there; returns its path.
+
+    Takes about a minute the first time; a lock file keeps concurrent sessions from making it twice.
+    """
+    import fcntl
+    import tempfile
+    stamp_path = DEBIAN_LAYOUT + ".stamp"
+    stamp = _debian_stamp()
+    os.makedirs(os.path.dirname(DEBIAN_LAYOUT), exist_ok=True)
+    with open(DEBIAN_LAYOUT + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(DEBIAN_LAYOUT) and os.path.exists(stamp_path):
+            with open(stamp_path) as f:
+                if f.read() == stamp:
+                    return DEBIAN_LAYOUT
+        scratch = tempfile.mkdtemp(prefix="keg-debian-", dir=os.path.dirname(DEBIAN_LAYOUT))
+        try:
+            kegdir = os.path.join(scratch, "keg")
+            keg.init(kegdir, durable=False).close()
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("KEG_", "GIT_"))}
+            env["KEG_NO_PROGRESS"] = "1"
+            # In a network namespace of its own: the proof that the offline bootstrap downloads nothing.
+            made = subprocess.run(["unshare", "--net", *keg_command(), "image", "bootstrap", "debian",
+                                   "--tarball", DEBIAN_TARBALL, "--keg", kegdir], capture_output=True, text=True,
+                                  env=env)
+            assert made.returncode == 0, f"keg image bootstrap failed:\n{made.stdout}\n{made.stderr}"
+            layout = os.path.join(scratch, "layout")
+            exported = subprocess.run([*keg_command(), "image", "export", DEBIAN_REFERENCE, layout, "--keg", kegdir],
+                                      capture_output=True, text=True, env=env)
+            assert exported.returncode == 0, exported.stderr
+            if os.path.exists(stamp_path):
+                os.unlink(stamp_path)
+            shutil.rmtree(DEBIAN_LAYOUT, ignore_errors=True)
+            os.rename(layout, DEBIAN_LAYOUT)
+            with open(stamp_path, "w") as f:
+                f.write(stamp)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return DEBIAN_LAYOUT
+
+
+@pytest.fixture(scope="session")
+def debian_base():
+    """The path of an OCI layout of the Debian base image (bookworm, python3, pip), made once.
+
+    Import it into a keg with :func:`import_debian_base`. Fails (never skips) without root or without
+    the tarball ./install.sh makes.
+    """
+    if os.geteuid() != 0:
+        pytest.fail("the Debian base image needs root (debootstrap uses chroot)")
+    if not os.path.isfile(DEBIAN_TARBALL):
+        pytest.fail(f"{DEBIAN_TARBALL} is missing: ./install.sh makes it (debootstrap --make-tarball, "
+                    "with the network); tests never download")
+    return debian_layout()
+
+
+def import_debian_base(store, layout: str = DEBIAN_LAYOUT, reference: str = DEBIAN_REFERENCE) -> str:
+    """Import the Debian base image (the ``debian_base`` layout) into ``store`` as ``reference``; its KID.
+
+    About a second: the layer's chunks are cut and stored once per keg.
+    """
+    from keg import oci
+    return oci.import_image(store, layout, reference, kind="oci").kid

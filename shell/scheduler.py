@@ -364,7 +364,7 @@ def identity(spec: dict) -> tuple:
     ``env.PORT``)."""
     ident = tuple(map(spec.get, _IDENTITY_FIELDS))
     env = ident[_ENV]
-    if isinstance(env, dict) and "PORT" in env:
+    if isinstance(env, dict):   # an empty env is no env, whichever way the job wrote it
         env = {k: v for k, v in env.items() if k != "PORT"} or None
         ident = ident[:_ENV] + (env,) + ident[_ENV + 1:]
     return ident

@@ -279,6 +279,17 @@ def test_a_rolling_update_keeps_the_wanted_replicas_healthy_at_every_step():
     assert on(procs) == {"m1": 1, "m2": 1, "m3": 1}
 
 
+def test_a_job_with_an_empty_env_and_a_port_converges():
+    # A release writes "env": {} for an app without config; its replicas carry env {"PORT": …}.
+    ms = machines(machine("m1"))
+    for release in (1, 2):
+        js = jobs(job(replicas=1, release=release, env={}, port=True, image=IMAGE if release == 1 else IMAGE2))
+        procs, _ = converge(js, ms, procs if release == 2 else ())
+        procs = [running(p) for p in procs]
+        assert not place(js, ms, procs, NOW + 1), "the current replica was replaced again"
+        assert [p.spec["release"] for p in procs] == [release]
+
+
 def test_an_update_whose_new_replicas_never_get_healthy_keeps_the_old_ones():
     ms = machines(machine("m1"), machine("m2"))
     procs, _ = converge(jobs(job(replicas=2, release=1)), ms)

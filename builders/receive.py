@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from builders.releases import wait_serving
 from keg.errors import KegError, NotFound
 
 ZERO = "0" * 40
@@ -33,6 +34,7 @@ DEPLOYED_BRANCHES = ("refs/heads/main", "refs/heads/master")
 BUILD_WAIT = float(os.environ.get("KEG_BUILD_WAIT", 30 * 60.0))       # the longest a push waits for its build
 START_WAIT = float(os.environ.get("KEG_BUILD_START_WAIT", 60.0))     # … for a builder to pick the source up
 POLL = 0.25
+LAUNCH_WAIT = float(os.environ.get("KEG_LAUNCH_WAIT", 120.0))      # … for the release to serve
 
 
 def say(text: str = "") -> None:
@@ -186,6 +188,12 @@ def main() -> int:
             say(f"-----> Cache hit: the same inputs were built before ({outcome.get('cached_from', 'an earlier build')})")
         release = outcome.get("release")
         say(f"-----> Released v{release}" if release else "-----> Built")
+        if release and outcome.get("processes", {}).get("web"):
+            say("-----> Launching…")
+            if wait_serving(keg, app, {"number": release, "processes": outcome["processes"]}, LAUNCH_WAIT):
+                say(f"       v{release} is serving")
+            else:
+                say(f"       v{release} is not serving after {LAUNCH_WAIT:g} s: see `keg ps` and `keg job ls`")
         where = _where(keg, app)
         if where:
             say(f"       {where}")

@@ -223,3 +223,38 @@ def set_config(keg, app: str, changes: dict, unset=(), author: Author | None = N
     return new_release(keg, app, image=cur["image"], image_path=cur.get("image_path"), source=cur.get("source"),
                        processes=cur["processes"], config=config, description="Config: " + "; ".join(words),
                        author=author)
+
+
+def serving(keg, app: str, number: int) -> bool:
+    """True when ``/services/<app>.tsv`` lists healthy replicas of release ``number`` and of no other release."""
+    try:
+        text = keg.read(f"/services/{app}.tsv").decode("utf-8", "replace")
+    except NotFound:
+        return False
+    releases_seen = set()
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        if len(fields) >= 7 and fields[4] == "healthy":
+            releases_seen.add(fields[6])
+    return releases_seen == {str(number)}
+
+
+def wait_serving(keg, app: str, rel: dict, timeout: float = 120.0, settle: float = 1.0) -> bool:
+    """Wait until release ``rel`` alone serves ``app`` (when it has a web process); False on timeout.
+
+    ``settle``: seconds more for routers to load the new endpoints (they follow ``/services`` by watch).
+    """
+    import time
+
+    if "web" not in (rel.get("processes") or {}):
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serving(keg, app, rel["number"]):
+            time.sleep(settle)
+            return True
+        time.sleep(0.2)
+    return False
+

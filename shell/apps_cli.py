@@ -102,9 +102,11 @@ def releases_cmd(app, opener, as_json):
 @click.argument("app")
 @click.option("--to", "to", type=click.IntRange(min=1), metavar="N",
               help="The release to go back to (default: the one before the current).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the new release alone serves the app (web processes only).")
 @keg_target
 @json_option
-def rollback_cmd(app, to, opener, as_json):
+def rollback_cmd(app, to, wait, opener, as_json):
     """Run an earlier release of APP again: a new release with its image, processes and config.
 
     Nothing is rebuilt; the app's jobs change in the same transaction, and the
@@ -117,6 +119,8 @@ def rollback_cmd(app, to, opener, as_json):
     """
     with opener() as store:
         rel = releases.rollback(store, app, to, _author_of_cli(store))
+        if wait and not releases.wait_serving(store, app, rel):
+            click.echo(f"keg: v{rel['number']} is not serving yet; see keg ps and keg job ls", err=True)
     if as_json:
         _emit_json(rel)
     else:

@@ -437,7 +437,6 @@ class _Usage:
         self.memory = dict.fromkeys(machines, 0)
         self.count = dict.fromkeys(machines, 0)
         self.ports: dict = {m: set() for m in machines}
-        self.next_port = dict.fromkeys(machines, ports[0])
         self.port_range = ports
         for proc in procs:
             if proc.machine not in machines or proc.spec is None:
@@ -462,13 +461,23 @@ class _Usage:
         # A little slack for the sum of float cores (0.1 * 3 > 0.3): never more than a millicore.
         return self.cpu[machine] + cpu <= m.cpus + 1e-9 and self.memory[machine] + memory <= m.memory
 
-    def free_port(self, machine: str):
-        """The lowest free port of the range on ``machine`` (not reserved; ``add`` does that), or None."""
-        used, port = self.ports[machine], self.next_port[machine]
-        while port in used:
-            port += 1
-        self.next_port[machine] = port
-        return port if port <= self.port_range[1] else None
+    def free_port(self, machine: str, seed: str = ""):
+        """A free port of the range on ``machine`` (not reserved; ``add`` does that), or None.
+
+        The search starts at a place derived from ``seed`` (the replica's name) and wraps around, so that
+        a replica rarely gets the port of one just removed, whose process may still be stopping.
+        """
+        used = self.ports[machine]
+        low, high = self.port_range
+        size = high - low + 1
+        if len(used) >= size:
+            return None
+        start = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "big") % size if seed else 0
+        for i in range(size):
+            port = low + (start + i) % size
+            if port not in used:
+                return port
+        return None
 
 
 def _suffix_names(job: str, now: float, taken: set):
@@ -662,11 +671,11 @@ class _Turn:
             m = heapq.heappop(heap)[-1]
             if not usage.fits(m, job.cpu, job.memory):
                 continue  # only gets fuller during this job's placements
-            port = usage.free_port(m) if job.port else None
+            name = next(names)
+            port = usage.free_port(m, name) if job.port else None
             if job.port and port is None:
                 no_port += 1
                 continue
-            name = next(names)
             self.placements.append(Placement(m, name, job.name, self.spec(job, port), why))
             usage.add(m, job.cpu, job.memory, port)
             per_machine[m] = per_machine.get(m, 0) + 1

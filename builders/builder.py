@@ -235,7 +235,9 @@ class Builder:
             sink.line(f"-----> Building {job.app} {job.source_kid[:14]} on builder {self.name}")
             sink.flush()
             source_dir = os.path.join(work, "src")
+            checkout_began = time.monotonic()
             tree = self.checkout(job, source_dir)
+            result["checkout_seconds"] = round(time.monotonic() - checkout_began, 3)
             inputs = buildlib.inputs(self.keg, source_dir)
             key = self.cache_key(tree, inputs)
             result.update({"tree": "K-" + tree, "inputs": inputs, "key": key})
@@ -247,8 +249,10 @@ class Builder:
                                "image_path": cached["image_path"], "processes": cached["processes"],
                                "kind": cached.get("kind")})
             else:
+                build_began = time.monotonic()
                 output = buildlib.build(self.keg, self.runtime, job.app, source_dir, job.source_kid,
                                         os.path.join(work, "build"), sink)
+                result["build_seconds"] = round(time.monotonic() - build_began, 3)  # bench/deploy.py reads it
                 result.update({"cached": False, "image": output.image_kid, "image_path": output.image_path,
                                "processes": output.processes, "kind": output.kind, "base": output.base_kid})
             result["ok"] = True

@@ -110,7 +110,9 @@ def job_for(app: str, kind: str, command: str, rel: dict, old_job: dict | None) 
         job.pop(field, None)
     job.setdefault("replicas", 1)
     job.update({"app": app, "type": kind, "release": rel["number"], "image": rel["image"],
-                "args": ["/bin/sh", "-c", command], "env": dict(rel.get("config") or {}), "cwd": "/app",
+                # exec: the command replaces the shell, so it gets SIGTERM (a shell as PID 1 ignores it and
+                # every stop would wait for the SIGKILL after the grace period)
+                "args": ["/bin/sh", "-c", "exec " + command], "env": dict(rel.get("config") or {}), "cwd": "/app",
                 "network": "host"})
     if kind == "web":
         job.update({"port": True, "service": app})

@@ -599,12 +599,14 @@ class Store:
             return op
         return put_large(op.path, ingest(self.chunks, io.BytesIO(op.data)), op.mode)
 
-    def _check_large(self, op: Put) -> None:
+    def _check_large(self, op: Put, check_chunks: bool = True) -> None:
         """A large put may only name chunks the keg holds (they are touched: see :meth:`gc_chunks`)."""
         try:
             pointer = Pointer.parse(op.data, op.path)
         except CorruptKeg as err:
             raise BadRequest(str(err).replace("is damaged", "is malformed")) from err
+        if not check_chunks:
+            return
         missing = self.chunks.missing(sorted({name for name, _ in pointer.chunks}))
         if missing:
             raise BadRequest(f"put {op.path}: {len(missing)} chunk(s) of the value are not stored "
@@ -764,7 +766,8 @@ class Store:
                 self._pending_bytes += len(value[1] if value[1] is not None else value[3])
         self._revs.append(commit_oid)
 
-    def commit(self, transactions) -> list:
+    def commit(self, transactions, when: int | None = None, trailers: tuple = (),
+               check_chunks: bool = True) -> list:
         """Apply a group of transactions in one revision (group commit).
 
         Each transaction succeeds or fails on its own: a failed compare or an
@@ -773,6 +776,14 @@ class Store:
 
         Args:
             transactions: ``Transaction`` objects, applied in order.
+            when: the commit time (seconds since the epoch); the clock's now by
+                default.  A replicated master passes the time carried in its
+                log entry, so that every replica makes the same commit.
+            trailers: extra ``Name: value`` lines for the commit message.
+            check_chunks: refuse a large put whose chunks are not stored here.
+                A replicated master checks that before it proposes the group
+                and passes False, so that applying the group never depends on
+                one replica's chunk store.
 
         Returns:
             One ``TxResult`` per transaction, in order.
@@ -792,7 +803,7 @@ class Store:
                     raise tx
                 for op in tx.ops:
                     if isinstance(op, Put) and op.large and op.data not in checked:
-                        self._check_large(op)   # every chunk is there (and touched), once per pointer per commit
+                        self._check_large(op, check_chunks)  # chunks there (and touched), once per pointer
                         checked.add(op.data)
                 for cmp in tx.compares:
                     entry = staging.entry(cmp.path)
@@ -810,7 +821,8 @@ class Store:
             authors.append(tx.author)
         if not applied:
             return results
-        commit_oid = self._write_group(staging, new_objects, applied, authors, transactions)
+        succeeded = [tx for tx, r in zip(transactions, results) if not isinstance(r, TxResult)]
+        commit_oid = self._write_group(staging, new_objects, applied, authors, succeeded, when, trailers)
         number, kid = self.head_revision, _kid(commit_oid)
         return [r if isinstance(r, TxResult) else TxResult(True, number, kid, r) for r in results]
 
@@ -828,15 +840,16 @@ class Store:
         """Apply one transaction; returns its result (``ok`` False on a failed compare)."""
         return self.commit([tx])[0]
 
-    def _write_group(self, staging, new_objects, ops, authors, transactions) -> bytes:
+    def _write_group(self, staging, new_objects, ops, authors, transactions, when=None, extra=()) -> bytes:
         root = staging.build(self._collector(new_objects))
         number = self.head_revision + 1
         parent = self._revs[-1]
         author = authors[0] if len({(a.name, a.email) for a in authors}) == 1 else Author()
         trailers = [f"{REVISION_TRAILER}{number}"]
         trailers += [f"Keg-Transaction: {tx.id}" for tx in transactions if getattr(tx, "id", None)]
+        trailers += list(extra)
         message = f"{_summary(ops)}\n\n" + "\n".join(trailers) + "\n"
-        when = int(time.time())
+        when = int(time.time()) if when is None else int(when)
         commit = Commit(root, (parent,) if parent else (), Person(author.name, author.email),
                         COMMITTER, when, message)
         data = commit.encode()
@@ -877,6 +890,28 @@ class Store:
         new_objects[oid] = (OBJ_COMMIT, data)
         self._install(new_objects, oid)
         self.checkpoint()
+
+    def fast_forward(self, commit: bytes) -> None:
+        """Make ``commit``, whose objects are in the repository already (a git fetch), the head.
+
+        For a replica catching up from a snapshot: ``commit`` must continue
+        this keg's history along first parents.
+
+        Raises:
+            CorruptKeg: ``commit`` is not a revision that continues the head.
+        """
+        self._acquire_write_lock()
+        self.checkpoint()
+        number = _revision_of_message(self._commit(commit).message)
+        if number is None or number < self.head_revision:
+            raise CorruptKeg(f"{commit.hex()} is not a revision after {self.head_revision}")
+        oid = commit
+        for _ in range(number - self.head_revision):
+            oid = self._commit(oid).parents[0]
+        if oid != self._revs[-1]:
+            raise CorruptKeg(f"{commit.hex()} does not continue this keg's history")
+        self._write_ref(BRANCH, commit)
+        self._load_head()
 
     def add_listener(self, callback) -> None:
         """Call ``callback(revision)`` after each revision this process commits."""

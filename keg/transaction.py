@@ -230,6 +230,8 @@ def parse_transaction(obj, author: Author | None = None) -> Transaction:
         expected = _field(c, "kid", where, (str, type(None)))
         compares.append(compare(path, expected))
     tx_id = _field(obj, "id", "transaction", str, required=False)
+    if tx_id is not None and (not tx_id or len(tx_id) > 200 or not tx_id.isprintable()):
+        raise BadRequest("transaction: 'id' must be 1 to 200 printable characters on one line")
     return Transaction(ops, tuple(compares), author or Author(), tx_id)
 
 

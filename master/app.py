@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import secrets
+import sys
+import time
 import urllib.parse
 
 from keg import paths
 from keg.chunks import check_hash
 from keg.errors import BadRequest, CompareFailed, KegBusy, KegError, NotFound, PathConflict
-from keg.transaction import Transaction, compare, delete, parse_transaction, put
+from keg.transaction import Transaction, compare, delete, link, parse_transaction, put  # noqa: F401
 from master import git_http
 from master.auth import ANONYMOUS, Authority, AuthError, Forbidden, Unauthenticated
 from master.bodies import DeferredResponse, ValueStream
@@ -37,6 +41,9 @@ from master.watch import FORMATS, WatchStream
 
 MAX_BODY = 64 << 20
 DEFAULT_HEARTBEAT = 15.0
+MAX_PUSH = 32 << 20           # largest pack a git push may send to an app
+PUSH_GRANT_SECONDS = 3600.0   # how long the pre-receive hook of one push may act for the pusher
+PUSH_GRANT_PREFIX = "kp_"
 CONTENT_TYPES = {".json": "application/json", ".tsv": "text/tab-separated-values; charset=utf-8",
                  ".md": "text/markdown; charset=utf-8", ".txt": "text/plain; charset=utf-8",
                  ".html": "text/plain; charset=utf-8", ".sh": "text/plain; charset=utf-8"}
@@ -179,12 +186,17 @@ class KegApp:
         heartbeat: default seconds between watch heartbeats.
     """
 
-    def __init__(self, master, max_body: int = MAX_BODY, heartbeat: float = DEFAULT_HEARTBEAT):
+    def __init__(self, master, max_body: int = MAX_BODY, heartbeat: float = DEFAULT_HEARTBEAT,
+                 max_push: int = MAX_PUSH, self_url: str | None = None):
         self.master = master
         self.authority = Authority(master)
         self.max_body = max_body
         self.heartbeat = heartbeat
+        self.max_push = max_push
+        self.self_url = self_url
         self.git_root = git_http.project_root(master.store.path) if hasattr(master, "store") else None
+        self.hooks = git_http.hooks_dir(master.store.path, sys.executable) if hasattr(master, "store") else None
+        self.push_grants: dict = {}   # secret -> (principal, app, expiry): what a push's hook may do
         self.ui = WebUi(self)
 
     # ---------------------------------------------------------------- entry
@@ -221,7 +233,15 @@ class KegApp:
             return self._json(start_response, spec())
         if self.ui.owns(path):
             return self.ui(req, start_response)
+        grant = self._push_grant(req)
+        if grant is not None:
+            return self._as_push_hook(req, start_response, *grant)
+        if path.startswith("/v1/raft/"):  # replicas' status, membership and peer traffic (master/raft.py)
+            from master.raft import route
+            return route(self, req, start_response)
         principal = self.authority.authenticate(req.header("Authorization") or self.ui.cookie_authorization(req))
+        if path.startswith("/v1/src/"):
+            return self._source(req, start_response, principal, path[len("/v1/src/"):])
         if path.startswith("/v1/keg/") or path == "/v1/keg":
             return self._keg(req, start_response, principal, path[len("/v1/keg"):] or "/")
         if path.startswith("/git/"):
@@ -251,12 +271,39 @@ class KegApp:
         path = paths.normalize(raw_path)  # PATH_INFO is decoded once by the server; never decode twice
         if req.method in ("GET", "HEAD"):
             self.authority.check(principal, path, "r")
+            if _linearizable(req):
+                return self._after_barrier(start_response, lambda sr: self._read(req, sr, path))
             return self._read(req, start_response, path)
         if req.method in ("PUT", "DELETE"):
             self.authority.check(principal, path, "w")
             return self._write(req, start_response, principal, path)
         raise HttpError(405, f"{req.method} is not allowed on /v1/keg; use GET, HEAD, PUT or DELETE",
                         [("Allow", "GET, HEAD, PUT, DELETE")])
+
+    def _after_barrier(self, start_response, answer):
+        """Answer with ``answer(start_response)`` once the master passed a read barrier (linearizable reads)."""
+        pending = self.master.read_barrier()
+
+        def failure(err):
+            return (_status_line(status_of(err)), [("Content-Type", "application/json")],
+                    (json.dumps(error_body(err)) + "\n").encode())
+
+        def render(result):
+            if not result.ok:
+                return failure(result.error)
+            captured = []
+            try:
+                out = answer(lambda status, headers, exc_info=None: captured.append((status, headers)))
+            except KegError as err:
+                return failure(err)
+            try:
+                body = b"".join(out)
+            finally:
+                if hasattr(out, "close"):
+                    out.close()
+            return captured[-1][0], captured[-1][1], body
+
+        return DeferredResponse(start_response, pending, render)
 
     def _read(self, req, start_response, path):
         rev = req.query.get("rev") or None
@@ -319,7 +366,7 @@ class KegApp:
             op = self.master.put_stream(path, io.BytesIO(req.body()), 0o100755 if mode == "exec" else 0o100644)
         else:
             op = delete(path, req.query.get("recursive") in ("1", "true", "yes"))
-        tx = Transaction((op,), tuple(compares), principal.author)
+        tx = Transaction((op,), tuple(compares), principal.author, req.header("Idempotency-Key") or None)
         return self._submit(start_response, tx, single_path=path, created=not compares and req.method == "PUT")
 
     def _submit(self, start_response, tx, single_path=None, created=False):
@@ -374,6 +421,8 @@ class KegApp:
     def _head(self, req, start_response, principal):
         self._allow(req, "GET")
         self.authority.check(principal, "/", "r")
+        if _linearizable(req):
+            return self._after_barrier(start_response, lambda sr: self._json(sr, self.master.head().to_json()))
         return self._json(start_response, self.master.head().to_json())
 
     def _log(self, req, start_response, principal):
@@ -453,8 +502,11 @@ class KegApp:
 
     def _git(self, req, start_response, principal):
         rest = req.path[len("/git"):]
+        if rest.startswith("/apps/"):
+            return self._app_git(req, start_response, principal, rest)
         if not (rest == "/keg.git" or rest.startswith("/keg.git/")):
-            raise NotFound(f"no git repository at {req.path}; the namespace is /git/keg.git")
+            raise NotFound(f"no git repository at {req.path}; the namespace is /git/keg.git, "
+                           "apps are pushed to /git/apps/<app>.git")
         if principal.kind == "anonymous" and not self.authority.allowed(principal, "/", "r"):
             raise Unauthenticated("git needs a token: use http://USER:TOKEN@host/git/keg.git "
                                   "or a credential helper")
@@ -462,7 +514,8 @@ class KegApp:
         service = req.query.get("service", "")
         if rest.endswith("/git-receive-pack") or service == "git-receive-pack":
             message = ("keg.git is read-only: write with transactions "
-                       "(keg put, keg tx, PUT /v1/keg/<path> or POST /v1/tx)")
+                       "(keg put, keg tx, PUT /v1/keg/<path> or POST /v1/tx); "
+                       "deploy an app by pushing to /git/apps/<app>.git")
             if rest.endswith("/info/refs"):
                 body = git_http.refusal(message)
                 start_response(_status_line(200), [("Content-Type", "application/x-git-receive-pack-advertisement"),
@@ -472,6 +525,132 @@ class KegApp:
         self.master.publish()
         env = git_http.cgi_environ(req.environ, self.git_root, rest, principal.name)
         return git_http.CgiBody(start_response, env, req.body())
+
+    # ---------------------------------------------------------- app pushes
+
+    def check_push(self, principal, app: str) -> None:
+        """Raise unless ``principal`` may push ``app``: write rights on ``/src/<app>`` and ``/apps/<app>``,
+        and the app is theirs (its ``owner`` or a ``collaborators`` entry) or they are an admin.
+        """
+        if principal.kind == "anonymous":
+            raise Unauthenticated(f"pushing {app} needs a token: use http://USER:TOKEN@host/git/apps/{app}.git "
+                                  "or a git credential helper")
+        if principal.kind == "machine":
+            raise Forbidden(f"machine {principal.name} may not push apps")
+        self.authority.check(principal, f"/src/{app}", "w")
+        self.authority.check(principal, f"/apps/{app}/app.json", "w")
+        try:
+            record = json.loads(self.master.read(f"/apps/{app}/app.json"))
+        except NotFound:
+            return
+        except ValueError:
+            record = {}
+        owner = record.get("owner") if isinstance(record, dict) else None
+        allowed = {owner, *(record.get("collaborators") or [])} if isinstance(record, dict) else {owner}
+        if owner and principal.name not in allowed and "admin" not in principal.groups:
+            raise Forbidden(f"app {app} belongs to {owner}; {principal.name} may not push it "
+                            f"(its owner can add collaborators in /apps/{app}/app.json)")
+
+    def _app_git(self, req, start_response, principal, rest):
+        """A push to (or fetch from) ``/git/apps/<app>.git``; refusals reach git as ``remote error:`` lines."""
+        try:
+            return self._app_git_checked(req, start_response, principal, rest)
+        except (Forbidden, BadRequest, NotFound) as err:
+            if not rest.endswith("/info/refs"):
+                raise
+            body = git_http.refusal(str(err))
+            start_response(_status_line(200), [("Content-Type", "application/x-git-receive-pack-advertisement"),
+                                               ("Content-Length", str(len(body))), ("Cache-Control", "no-cache")])
+            return [body]
+
+    def _app_git_checked(self, req, start_response, principal, rest):
+        from keg.sources import check_app
+
+        name, sep, tail = rest[len("/apps/"):].partition("/")
+        if not name.endswith(".git"):
+            raise NotFound(f"no git repository at {req.path}; push apps to /git/apps/<app>.git")
+        app = check_app(name[:-4])
+        if self.hooks is None:
+            raise HttpError(501, "this master does not receive pushes")
+        service = req.query.get("service", "")
+        receiving = tail == "git-receive-pack" or service == "git-receive-pack"
+        if principal.kind == "anonymous":
+            raise Unauthenticated(f"pushing {app} needs a token: use http://USER:TOKEN@host/git/apps/{app}.git "
+                                  "or a git credential helper")
+        if not receiving:
+            self.authority.check(principal, f"/src/{app}", "r")
+        else:
+            self.check_push(principal, app)
+        git_http.app_repository(self.git_root, app)
+        hook_env = {}
+        if receiving and tail == "git-receive-pack":
+            secret = PUSH_GRANT_PREFIX + secrets.token_urlsafe(32)
+            now = time.monotonic()
+            self.push_grants = {k: v for k, v in self.push_grants.items() if v[2] > now}
+            self.push_grants[secret] = (principal, app, now + PUSH_GRANT_SECONDS)
+            hook_env = {"KEG_PUSH_URL": self._url_of(req), "KEG_PUSH_TOKEN": secret, "KEG_APP": app,
+                        "KEG_PUSHER": principal.name}
+            hook_env.update({k: v for k, v in os.environ.items() if k.startswith("KEG_BUILD_")})
+        env = git_http.push_environ(req.environ, self.git_root, rest, principal.name, self.hooks, self.max_push,
+                                    hook_env)
+        if not receiving:
+            env["GIT_CONFIG_VALUE_2"] = "false"
+        body = req.body() if req.method == "POST" else b""
+        return git_http.CgiBody(start_response, env, body)
+
+    def _url_of(self, req) -> str:
+        """How a program on this machine reaches this master (``self_url``, else the address the request came in on)."""
+        if self.self_url:
+            return self.self_url
+        host = req.environ.get("SERVER_NAME") or "127.0.0.1"
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{req.environ.get('SERVER_PORT', '80')}"
+
+    def _push_grant(self, req):
+        authorization = req.header("Authorization") or ""
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip().startswith(PUSH_GRANT_PREFIX):
+            return None
+        grant = self.push_grants.get(value.strip())
+        if grant is None or grant[2] < time.monotonic():
+            raise Unauthenticated("this push's grant has expired or is unknown")
+        return grant
+
+    def _as_push_hook(self, req, start_response, principal, app, _expiry):
+        """A push's hook acts for the pusher: it may send the app's source and read, nothing else."""
+        path = req.path
+        if path == f"/v1/src/{app}":
+            return self._source(req, start_response, principal, app)
+        if req.method in ("GET", "HEAD") and (path.startswith("/v1/keg") or path in ("/v1/watch", "/v1/head")):
+            if path.startswith("/v1/keg"):
+                return self._keg(req, start_response, principal, path[len("/v1/keg"):] or "/")
+            return (self._watch if path == "/v1/watch" else self._head)(req, start_response, principal)
+        raise Forbidden(f"a push's hook may only send the source of {app} and read")
+
+    def _source(self, req, start_response, principal, app):
+        """``POST /v1/src/<app>?commit=SHA&old=KID|none``: a pack of the source's objects; commits ``/src/<app>``."""
+        from keg.sources import check_app
+
+        self._allow(req, "POST")
+        app = check_app(app)
+        self.check_push(principal, app)
+        commit = req.query.get("commit", "")
+        old = req.query.get("old", "none")
+        if len(req.body()) > self.max_push:
+            raise HttpError(413, f"the source pack has {len(req.body())} bytes; at most {self.max_push} are accepted")
+        self.master.receive_source(app, commit, req.body())
+        tx = Transaction((link(f"/src/{app}", "K-" + commit),),
+                         (compare(f"/src/{app}", None if old in ("", "none") else old),), principal.author)
+        return self._submit(start_response, tx)
+
+
+def _linearizable(req: Request) -> bool:
+    """The client asked for a linearizable read (``?linearizable=1`` or ``Keg-Consistency: linearizable``)."""
+    return (req.query.get("linearizable") in ("1", "true", "yes")
+            or (req.header("Keg-Consistency") or "").lower() == "linearizable")
 
 
 def make_app(master, **options) -> KegApp:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 
+from keg.errors import KegError
 from keg.transaction import TxResult
 
 
@@ -117,6 +118,18 @@ class Master(abc.ABC):
         pending = [self.submit(tx) for tx in transactions]
         return [p.wait() for p in pending]
 
+    def read_barrier(self) -> Pending:
+        """A ``Pending`` resolved once a read here sees every write acknowledged before the call.
+
+        For a linearizable read (``?linearizable=1``).  A single master's reads
+        always do, so it resolves at once; a Raft replica first passes a point
+        in the replicated log.
+        """
+        pending = Pending(None, self)
+        head = self.head()
+        pending.resolve(TxResult(True, head.number, head.kid, {}))
+        return pending
+
     @abc.abstractmethod
     def compact(self, window: int) -> dict:
         """Drop old history of volatile directories."""
@@ -163,6 +176,14 @@ class Master(abc.ABC):
     @abc.abstractmethod
     def put_stream(self, path: str, stream, mode: int = 0o100644):
         """A put op for a stream's bytes, its chunks stored first when it is large (see ``Store.put_stream``)."""
+
+    def receive_source(self, app: str, commit: str, pack: bytes) -> str:
+        """Store a pushed source's objects (``keg.sources.receive``): returns its tree id.
+
+        The caller then commits the pointer ``/src/<app>``; objects are durable (and,
+        replicated, on a quorum) before this returns.
+        """
+        raise KegError(f"{type(self).__name__} does not receive pushes yet")
 
     @abc.abstractmethod
     def publish(self) -> str:

@@ -451,21 +451,49 @@ def master():
               help="Largest request body in bytes; larger ones get 413.")
 @click.option("--heartbeat", type=click.FloatRange(min=0.05), default=15.0, show_default=True,
               help="Seconds of silence before a watch stream sends a heartbeat.")
-def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat):
+@click.option("--max-push", type=click.IntRange(min=1024), default=32 << 20, show_default=True,
+              help="Largest pack in bytes a git push of an app may send; git refuses larger ones.")
+@click.option("--self-url", metavar="URL",
+              help="How programs on this machine reach this master (for push hooks; default: the address "
+                   "a push came in on).")
+@click.option("--raft-self", metavar="HOST:PORT",
+              help="Run as a Raft replica with this Raft address (binds there); needs --raft-peers.")
+@click.option("--raft-peers", metavar="A,B,C",
+              help="Every replica's Raft address, this one included; HOST:PORT=URL gives a replica's HTTP URL "
+                   "when its port differs from --listen's.")
+@click.option("--raft-password-file", metavar="FILE",
+              help="The cluster password (one line, 16+ characters, the same on every replica).")
+@click.option("--raft-dir", metavar="DIR", help="Where the Raft journal lives (default: DIR/keg/raft).")
+@click.option("--raft-compact-entries", type=click.IntRange(min=2), default=5000, show_default=True,
+              help="Snapshot and trim the Raft log past this many entries.")
+def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push, self_url, raft_self, raft_peers,
+                 raft_password_file, raft_dir, raft_compact_entries):
     """Serve the keg in DIR: REST under /v1, git fetch at /git/keg.git, watch streams.
 
     One process owns the keg; writes from all clients are committed in groups,
     each acknowledged only once durable. Stops cleanly on SIGINT or SIGTERM.
     Every request needs a token (see `keg init`, `keg user add`), except
     /v1/openapi.json.
+
+    With --raft-self the process is one replica of a Raft cluster: writes are
+    committed by a majority of replicas, reads are served by this one (the
+    answer says its revision; ?linearizable=1 waits for the cluster), and
+    every replica makes the same commits. See docs/operations-raft.md.
     """
+    if raft_self or raft_peers or raft_password_file:
+        if not (raft_self and raft_peers):
+            raise click.UsageError("a Raft replica needs both --raft-self HOST:PORT and --raft-peers A,B,C")
+        from shell.master_cli import serve_replica
+        serve_replica(keg_dir, listen, max_body, heartbeat, raft_self, raft_peers, raft_password_file, raft_dir,
+                      raft_compact_entries, fastcgi_socket)
+        return
     from master.app import KegApp
     from master.server import serve_fastcgi, serve_http
     from master.single import SingleMaster
 
     store = keg.Store(keg_dir, lock_timeout=1.0)
     the_master = SingleMaster(store)
-    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat)
+    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat, max_push=max_push, self_url=self_url)
     try:
         if fastcgi_socket:
             serve_fastcgi(app, fastcgi_socket, ready=lambda where: click.echo(
@@ -589,5 +617,34 @@ for _command in MAYOR_COMMANDS:
     cli.add_command(_command)
 
 
+from shell.router import router_group  # noqa: E402
+
+cli.add_command(router_group)
+
+
+from shell.jobs_cli import COMMANDS as JOB_COMMANDS  # noqa: E402
+
+for _command in JOB_COMMANDS:
+    cli.add_command(_command)
+
+
+from shell.master_cli import COMMANDS as MASTER_COMMANDS  # noqa: E402
+
+for _command in MASTER_COMMANDS:
+    master.add_command(_command)
+
+
+from shell.apps_cli import COMMANDS as APP_COMMANDS  # noqa: E402
+
+for _command in APP_COMMANDS:
+    cli.add_command(_command)
+
+
+from shell.up import up_cmd  # noqa: E402
+
+cli.add_command(up_cmd)
+
+
 if __name__ == "__main__":
     entry_point()
+

@@ -12,8 +12,24 @@ import time
 
 import keg
 
-from conftest import git
+import pytest
+
+from conftest import MasterProcess, git, init_keg_with_token
 from httpclient import Client
+
+
+@pytest.fixture(params=["single", "raft"])
+def master_server(request, keg_dir, tmp_path):
+    """The same suite against a single-node master and against a replica of a 3-replica Raft master."""
+    if request.param == "single":
+        server = MasterProcess(keg_dir, init_keg_with_token(keg_dir))
+        yield server
+        server.stop()
+        return
+    from raft_harness import RaftMasterServer
+    server = RaftMasterServer(str(tmp_path / "raft"))
+    yield server
+    server.close()
 
 
 def test_put_get_etag_is_kid_and_listing(master_server):

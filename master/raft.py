@@ -1,0 +1,866 @@
+"""The replicated master: several replicas of one keg kept identical with Raft (pysyncobj), DESIGN §4.
+
+Each replica is a ``SingleMaster`` over its own keg (reads, watch, git fetch
+and chunks are served locally) whose writes do not go to the store directly:
+
+1. ``submit`` queues a transaction; once per turn of the event loop ``flush``
+   encodes the queue as one *group* (``encode_group``: the transactions with
+   their author and id, and the time of the group) and proposes it to the
+   Raft log.  A follower's proposal is forwarded to the leader by pysyncobj.
+2. When the group is committed (on a majority of disks, see
+   ``master/raft_journal.py``) every replica applies it with
+   ``Store.commit(txs, when=group time, trailers=("Keg-Raft-Index: i",))``:
+   same parent, same transactions, same author, same time, so every replica
+   makes the same commit, byte for byte, and the same KIDs.  Nothing in the
+   apply reads a clock, the network or this replica's chunk store.
+3. The replica that proposed the group answers its clients with the results
+   it computed when it applied it; the answer says the revision.
+
+Idempotent retries: a transaction may carry an id (``"id"`` in ``POST
+/v1/tx``, or an ``Idempotency-Key`` header on ``PUT``/``DELETE``).  The
+commit of a successful transaction records ``Keg-Transaction: <id>``; a later
+transaction with the same id, within the newest ``IDEMPOTENCY_WINDOW``
+revisions, is not applied again and gets the original result.  The decision
+depends only on the keg's history, so every replica takes the same one.
+
+Restart: the keg is durable on its own (its journal), and the head commit's
+``Keg-Raft-Index`` says which log entry it reflects; entries up to that index
+are skipped when pysyncobj replays its log.  An entry that changed nothing
+(every compare failed) is harmlessly applied again: it fails again.
+
+Snapshots: when pysyncobj compacts its log, the snapshot file says which
+revision and commit the keg holds at that log index (the keg is checkpointed
+first, so its refs are durable).  A follower that needs entries the leader no
+longer has receives the snapshot, fetches the commit from a peer by git
+(``/v1/raft/git/keg.git``) and moves its head there.
+
+Large values: chunks are stored on a majority of replicas before the
+``PUT`` that wrote them is answered (``chunk_put``, ``put_stream``); a
+proposal whose large puts name chunks this replica lacks is refused before
+it is proposed.  Applying never checks chunks, so it cannot fail on one
+replica and succeed on another.
+
+The replicas talk Raft over pysyncobj's TCP transport, encrypted and
+authenticated with the cluster password (Fernet: nothing is unpickled before
+the message's HMAC is verified), and HTTP among themselves for chunks,
+snapshots and status, authenticated by a token derived from the same password.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.node import TCPNode
+
+from keg import paths
+from keg.errors import BadRequest, CorruptKeg, KegBusy, KegError, NotFound
+from keg.fsio import write_file_atomic
+from keg.large import Pointer
+from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
+from master.app import HttpError
+from master.interface import Pending
+from master.raft_journal import EpollPoller, RaftJournal, SyncingTransport, seams
+from master.single import SingleMaster
+
+GROUP_FORMAT = 1
+MAX_ENTRY = 4 << 20              # bytes of one log entry; a bigger transaction is refused (413)
+PROPOSE_TIMEOUT = 10.0           # a proposal not applied by then is answered "outcome unknown"
+IDEMPOTENCY_WINDOW = 100_000     # revisions within which a repeated transaction id is recognised
+TICK = 0.02                      # timer tick for Raft's timeouts and heartbeats
+PEER_TIMEOUT = 2.0               # one HTTP call to another replica
+PEER_BACKOFF = 2.0               # a replica that did not answer is not asked again for this long
+RAFT_INDEX_TRAILER = "Keg-Raft-Index: "
+TX_TRAILER = "Keg-Transaction: "
+ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+PEER_TOKEN_PREFIX = "raftpeer_"
+
+log = logging.getLogger("keg.raft")
+
+
+class RaftConfigError(KegError):
+    """The replica's Raft options are wrong (a bad address, self not among the peers, no password)."""
+
+
+class OutcomeUnknown(KegBusy):
+    """The proposal may or may not have been committed; the client should retry with the same id."""
+
+
+class EntryTooLarge(HttpError):
+    """A transaction too large for one log entry (HTTP 413)."""
+
+    def __init__(self, message: str):
+        super().__init__(413, message)
+
+
+# ------------------------------------------------------------------ config
+
+@dataclass(frozen=True)
+class Peer:
+    """One replica: its Raft address (``HOST:PORT``) and the URL of its HTTP interface."""
+
+    raft: str
+    url: str
+
+
+def check_address(text: str, what: str) -> str:
+    """``HOST:PORT`` with a numeric port, or RaftConfigError saying what is wrong."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RaftConfigError(f"{what} {text!r} is not HOST:PORT (for example 10.0.0.1:4001)")
+    return f"{host}:{int(port)}"
+
+
+def parse_peers(text: str, self_raft: str, self_url: str) -> list:
+    """The ``--raft-peers`` list: ``HOST:PORT`` or ``HOST:PORT=http://HOST:HTTPPORT``, comma-separated.
+
+    A peer without a URL is assumed to serve HTTP on the same port as this
+    replica, at its Raft host.  This replica must be in the list.
+
+    Raises:
+        RaftConfigError: naming the entry that is wrong.
+    """
+    self_raft = check_address(self_raft, "--raft-self")
+    http_port = urllib.parse.urlsplit(self_url).port
+    peers, seen = [], set()
+    for item in [p for p in (text or "").split(",") if p.strip()]:
+        raft, _, url = item.strip().partition("=")
+        raft = check_address(raft, "--raft-peers entry")
+        if raft in seen:
+            raise RaftConfigError(f"--raft-peers names {raft} twice")
+        seen.add(raft)
+        if raft == self_raft:
+            url = self_url
+        elif not url:
+            url = f"http://{raft.rpartition(':')[0]}:{http_port}"
+        elif not url.startswith(("http://", "https://")):
+            raise RaftConfigError(f"--raft-peers entry {item!r}: the URL must start with http:// or https://")
+        peers.append(Peer(raft, url.rstrip("/")))
+    if self_raft not in seen:
+        raise RaftConfigError(f"--raft-peers must list every replica, this one ({self_raft}) included")
+    return peers
+
+
+def peer_token(password: str) -> str:
+    """The bearer token replicas use with each other's HTTP interface, derived from the cluster password."""
+    return PEER_TOKEN_PREFIX + hmac.new(password.encode(), b"keg raft peer v1", hashlib.sha256).hexdigest()
+
+
+# ------------------------------------------------------------------ groups
+
+def encode_group(transactions, when: int) -> bytes:
+    """A group of transactions as one log entry: exact bytes, no pickle, no loss (large puts keep their pointer)."""
+    txs = []
+    for tx in transactions:
+        ops = []
+        for op in tx.ops:
+            if isinstance(op, Delete):
+                ops.append(["delete", op.path, bool(op.recursive)])
+            else:
+                ops.append(["put", op.path, op.mode, base64.b64encode(op.data).decode("ascii"), bool(op.large)])
+        txs.append({"ops": ops, "compare": [[c.path, c.kid] for c in tx.compares],
+                    "author": [tx.author.name, tx.author.email], "id": tx.id})
+    return json.dumps({"v": GROUP_FORMAT, "time": int(when), "txs": txs},
+                      separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_group(payload: bytes) -> tuple:
+    """``(time, [Transaction])`` from ``encode_group``'s bytes."""
+    obj = json.loads(payload)
+    if obj.get("v") != GROUP_FORMAT:
+        raise CorruptKeg(f"log entry has group format {obj.get('v')!r}; this Keg reads {GROUP_FORMAT}: "
+                         "upgrade every replica to the same version")
+    txs = []
+    for t in obj["txs"]:
+        ops = tuple(Delete(o[1], o[2]) if o[0] == "delete" else Put(o[1], base64.b64decode(o[3]), o[2], o[4])
+                    for o in t["ops"])
+        txs.append(Transaction(ops, tuple(Compare(p, k) for p, k in t["compare"]), Author(*t["author"]), t["id"]))
+    return obj["time"], txs
+
+
+def _trailer_values(message: str, trailer: str) -> list:
+    return [line[len(trailer):] for line in message.splitlines() if line.startswith(trailer)]
+
+
+# ------------------------------------------------------------------ pysyncobj
+
+class ReplicatedLog(SyncObj):
+    """pysyncobj's Raft with the Keg journal, poller and transport; its two commands call the master."""
+
+    def __init__(self, master: "RaftMaster", self_raft: str, others: list, conf: SyncObjConf,
+                 journal: RaftJournal, poller: EpollPoller):
+        self.keg_master = master
+        self.keg_journal = journal
+        with seams(journal, poller):
+            super().__init__(self_raft, others, conf, transportClass=SyncingTransport)
+
+    @replicated
+    def apply_group(self, payload):
+        """Apply one group of transactions (every replica, in log order)."""
+        return self.keg_master.apply_entry(payload, self.raftLastApplied + 1)
+
+    @replicated
+    def barrier(self):
+        """Nothing: a point in the log, for linearizable reads."""
+        self.keg_journal.sync()
+        return self.raftLastApplied + 1
+
+    def role(self) -> str:
+        """``leader``, ``follower`` or ``candidate``."""
+        return ROLES.get(self.getStatus()["state"], "unknown")
+
+
+class RaftPending(Pending):
+    """A ``Pending`` whose ``wait`` drives the Raft loop itself (for callers outside the event loop)."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self, tx, master):
+        super().__init__(tx, master)
+        self.deadline = time.monotonic() + PROPOSE_TIMEOUT
+
+    def resolve(self, result: TxResult) -> None:
+        if self.result is None:  # a late answer after a timeout is dropped
+            super().resolve(result)
+
+    def wait(self) -> TxResult:
+        self._master.run_until(lambda: self.done, PROPOSE_TIMEOUT + 1.0)
+        if not self.done:
+            self.resolve(TxResult(False, error=OutcomeUnknown("no answer from the Raft log in time")))
+        return self.result
+
+
+# ------------------------------------------------------------------ the master
+
+class RaftMaster(SingleMaster):
+    """One replica of a Raft-replicated keg.
+
+    Args:
+        store: this replica's open ``Store`` (every replica starts from a copy
+            of the same ``keg init``).
+        self_raft: this replica's Raft address, ``HOST:PORT`` (it binds there).
+        peers: every replica as ``Peer`` (this one included).
+        password: the cluster password (authenticates and encrypts Raft, derives the peer token).
+        raft_dir: where the Raft journal lives (default ``<keg>/keg/raft``).
+        compact_entries: compact the Raft log (snapshot) beyond this many entries.
+        durable: fsync the Raft journal (off only in tests that measure nothing about crashes).
+    """
+
+    def __init__(self, store, self_raft: str, peers: list, password: str, raft_dir: str | None = None,
+                 compact_entries: int = 5000, durable: bool = True):
+        super().__init__(store)
+        if not password:
+            raise RaftConfigError("a cluster password is required (--raft-password-file): it authenticates "
+                                  "the replicas to each other; without it any host could write the log")
+        self.self_raft = check_address(self_raft, "--raft-self")
+        self.peers = {p.raft: p for p in peers}
+        if self.self_raft not in self.peers:
+            raise RaftConfigError(f"the peers must include this replica ({self.self_raft})")
+        self.self_url = self.peers[self.self_raft].url
+        self.peer_token = peer_token(password)
+        self.raft_dir = raft_dir or os.path.join(store.path, "keg", "raft")
+        self.journal = RaftJournal(self.raft_dir, durable=durable)
+        self.poller = EpollPoller()
+        self._ids: dict = {}            # transaction id -> revision that applied it
+        self.applied_index = 0          # the log index the keg's head reflects
+        self._load_applied()
+        self._proposals: list = []      # (deadline, [RaftPending])
+        self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
+        self._wanted: set = set()       # chunks of committed values this replica lacks
+        self._loop = None
+        self._closed = False
+        self.stats.update({"groups": 0, "snapshots_sent": 0, "snapshots_loaded": 0, "replayed_ids": 0})
+        conf = SyncObjConf(
+            password=password, autoTick=False, useFork=False, appendEntriesUseBatch=False,
+            dynamicMembershipChange=True, commandsWaitLeader=True,
+            bindAddress=self.self_raft, maxBindRetries=3, bindRetryTime=0.2,
+            raftMinTimeout=0.4, raftMaxTimeout=1.0, appendEntriesPeriod=0.1, connectionTimeout=3.5,
+            connectionRetryTime=0.5, leaderFallbackTimeout=2.0,
+            logCompactionMinEntries=max(2, compact_entries), logCompactionMinTime=10 ** 9,
+            fullDumpFile=os.path.join(self.raft_dir, "snapshot.json"),
+            serializer=self._write_snapshot, deserializer=self._read_snapshot,
+            appendEntriesBatchSizeBytes=1 << 20, logCompactionBatchSize=1 << 20,
+            onStateChanged=self._on_state_changed)
+        others = [TCPNode(a) for a in self.peers if a != self.self_raft]
+        try:
+            self.raft = ReplicatedLog(self, self.self_raft, others, conf, self.journal, self.poller)
+        except Exception as err:  # pysyncobj reports a port in use as SyncObjException('BindError')
+            self.journal._destroy()
+            raise RaftConfigError(f"cannot listen for Raft at {self.self_raft}: {err} "
+                                  "(is the address this machine's, and the port free?)") from err
+
+    # ------------------------------------------------------------ start-up
+
+    def _load_applied(self) -> None:
+        """The log index the keg reflects, and the transaction ids of the newest revisions."""
+        self.applied_index = 0
+        head = self.store.head_revision
+        first = max(1, head - IDEMPOTENCY_WINDOW + 1)
+        number = head
+        for number in range(head, first - 1, -1):
+            message = self.store.revision(number).message
+            if not self.applied_index:
+                found = _trailer_values(message, RAFT_INDEX_TRAILER)
+                if found:
+                    self.applied_index = int(found[-1])
+            for tx_id in _trailer_values(message, TX_TRAILER):
+                self._ids.setdefault(tx_id, number)
+            if number < head - 2000 and self.applied_index:
+                break  # ids older than this are looked up in the history when asked (see _committed_id)
+        self._ids_scanned_from = max(1, number)
+
+    def _committed_id(self, tx_id: str, head: int):
+        """The revision that applied ``tx_id`` within the window, or None."""
+        number = self._ids.get(tx_id)
+        if number is None and self._ids_scanned_from > max(1, head - IDEMPOTENCY_WINDOW + 1):
+            # Scan further back only when an id is asked for that the recent history does not hold.
+            for n in range(self._ids_scanned_from - 1, max(1, head - IDEMPOTENCY_WINDOW + 1) - 1, -1):
+                for found in _trailer_values(self.store.revision(n).message, TX_TRAILER):
+                    self._ids.setdefault(found, n)
+                self._ids_scanned_from = n
+            number = self._ids.get(tx_id)
+        if number is not None and number > head - IDEMPOTENCY_WINDOW:
+            return number
+        return None
+
+    def attach(self, loop) -> None:
+        """Run the Raft loop on ``loop`` (the server's asyncio loop): socket events and a timer."""
+        self._loop = loop
+        loop.add_reader(self.poller.fileno(), self._tick)
+        loop.call_later(TICK, self._timer)
+
+    def _timer(self) -> None:
+        if self._closed:
+            return
+        self._tick()
+        self._expire()
+        if self._wanted:
+            self._fetch_wanted()
+        self._loop.call_later(TICK, self._timer)
+
+    def _tick(self, wait: float = 0.0) -> None:
+        # pysyncobj handles the messages a tick receives at the end of that tick (its poll), and acts on
+        # them (commit index, apply, replies) at the start of the next: a second tick right away saves
+        # a round of the timer on every message.
+        try:
+            self.raft.doTick(wait)
+            self.raft.doTick(0.0)
+        except Exception:  # logged; the loop goes on and the next tick retries, as pysyncobj's thread would
+            log.exception("raft tick failed")
+
+    def run_until(self, condition, timeout: float) -> None:
+        """Drive Raft from this thread until ``condition()`` or ``timeout`` (outside an event loop)."""
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            self.flush()
+            self._tick(0.01)
+            self._expire()
+
+    def _on_state_changed(self, old, new) -> None:
+        log.info("raft: %s -> %s", ROLES.get(old), ROLES.get(new))
+
+    # ------------------------------------------------------------ writes
+
+    def submit(self, tx) -> Pending:
+        pending = RaftPending(tx, self)
+        with self._queue_lock:
+            self._queue.append(pending)
+        if self.on_submit is not None:
+            self.on_submit()
+        return pending
+
+    def flush(self) -> None:
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        if not batch:
+            return
+        group, size, when = [], 0, int(time.time())
+        for pending in batch:
+            error = self._refuse(pending.tx)
+            if error is not None:
+                pending.resolve(TxResult(False, error=error))
+                continue
+            one = len(encode_group([pending.tx], when))
+            if group and size + one > MAX_ENTRY:
+                self._propose(group, when)
+                group, size = [], 0
+            group.append(pending)
+            size += one
+        if group:
+            self._propose(group, when)
+        self._tick()
+
+    def _refuse(self, tx):
+        """Why ``tx`` may not be proposed (too large, chunks missing here), or None."""
+        size = len(encode_group([tx], 0))
+        if size > MAX_ENTRY:
+            return EntryTooLarge(f"the transaction is {size} bytes as a log entry; at most {MAX_ENTRY} fit: "
+                                 "store large values as chunks (PUT /v1/keg/<path> does that by itself)")
+        if tx.id is not None and ("\n" in tx.id or len(tx.id) > 200):
+            return BadRequest("a transaction id is one line of at most 200 characters")
+        for op in tx.ops:
+            if isinstance(op, Put) and op.large:
+                try:
+                    pointer = Pointer.parse(op.data, op.path)
+                except CorruptKeg as err:
+                    return BadRequest(str(err).replace("is damaged", "is malformed"))
+                missing = self.chunks.missing(sorted({name for name, _ in pointer.chunks}))
+                if missing:
+                    return BadRequest(f"put {op.path}: {len(missing)} chunk(s) of the value are not stored on "
+                                      f"this replica (first: {missing[0]}); upload them here first")
+        return None
+
+    def _propose(self, group: list, when: int) -> None:
+        payload = encode_group([p.tx for p in group], when)
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, group))
+
+        def done(results, err):
+            if err == FAIL_REASON.SUCCESS and results is not None:
+                for pending, result in zip(group, results):
+                    pending.resolve(result)
+                return
+            reason = {FAIL_REASON.QUEUE_FULL: "the proposal queue is full",
+                      FAIL_REASON.MISSING_LEADER: "there is no leader",
+                      FAIL_REASON.DISCARDED: "a new leader discarded it",
+                      FAIL_REASON.NOT_LEADER: "the leader changed",
+                      FAIL_REASON.LEADER_CHANGED: "the leader changed",
+                      FAIL_REASON.UNKNOWN_OUTCOME: "its outcome was lost"}.get(err, f"error {err}")
+            failure = OutcomeUnknown(f"the write may or may not have been committed ({reason}); "
+                                     "retry it with the same transaction id")
+            for pending in group:
+                pending.resolve(TxResult(False, error=failure))
+
+        self.raft.apply_group(payload, callback=done)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for deadline, group in self._proposals:
+            if all(p.done for p in group):
+                continue
+            if deadline > now:
+                keep.append((deadline, group))
+                continue
+            failure = OutcomeUnknown(f"no quorum answered within {PROPOSE_TIMEOUT:g} s; the write may or may "
+                                     "not be committed: retry it with the same transaction id")
+            for pending in group:
+                pending.resolve(TxResult(False, error=failure))
+        self._proposals = keep
+
+    def apply_entry(self, payload: bytes, index: int):
+        """Apply log entry ``index`` (a group) to the keg: the same commit on every replica.
+
+        Returns:
+            One ``TxResult`` per transaction of the group (for the replica that proposed it).
+        """
+        self.journal.sync()
+        if index <= self.applied_index:
+            return None  # the keg has it already (a replay after a restart)
+        when, transactions = decode_group(payload)
+        results: list = [None] * len(transactions)
+        todo, first_of = [], {}
+        with self._lock:
+            head = self.store.head_revision
+            for i, tx in enumerate(transactions):
+                if tx.id is not None:
+                    number = self._committed_id(tx.id, head)
+                    if number is not None:
+                        results[i] = self._replayed(tx, number)
+                        self.stats["replayed_ids"] += 1
+                        continue
+                    if tx.id in first_of:
+                        continue  # the same id twice in one group: it gets the first one's result
+                    first_of[tx.id] = i
+                todo.append(i)
+            try:
+                applied = self.store.commit([transactions[i] for i in todo], when=when,
+                                            trailers=(f"{RAFT_INDEX_TRAILER}{index}",), check_chunks=False)
+            except KegError:
+                log.exception("raft: applying log entry %d failed; this replica stops applying until it can",
+                              index)
+                raise
+            after = self.store.head_revision
+        for i, result in zip(todo, applied):
+            results[i] = result
+            tx = transactions[i]
+            if result.ok and tx.id is not None:
+                self._ids[tx.id] = result.revision
+            if result.ok:
+                self._want_chunks(tx)
+        for i, tx in enumerate(transactions):
+            if results[i] is None:
+                results[i] = results[first_of[tx.id]]
+        self.stats["transactions"] += len(transactions)
+        self.stats["groups"] += 1
+        if after != head:
+            self.applied_index = index
+            self.stats["commits"] += 1
+            self._announce(after)
+        return results
+
+    def _want_chunks(self, tx) -> None:
+        """Note the chunks of ``tx``'s large puts that this replica lacks (a majority has them): fetched later."""
+        for op in tx.ops:
+            if isinstance(op, Put) and op.large:
+                names = sorted({n for n, _ in Pointer.parse(op.data, op.path).chunks})
+                self._wanted.update(self.chunks.missing(names))
+
+    def _fetch_wanted(self, budget: float = 0.05) -> None:
+        """Fetch chunks this replica missed from the others, for at most ``budget`` seconds per call."""
+        deadline = time.monotonic() + budget
+        for name in sorted(self._wanted):
+            if time.monotonic() > deadline:
+                return
+            for address in sorted(a for a in self.peers if a != self.self_raft):
+                if self._peer_down.get(address, 0) > time.monotonic():
+                    continue
+                try:
+                    status, data = self.peer_call(address, "GET", f"/v1/raft/chunks/{name}")
+                except (OSError, http.client.HTTPException):
+                    self._peer_down[address] = time.monotonic() + PEER_BACKOFF
+                    continue
+                if status == 200:
+                    self.chunks.put(name, data)  # verified against its name
+                    break
+            if not self.chunks.missing([name]):
+                self._wanted.discard(name)
+
+    def _replayed(self, tx, number: int) -> TxResult:
+        """The result of a transaction applied before, at revision ``number`` (a retry of the same id)."""
+        revision = self.store.revision(number)
+        kids = {}
+        for op in tx.ops:
+            try:
+                kids[op.path] = self.store.kid(op.path, number) if isinstance(op, Put) else None
+            except NotFound:
+                kids[op.path] = None
+        return TxResult(True, number, revision.kid, kids)
+
+    def read_barrier(self) -> Pending:
+        """A ``Pending`` resolved once this replica has applied everything committed before the call."""
+        pending = RaftPending(None, self)
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [pending]))
+
+        def done(_index, err):
+            if err == FAIL_REASON.SUCCESS:
+                with self._lock:
+                    revision = self.store.revision()
+                pending.resolve(TxResult(True, revision.number, revision.kid, {}))
+            else:
+                pending.resolve(TxResult(False, error=OutcomeUnknown(
+                    "no quorum confirmed the read (no leader?); retry, or read without ?linearizable")))
+
+        self.raft.barrier(callback=done)
+        if self._loop is None:
+            self._tick()
+        return pending
+
+    # ------------------------------------------------------------ chunks
+
+    def chunk_put(self, name, data):
+        created = self.chunks.put(name, data)
+        self._replicate_chunks([name])
+        return created
+
+    def put_stream(self, path, stream, mode=0o100644):
+        op = self.store.put_stream(path, stream, mode)
+        if op.large:
+            self._replicate_chunks(sorted({n for n, _ in Pointer.parse(op.data, op.path).chunks}))
+        return op
+
+    def _majority(self) -> int:
+        return len(self.peers) // 2 + 1
+
+    def _replicate_chunks(self, names: list) -> None:
+        """Store ``names`` (held here) on a majority of replicas, or raise KegBusy."""
+        stored = 1
+        leader = self.raft._getLeader()
+        order = sorted((a for a in self.peers if a != self.self_raft),
+                       key=lambda a: (leader is None or a != leader.address, a))
+        errors = []
+        for address in order:
+            if stored >= self._majority():
+                return
+            try:
+                self._push_chunks(address, names)
+                stored += 1
+            except (OSError, http.client.HTTPException, KegError) as err:
+                self._peer_down[address] = time.monotonic() + PEER_BACKOFF
+                errors.append(f"{address}: {err}")
+        if stored < self._majority():
+            raise KegBusy(f"the chunks are stored on {stored} of {len(self.peers)} replicas and a majority "
+                          f"({self._majority()}) is needed before the write is answered: "
+                          f"{'; '.join(errors) or 'no replica answered'}")
+
+    def _push_chunks(self, address: str, names: list) -> None:
+        if self._peer_down.get(address, 0) > time.monotonic():
+            raise KegBusy("it did not answer a moment ago")
+        status, body = self.peer_call(address, "POST", "/v1/raft/chunks/missing",
+                                      json.dumps({"chunks": names}).encode())
+        if status != 200:
+            raise KegBusy(f"asking for missing chunks gave HTTP {status}")
+        for name in json.loads(body)["missing"]:
+            status, body = self.peer_call(address, "PUT", f"/v1/raft/chunks/{name}", self.chunks.get(name))
+            if status not in (200, 201):
+                raise KegBusy(f"storing chunk {name} gave HTTP {status}: {body[:200]!r}")
+
+    def peer_call(self, address: str, method: str, target: str, body: bytes | None = None,
+                  timeout: float = PEER_TIMEOUT) -> tuple:
+        """One HTTP request to another replica with the peer token: ``(status, body)``."""
+        url = urllib.parse.urlsplit(self.peer_url(address))
+        conn = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
+            url.hostname, url.port, timeout=timeout)
+        try:
+            conn.request(method, target, body=body, headers={"Authorization": f"Bearer {self.peer_token}"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def peer_url(self, address: str) -> str:
+        """The HTTP URL of the replica at Raft ``address`` (also of one added after the start)."""
+        peer = self.peers.get(address)
+        if peer is not None:
+            return peer.url
+        port = urllib.parse.urlsplit(self.self_url).port
+        return f"http://{address.rpartition(':')[0]}:{port}"
+
+    # ------------------------------------------------------------ snapshots
+
+    def _write_snapshot(self, filename: str, data) -> None:
+        """pysyncobj's serializer: the log position, the keg's head there, and the cluster; no pickle."""
+        last, before, cluster = data
+        with self._lock:
+            self.store.checkpoint()   # the refs on disk now hold everything applied: durable
+            revision = self.store.revision()
+        snapshot = {
+            "format": 1, "source": self.self_raft, "revision": revision.number, "commit": revision.kid,
+            "entries": [[base64.b64encode(bytes(e[0])).decode("ascii"), e[1], e[2]] for e in (last, before)],
+            "cluster": sorted(n.address if hasattr(n, "address") else str(n) for n in cluster),
+        }
+        write_file_atomic(filename, json.dumps(snapshot).encode(), durable=self.journal.durable)
+        self.stats["snapshots_sent"] += 1
+
+    def _read_snapshot(self, filename: str) -> tuple:
+        """pysyncobj's deserializer: bring the keg to the snapshot's commit (git fetch when behind)."""
+        with open(filename, "rb") as f:
+            snapshot = json.load(f)
+        if snapshot.get("format") != 1:
+            raise CorruptKeg(f"{filename}: unknown snapshot format {snapshot.get('format')!r}")
+        number, commit = snapshot["revision"], snapshot["commit"]
+        with self._lock:
+            head = self.store.head_revision
+            if head < number or self.store.revision(number).kid != commit:
+                if head >= number:
+                    raise CorruptKeg(f"this replica's revision {number} is {self.store.revision(number).kid}, "
+                                     f"the cluster's is {commit}: the replica's keg has diverged; rebuild it "
+                                     "from a copy of another replica")
+                self._fetch_commit(snapshot["source"], commit)
+                self.stats["snapshots_loaded"] += 1
+                after = self.store.head_revision
+                self._load_applied()
+                self._announce(after)
+        # A fetch takes time; do not let it count as the leader's silence.
+        self.raft._SyncObj__raftElectionDeadline = time.monotonic() + 1.0
+        entries = [(base64.b64decode(c), i, t) for c, i, t in snapshot["entries"]]
+        return entries[0], entries[1], [TCPNode(a) for a in snapshot["cluster"]]
+
+    def _fetch_commit(self, source: str, commit: str) -> None:
+        """git fetch ``commit`` from the replica at ``source`` and make it this keg's head."""
+        url = self.peer_url(source) + "/v1/raft/git/keg.git"
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_TERMINAL_PROMPT": "0",
+               "HOME": self.raft_dir}
+        done = subprocess.run(
+            ["git", "-c", f"http.extraHeader=Authorization: Bearer {self.peer_token}", "--git-dir", self.store.path,
+             "fetch", "--quiet", "--no-tags", url, "+refs/heads/main:refs/keg/raft-incoming"],
+            capture_output=True, text=True, env=env, timeout=300, check=False)
+        if done.returncode != 0:
+            raise KegBusy(f"fetching the snapshot from {source} failed: {done.stderr.strip()[-500:]}")
+        self.store.fast_forward(bytes.fromhex(commit[2:]))
+
+    # ------------------------------------------------------------ status, membership
+
+    def status(self) -> dict:
+        """What ``keg master status`` shows for this replica."""
+        raw = self.raft.getStatus()
+        leader = raw.get("leader")
+        with self._lock:
+            revision = self.store.revision()
+        peers = []
+        for address in sorted(self.peers):
+            if address == self.self_raft:
+                continue
+            peers.append({"raft": address, "url": self.peer_url(address),
+                          "connected": raw.get(f"partner_node_status_server_{address}") == 2,
+                          "match_index": raw.get(f"match_idx_server_{address}")})
+        for node in self.raft.otherNodes:
+            if node.address not in self.peers:
+                peers.append({"raft": node.address, "url": self.peer_url(node.address),
+                              "connected": self.raft.isNodeConnected(node),
+                              "match_index": raw.get(f"match_idx_server_{node.address}")})
+        return {"mode": "raft", "raft": self.self_raft, "url": self.self_url, "role": ROLES.get(raw["state"]),
+                "leader": leader.address if leader is not None else None, "term": raw["raft_term"],
+                "commit_index": raw["commit_idx"], "last_applied": raw["last_applied"],
+                "log_entries": raw["log_len"], "has_quorum": raw["has_quorum"],
+                "revision": revision.number, "revision_kid": revision.kid, "applied_index": self.applied_index,
+                "snapshots_loaded": self.stats["snapshots_loaded"], "snapshots_written": self.stats["snapshots_sent"],
+                "peers": peers, "members": sorted([self.self_raft] + [n.address for n in self.raft.otherNodes])}
+
+    def change_membership(self, action: str, address: str) -> Pending:
+        """Add or remove a replica (one at a time); the ``Pending`` resolves once the change is committed."""
+        address = check_address(address, "the replica")
+        if action not in ("add", "remove"):
+            raise BadRequest("the membership action is 'add' or 'remove'")
+        pending = RaftPending(None, self)
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [pending]))
+
+        def done(_res, err):
+            if err == FAIL_REASON.SUCCESS:
+                pending.resolve(TxResult(True, self.store.head_revision, None, {}))
+            else:
+                pending.resolve(TxResult(False, error=KegBusy(
+                    f"the cluster refused to {action} {address} (error {err}): another change may be in "
+                    "progress, the replica may already be a member (or not one), or there is no leader")))
+
+        if action == "add":
+            self.raft.addNodeToCluster(address, callback=done)
+        else:
+            self.raft.removeNodeFromCluster(address, callback=done)
+        if self._loop is None:
+            self._tick()
+        return pending
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.poller.fileno())
+            except (ValueError, RuntimeError):
+                pass
+        self.flush()
+        try:
+            self.raft.destroy()
+        finally:
+            self.poller.close()
+            super().close()
+
+
+# ------------------------------------------------------------------ HTTP
+
+def route(app, req, start_response):
+    """``/v1/raft/…``: status (users), membership (admins), chunks and git for the other replicas."""
+    from master.bodies import DeferredResponse
+    from master import git_http
+
+    master = app.master
+    if not isinstance(master, RaftMaster):
+        raise NotFound("this master is not replicated; /v1/raft/ exists only on Raft replicas")
+    authorization = req.header("Authorization") or ""
+    is_peer = hmac.compare_digest(authorization.encode(), f"Bearer {master.peer_token}".encode())
+    principal = None
+    if not is_peer:
+        principal = app.authority.authenticate(authorization or None)
+    rest = req.path[len("/v1/raft/"):]
+    if rest == "status":
+        app._allow(req, "GET")
+        if principal is not None:
+            app.authority.check(principal, "/", "r")
+        return app._json(start_response, master.status())
+    if rest == "members":
+        app._allow(req, "POST")
+        if principal is None:
+            raise HttpError(403, "membership changes need an administrator's token, not the peer token")
+        app.authority.check(principal, "/", "w")
+        body = req.json_body()
+        if not isinstance(body, dict) or len(body) != 1 or next(iter(body)) not in ("add", "remove"):
+            raise BadRequest('the body must be {"add": "HOST:PORT"} or {"remove": "HOST:PORT"}')
+        action, address = next(iter(body.items()))
+        pending = master.change_membership(action, str(address))
+
+        def render(result):
+            if result.ok:
+                data = (json.dumps({"ok": True, action: address}) + "\n").encode()
+                return "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))], data
+            data = (json.dumps({"ok": False, "error": str(result.error), "status": 503}) + "\n").encode()
+            return "503 Service Unavailable", [("Content-Type", "application/json")], data
+
+        return DeferredResponse(start_response, pending, render)
+    if not is_peer:
+        raise HttpError(403, f"/v1/raft/{rest.split('/')[0]} is for the other replicas only")
+    if rest == "chunks/missing":
+        app._allow(req, "POST")
+        names = req.json_body().get("chunks")
+        if not isinstance(names, list):
+            raise BadRequest('the body must be {"chunks": [blake3, …]}')
+        return app._json(start_response, {"missing": master.chunk_missing(names)})
+    if rest.startswith("chunks/"):
+        app._allow(req, "GET", "PUT")
+        from keg.chunks import check_hash
+        name = check_hash(rest[len("chunks/"):])
+        if req.method == "GET":
+            data = master.chunks.get(name)
+            start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                      ("Content-Length", str(len(data)))])
+            return [data]
+        created = master.chunks.put(name, req.body())  # verified against its name; stored here only
+        return app._json(start_response, {"chunk": name, "created": created}, 201 if created else 200)
+    if rest == "git/keg.git" or rest.startswith("git/keg.git/"):
+        service = req.query.get("service", "")
+        if rest.endswith("/git-receive-pack") or service == "git-receive-pack":
+            raise HttpError(403, "the replicas' git is fetch only")
+        master.publish()
+        root = git_http.project_root(master.store.path)
+        env = git_http.cgi_environ(req.environ, root, "/" + rest[len("git/"):], "raft-peer")
+        return git_http.CgiBody(start_response, env, req.body())
+    raise NotFound(f"no such endpoint {req.path}")
+
+
+def fetch_status(url: str, token: str | None, timeout: float = 3.0) -> dict:
+    """One master's ``/v1/raft/status`` (or, for a single-node master, its head) as a dict.
+
+    Raises:
+        OSError: the master did not answer.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    conn = (http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection)(
+        parsed.hostname, parsed.port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        conn.request("GET", "/v1/raft/status", headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        if response.status == 404:
+            conn.request("GET", "/v1/head", headers=headers)
+            response = conn.getresponse()
+            head = json.loads(response.read())
+            return {"mode": "single", "url": url, "role": "single", "revision": head.get("revision"),
+                    "revision_kid": head.get("kid"), "term": None, "commit_index": None}
+        if response.status != 200:
+            raise OSError(f"HTTP {response.status}: {body[:200].decode(errors='replace')}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def main_log_handler() -> None:
+    """Send pysyncobj's and this module's warnings to stderr (the server's log)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("keg master: %(name)s: %(message)s"))
+    for name in ("keg.raft", "pysyncobj"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)

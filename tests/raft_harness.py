@@ -1,0 +1,485 @@
+"""Raft clusters of real ``keg master serve`` processes for tests and bench/raft.py.
+
+``Cluster`` starts N replicas of one keg (``keg init`` once, copied N times),
+either on loopback ports (``net=None``) or each in a network namespace of its
+own on one bridge (``tests/netns.py``), where the harness can also cut links
+with iptables inside the namespaces.  Clients then run inside a ``client``
+namespace (``cluster.client()`` as a context manager, per thread).
+
+``Workload`` runs compare-and-swap clients on a few hot keys through any
+replica, with transaction ids and retries of unknown outcomes, and records
+the history that ``raft_history.check`` verifies; it also keeps every
+acknowledged write, to prove none is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+
+from conftest import init_keg_with_token, keg_command
+from raft_history import Op
+
+RAFT_PORT = 7481
+HTTP_PORT = 7480
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def blob_kid(data: bytes) -> str:
+    """The KID of a file holding ``data`` (its git blob id)."""
+    return "K-" + hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class Replica:
+    """One ``keg master serve --raft-self`` process (restartable)."""
+
+    def __init__(self, cluster: "Cluster", index: int, keg_path: str, raft: str, url: str, host=None):
+        self.cluster = cluster
+        self.index = index
+        self.keg_path = keg_path
+        self.raft = raft
+        self.url = url
+        self.host = host
+        self.proc = None
+        self.log_path = keg_path.rstrip("/") + ".log"
+
+    def argv(self) -> list:
+        listen = urllib.parse.urlsplit(self.url).netloc
+        return [*keg_command(), "master", "serve", "--keg", self.keg_path, "--listen", listen,
+                "--raft-self", self.raft, "--raft-peers", self.cluster.peers_arg,
+                "--raft-password-file", self.cluster.password_file, *self.cluster.extra]
+
+    def start(self, wait: bool = True) -> None:
+        """Start the process; with ``wait``, return once it listens."""
+        with open(self.log_path, "a") as log:
+            self.log_start = log.tell()
+            if self.host is not None:
+                self.proc = self.cluster.net.popen(self.host, self.argv(), stdout=subprocess.DEVNULL, stderr=log)
+            else:
+                self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=log)
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
+        """Wait until the process printed that it serves (or fail with its log)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if "as Raft replica" in self.log()[self.log_start:]:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"replica {self.index} did not start:\n{self.log()[self.log_start:][-3000:]}")
+
+    def log(self) -> str:
+        """Everything the replica wrote to stderr so far."""
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self, signalled: bool = False) -> int:
+        """SIGTERM (unless ``signalled`` already) and wait; returns the exit status."""
+        if self.alive:
+            if not signalled:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc is not None else 0
+
+
+class Cluster:
+    """N replicas of one new keg (see the module's docstring).
+
+    Args:
+        root: a directory for the kegs, logs and password.
+        size: number of replicas.
+        net: a ``netns.Network`` to put each replica in a namespace of its own; None for loopback.
+        extra: more ``keg master serve`` options for every replica.
+    """
+
+    def __init__(self, root: str, size: int = 3, net=None, extra=()):
+        self.root = root
+        self.net = net
+        self.extra = list(extra)
+        os.makedirs(root, exist_ok=True)
+        self.password_file = os.path.join(root, "password")
+        with open(self.password_file, "w") as f:
+            f.write(os.urandom(24).hex() + "\n")
+        first = os.path.join(root, "r0")
+        self.token = init_keg_with_token(first)
+        self.replicas: list = []
+        self.client_host = net.host("client") if net is not None else None
+        for i in range(size):
+            self._make_replica(i, first)
+        self.peers_arg = ",".join(f"{r.raft}={r.url}" for r in self.replicas)
+
+    def _make_replica(self, i: int, first: str) -> Replica:
+        path = os.path.join(self.root, f"r{i}")
+        if i:
+            shutil.copytree(first, path, symlinks=True)
+            shutil.rmtree(os.path.join(path, "keg", "raft"), ignore_errors=True)
+        if self.net is not None:
+            host = self.net.host(f"r{i}")
+            replica = Replica(self, i, path, f"{host.address}:{RAFT_PORT}", f"http://{host.address}:{HTTP_PORT}",
+                              host)
+        else:
+            replica = Replica(self, i, path, f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}")
+        self.replicas.append(replica)
+        return replica
+
+    def add_replica(self) -> Replica:
+        """A new replica from a copy of replica 0's initial keg state (not started; peers include it)."""
+        i = len(self.replicas)
+        seed = os.path.join(self.root, "seed")
+        if not os.path.exists(seed):
+            raise AssertionError("call keep_seed() before the cluster starts writing")
+        replica = self._make_replica(i, seed)
+        self.peers_arg = ",".join(f"{r.raft}={r.url}" for r in self.replicas)
+        return replica
+
+    def keep_seed(self) -> None:
+        """Keep a copy of the initial keg, from which later replicas start."""
+        shutil.copytree(os.path.join(self.root, "r0"), os.path.join(self.root, "seed"), symlinks=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "Cluster":
+        """Start every replica and wait for a leader."""
+        for r in self.replicas:
+            r.start(wait=False)
+        for r in self.replicas:
+            r.wait_started()
+        self.wait_leader()
+        return self
+
+    def close(self) -> None:
+        """Stop every replica (the network, if any, is closed by its owner)."""
+        signalled = []
+        for r in self.replicas:
+            if r.alive:
+                r.proc.terminate()
+                signalled.append(r)
+        for r in self.replicas:
+            r.stop(signalled=r in signalled)
+
+    def live(self) -> list:
+        return [r for r in self.replicas if r.alive]
+
+    # ------------------------------------------------------------ clients
+
+    @contextlib.contextmanager
+    def client(self):
+        """Run the block where the replicas can be reached (the client namespace, for this thread)."""
+        if self.net is None:
+            yield
+        else:
+            with self.net.entered(self.client_host):
+                yield
+
+    def call(self, replica: Replica, method: str, target: str, body: bytes | None = None, headers=None,
+             timeout: float = 5.0) -> tuple:
+        """One request (in the caller's namespace): ``(status, headers, body)``."""
+        parsed = urllib.parse.urlsplit(replica.url)
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        try:
+            sent = {"Authorization": f"Bearer {self.token}", **(headers or {})}
+            conn.request(method, target, body=body, headers=sent)
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def status(self, replica: Replica, timeout: float = 2.0) -> dict | None:
+        """The replica's ``/v1/raft/status``, or None when it does not answer."""
+        try:
+            code, _, body = self.call(replica, "GET", "/v1/raft/status", timeout=timeout)
+        except (OSError, http.client.HTTPException):
+            return None
+        return json.loads(body) if code == 200 else None
+
+    def wait_leader(self, timeout: float = 20.0, among=None) -> Replica:
+        """The replica that is leader, as soon as one (among ``among``, default the live ones) says so."""
+        deadline = time.monotonic() + timeout
+        with self.client():
+            while time.monotonic() < deadline:
+                for r in among or self.live():
+                    s = self.status(r, timeout=0.5)
+                    if s and s["role"] == "leader" and s["has_quorum"]:
+                        return r
+                time.sleep(0.05)
+        raise AssertionError("no leader within %gs:\n%s" % (timeout, "\n".join(
+            f"--- r{r.index}\n{r.log()[-1500:]}" for r in self.replicas)))
+
+    def write(self, replica: Replica, path: str, value: str, timeout: float = 5.0, tx_id=None) -> tuple:
+        """``PUT /v1/keg<path>`` on ``replica``: ``(status, answer)``."""
+        headers = {"Idempotency-Key": tx_id} if tx_id else {}
+        code, _, body = self.call(replica, "PUT", "/v1/keg" + path, value.encode(), headers, timeout)
+        return code, json.loads(body) if body.startswith(b"{") else body
+
+    def wait_converged(self, timeout: float = 30.0, replicas=None) -> str:
+        """Wait until every live replica (or ``replicas``) has the same head; returns its revision KID."""
+        deadline = time.monotonic() + timeout
+        replicas = replicas or self.live()
+        with self.client():
+            while True:
+                heads = []
+                for r in replicas:
+                    s = self.status(r)
+                    heads.append(s and s["revision_kid"])
+                if heads and None not in heads and len(set(heads)) == 1:
+                    return heads[0]
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"replicas did not converge: {heads}")
+                time.sleep(0.1)
+
+    # ------------------------------------------------------------ faults (namespaces only)
+
+    def _iptables(self, replica: Replica, *args: str) -> None:
+        done = self.net.run(replica.host, ["iptables", "-w", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise AssertionError(f"iptables {' '.join(args)} in r{replica.index}: {done.stderr}")
+
+    def cut(self, a: Replica, b: Replica) -> None:
+        """Drop every packet between ``a`` and ``b`` (both directions, in both namespaces)."""
+        for x, y in ((a, b), (b, a)):
+            address = y.host.address
+            self._iptables(x, "-A", "INPUT", "-s", address, "-j", "DROP")
+            self._iptables(x, "-A", "OUTPUT", "-d", address, "-j", "DROP")
+
+    def isolate(self, replica: Replica) -> None:
+        """Cut ``replica`` from every other replica (clients still reach it)."""
+        for other in self.replicas:
+            if other is not replica:
+                self.cut(replica, other)
+
+    def heal(self) -> None:
+        """Remove every cut."""
+        for r in self.replicas:
+            self._iptables(r, "-F", "INPUT")
+            self._iptables(r, "-F", "OUTPUT")
+
+
+class Workload:
+    """CAS clients on a few hot keys through every replica, recording a history (see the module's docstring).
+
+    Args:
+        cluster: the cluster.
+        keys: the hot keys (paths).
+        clients: number of client threads.
+        retries: how often an unknown outcome is retried with the same transaction id.
+    """
+
+    def __init__(self, cluster: Cluster, keys=("/hot/a", "/hot/b", "/hot/c"), clients: int = 6, retries: int = 3):
+        self.cluster = cluster
+        self.keys = list(keys)
+        self.clients = clients
+        self.retries = retries
+        self.history: list = []
+        self.acked: list = []          # (key, value, revision) of every successful CAS
+        self.stop_event = threading.Event()
+        self.threads: list = []
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+
+    def start(self) -> "Workload":
+        for n in range(self.clients):
+            t = threading.Thread(target=self._run, args=(n,), daemon=True)
+            t.start()
+            self.threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        """Stop the clients and wait for them (each finishes its current request)."""
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(60)
+            assert not t.is_alive(), "a workload client hung"
+
+    def _now(self) -> float:
+        return time.monotonic() - self.started
+
+    def _record(self, op: Op) -> None:
+        with self.lock:
+            self.history.append(op)
+
+    def _read(self, replica, key, name):
+        invoke = self._now()
+        try:
+            code, _, body = self.cluster.call(replica, "GET", f"/v1/keg{key}?linearizable=1", timeout=3.0)
+        except (OSError, http.client.HTTPException):
+            return False, None
+        if code == 200:
+            value = body.decode()
+        elif code == 404:
+            value = None
+        else:
+            return False, None
+        self._record(Op(key, "read", invoke, self._now(), value, client=name))
+        return True, value
+
+    def _cas(self, replica_list, key, expected, value, name, seq):
+        tx = {"id": f"{name}-{seq}", "ops": [{"op": "put", "path": key, "value": value}],
+              "compare": [{"path": key, "kid": blob_kid(expected.encode()) if expected is not None else None}]}
+        body = json.dumps(tx).encode()
+        invoke = self._now()
+        for attempt in range(1 + self.retries):
+            replica = replica_list[(seq + attempt) % len(replica_list)]
+            try:
+                code, _, answer = self.cluster.call(replica, "POST", "/v1/tx", body, timeout=4.0)
+            except (OSError, http.client.HTTPException):
+                continue
+            if code == 200:
+                revision = json.loads(answer)["revision"]
+                self._record(Op(key, "cas", invoke, self._now(), value, expected, True, name))
+                with self.lock:
+                    self.acked.append((key, value, revision))
+                return
+            if code == 412:
+                self._record(Op(key, "cas", invoke, self._now(), value, expected, False, name))
+                return
+            if code not in (503, 500):
+                raise AssertionError(f"unexpected answer {code}: {answer[:300]!r}")
+            if self.stop_event.is_set():
+                break
+            time.sleep(0.1)
+        self._record(Op(key, "cas", invoke, math.inf, value, expected, None, name))
+
+    def _run(self, n: int) -> None:
+        name = f"c{n}"
+        with self.cluster.client():
+            seq = 0
+            known: dict = {}
+            while not self.stop_event.is_set():
+                seq += 1
+                replicas = self.cluster.replicas
+                replica = replicas[(n + seq) % len(replicas)]
+                key = self.keys[(n * 7 + seq) % len(self.keys)]
+                if seq % 3 == 1 or key not in known:
+                    ok, value = self._read(replica, key, name)
+                    if not ok:
+                        time.sleep(0.05)
+                        continue
+                    known[key] = value
+                new = f"{name}-{seq}"
+                self._cas(replicas[n % len(replicas):] + replicas[:n % len(replicas)], key, known[key], new,
+                          name, seq)
+                known[key] = new  # a guess: a failed CAS is followed by a read soon
+
+    # ------------------------------------------------------------ verdicts
+
+    def verify(self, replicas=None) -> None:
+        """No acknowledged write is lost on any live replica, and the history is linearizable.
+
+        Ends the history with a linearizable read of every key on every live replica.
+        """
+        from raft_history import check
+        replicas = replicas or self.cluster.live()
+        with self.cluster.client():
+            for r in replicas:
+                for key in self.keys:
+                    for _ in range(50):
+                        if self._read(r, key, "final")[0]:
+                            break
+                        time.sleep(0.2)
+                    else:
+                        raise AssertionError(f"r{r.index} never answered a linearizable read of {key}")
+            for r in replicas:
+                for key, value, revision in self.acked:
+                    code, _, body = self.cluster.call(r, "GET", f"/v1/keg{key}?rev={revision}")
+                    assert code == 200 and body.decode() == value, \
+                        f"acknowledged write {key}={value} at revision {revision} lost on r{r.index}: {code} {body!r}"
+        bad = check(self.history)
+        assert not bad, f"not linearizable on {bad}: " + "\n".join(
+            repr(o) for o in sorted(self.history, key=lambda o: o.invoke) if o.key in bad[:1])
+
+
+def git_heads(kegs: list) -> list:
+    """``git rev-parse main`` of each keg directory."""
+    out = []
+    for path in kegs:
+        done = subprocess.run(["git", "--git-dir", path, "rev-parse", "main"], capture_output=True, text=True)
+        out.append(done.stdout.strip())
+    return out
+
+
+def revision_kids(path: str) -> list:
+    """Every revision's commit id, oldest first (stock git)."""
+    done = subprocess.run(["git", "--git-dir", path, "rev-list", "--first-parent", "--reverse", "main"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def match(pattern: str, text: str):
+    """``re.search`` for tests."""
+    return re.search(pattern, text)
+
+
+class RaftMasterServer:
+    """A 3-replica cluster on loopback behind the interface of ``conftest.MasterProcess``.
+
+    Clients talk to replica 0 (``url``, ``proc``, ``keg_path``); ``start`` and
+    ``stop`` act on it, ``close`` stops them all.  So the single-node API
+    suite runs unchanged against a replica of a Raft master.
+    """
+
+    def __init__(self, root: str):
+        self.cluster = Cluster(root, 3).start()
+        self.replica = self.cluster.replicas[0]
+        self.token = self.cluster.token
+        self.keg_path = self.replica.keg_path
+        self.extra: list = []
+
+    @property
+    def url(self) -> str:
+        return self.replica.url
+
+    @property
+    def proc(self):
+        return self.replica.proc
+
+    def start(self) -> None:
+        """(Re)start replica 0 and wait until it has caught up with the others."""
+        self.replica.start()
+        self.cluster.wait_leader()
+        self.cluster.wait_converged()
+
+    def kill(self) -> None:
+        self.replica.kill()
+
+    def stop(self) -> None:
+        self.replica.stop()
+
+    def close(self) -> None:
+        self.cluster.close()

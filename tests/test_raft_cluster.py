@@ -1,0 +1,204 @@
+"""A 3-replica Raft master on loopback: forwarding, identical commits, idempotency, chunks, status, membership."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import time
+import zlib
+
+import blake3
+import pytest
+
+from conftest import keg_command, wait_until
+from raft_harness import Cluster, git_heads, revision_kids
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(str(tmp_path / "cluster"), 3).start()
+    yield c
+    c.close()
+
+
+def followers(c, leader):
+    return [r for r in c.replicas if r is not leader]
+
+
+def test_writes_through_any_replica_make_the_same_commits_byte_for_byte(cluster):
+    leader = cluster.wait_leader()
+    answers = []
+    for i in range(12):
+        r = cluster.replicas[i % 3]
+        status, answer = cluster.write(r, f"/d/k{i}", f"value {i}")
+        assert status == 200, answer
+        answers.append(answer)
+    # A follower forwarded its writes to the leader; every answer names a revision.
+    assert {a["revision"] for a in answers} == set(range(2, 14))
+    head = cluster.wait_converged()
+    assert head == answers[-1]["revision_kid"]
+    for r in followers(cluster, leader):  # a local read says which revision it is at
+        status, headers, body = cluster.call(r, "GET", "/v1/keg/d/k11")
+        assert status == 200 and body == b"value 11" and headers["keg-revision"] == "13"
+    cluster.close()
+    assert [r.proc.returncode for r in cluster.replicas] == [0, 0, 0], [r.log()[-2000:] for r in cluster.replicas]
+    kegs = [r.keg_path for r in cluster.replicas]
+    assert len(set(git_heads(kegs))) == 1
+    histories = [revision_kids(k) for k in kegs]
+    assert histories[0] == histories[1] == histories[2] and len(histories[0]) == 13
+    for k in kegs:
+        assert subprocess.run(["git", "--git-dir", k, "fsck", "--strict"], capture_output=True).returncode == 0
+    # Byte for byte: the commit objects themselves (time and author from the log entry, not the replica).
+    raw = {subprocess.run(["git", "--git-dir", k, "cat-file", "commit", "main~3"], capture_output=True).stdout
+           for k in kegs}
+    assert len(raw) == 1 and b"Keg-Raft-Index: " in raw.pop()
+
+
+def test_linearizable_read_on_a_follower_sees_the_newest_write(cluster):
+    leader = cluster.wait_leader()
+    follower = followers(cluster, leader)[0]
+    for i in range(20):
+        assert cluster.write(leader, "/lin", str(i))[0] == 200
+        status, headers, body = cluster.call(follower, "GET", "/v1/keg/lin?linearizable=1")
+        assert status == 200 and body == str(i).encode(), (i, body)
+    status, _, body = cluster.call(follower, "GET", "/v1/head", headers={"Keg-Consistency": "linearizable"})
+    assert status == 200 and json.loads(body)["revision"] == 21
+
+
+def test_a_retried_transaction_id_is_applied_once_with_the_original_answer(cluster):
+    leader = cluster.wait_leader()
+    follower = followers(cluster, leader)[0]
+    tx = json.dumps({"id": "client-7-op-1", "ops": [{"op": "put", "path": "/once", "value": "1"}],
+                     "compare": [{"path": "/once", "kid": None}]}).encode()
+    first = cluster.call(follower, "POST", "/v1/tx", tx)
+    assert first[0] == 200
+    # The retry goes to another replica, after the path changed: still the original answer, nothing applied.
+    assert cluster.write(leader, "/other", "x")[0] == 200
+    second = cluster.call(leader, "POST", "/v1/tx", tx)
+    assert second[0] == 200 and json.loads(second[2]) == json.loads(first[2])
+    status, headers, _ = cluster.call(leader, "GET", "/v1/head")
+    assert json.loads(cluster.call(leader, "GET", "/v1/head")[2])["revision"] == 3
+    # The same through a PUT with Idempotency-Key.
+    one = cluster.write(follower, "/idem", "a", tx_id="put-1")
+    two = cluster.write(leader, "/idem", "a", tx_id="put-1")
+    assert one == two and one[0] == 200
+    assert cluster.call(leader, "GET", "/v1/log?path=/idem")[2].count(b'"revision"') == 1
+    status, answer = cluster.call(leader, "POST", "/v1/tx", json.dumps(
+        {"id": "bad\nid", "ops": [{"op": "put", "path": "/x", "value": "1"}]}).encode())[::2]
+    assert status == 400 and b"printable" in answer
+
+
+def test_a_chunk_put_on_a_follower_is_on_a_majority_before_the_answer(cluster):
+    leader = cluster.wait_leader()
+    follower = followers(cluster, leader)[0]
+    data = os.urandom(100_000)
+    name = blake3.blake3(data).hexdigest()
+    status, _, _ = cluster.call(follower, "PUT", f"/v1/chunks/{name}", data)
+    assert status == 201
+    holders = [r for r in cluster.replicas
+               if os.path.exists(os.path.join(r.keg_path, "keg", "chunks", name[:2], name))]
+    assert len(holders) >= 2, holders
+    # A large value written through a follower: every replica ends up able to read it.
+    big = os.urandom(3 << 20)
+    status, answer = cluster.call(follower, "PUT", "/v1/keg/big.bin", big)[::2]
+    assert status == 200, answer
+    cluster.wait_converged()
+    for r in cluster.replicas:
+        wait_until(lambda: cluster.call(r, "GET", "/v1/keg/big.bin")[2] == big, f"big.bin on r{r.index}",
+                   timeout=20)
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("i", len(payload)) + payload
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_an_unauthenticated_peer_gets_nothing_executed_and_changes_nothing(cluster, tmp_path):
+    leader = cluster.wait_leader()
+    before = json.loads(cluster.call(leader, "GET", "/v1/head")[2])
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Evil(str(marker)), protocol=2)
+    fake_entries = pickle.dumps({"type": "append_entries", "term": 10 ** 6, "commit_index": 10 ** 6,
+                                 "entries": [], "prevLogIdx": 1, "prevLogTerm": 0}, protocol=2)
+    for r in cluster.replicas:
+        host, port = r.raft.rsplit(":", 1)
+        for payload in (zlib.compress(evil), evil, zlib.compress(fake_entries), b"\x00" * 64):
+            with socket.create_connection((host, int(port)), timeout=2) as s:
+                s.sendall(_frame(payload) * 3)
+                s.settimeout(2)
+                try:
+                    while s.recv(4096):
+                        pass  # the replica closes the connection
+                except (ConnectionError, socket.timeout):
+                    pass
+    time.sleep(0.5)
+    assert not marker.exists()
+    leader_now = cluster.wait_leader()
+    status = cluster.status(leader_now)
+    assert status["term"] < 10 ** 6 and status["commit_index"] < 10 ** 6
+    after = json.loads(cluster.call(leader_now, "GET", "/v1/head")[2])
+    assert after["kid"] == before["kid"]
+    assert cluster.write(leader_now, "/still", "works")[0] == 200
+
+
+def test_keg_master_status_shows_every_replica(cluster):
+    cluster.wait_leader()
+    assert cluster.write(cluster.replicas[0], "/s", "1")[0] == 200
+    cluster.wait_converged()
+    done = subprocess.run([*keg_command(), "master", "status", "--url", cluster.replicas[1].url],
+                          capture_output=True, text=True, env={**os.environ, "KEG_TOKEN": cluster.token}, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split("\t") == ["URL", "RAFT", "ROLE", "TERM", "COMMIT", "APPLIED", "REVISION", "LAG"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert sorted(r[0] for r in rows) == sorted(r.url for r in cluster.replicas)
+    assert sorted(r[2] for r in rows) == ["follower", "follower", "leader"]
+    assert {r[6] for r in rows} == {"2"} and {r[7] for r in rows} == {"0"}
+    cluster.replicas[2].kill()
+    done = subprocess.run([*keg_command(), "master", "status", "--url", cluster.replicas[0].url, "--json"],
+                          capture_output=True, text=True, env={**os.environ, "KEG_TOKEN": cluster.token}, timeout=30)
+    assert done.returncode == 4
+    assert any(json.loads(line)["role"] == "unreachable" for line in done.stdout.splitlines())
+
+
+def test_a_restarted_follower_catches_up_from_the_log(cluster):
+    leader = cluster.wait_leader()
+    follower = followers(cluster, leader)[0]
+    follower.stop()
+    for i in range(30):
+        assert cluster.write(leader, f"/while-down/{i}", str(i))[0] == 200
+    follower.start()
+    cluster.wait_converged()
+    assert cluster.call(follower, "GET", "/v1/keg/while-down/29")[2] == b"29"
+
+
+def test_bad_replica_options_say_what_is_wrong(tmp_path):
+    keg_dir = str(tmp_path / "k")
+    subprocess.run([*keg_command(), "init", "--keg", keg_dir], capture_output=True, check=True)
+    base = [*keg_command(), "master", "serve", "--keg", keg_dir, "--listen", "127.0.0.1:17999"]
+    cases = [
+        (["--raft-self", "127.0.0.1:18000"], "--raft-peers"),
+        (["--raft-self", "127.0.0.1:18000", "--raft-peers", "127.0.0.1:18000"], "--raft-password-file"),
+        (["--raft-self", "127.0.0.1:18000", "--raft-peers", "127.0.0.1:18001", "--raft-password-file", "/dev/null"],
+         "at least 16"),
+    ]
+    password = tmp_path / "pw"
+    password.write_text("x" * 32)
+    cases.append((["--raft-self", "127.0.0.1:18000", "--raft-peers", "127.0.0.1:18001",
+                   "--raft-password-file", str(password)], "this one (127.0.0.1:18000)"))
+    cases.append((["--raft-self", "127.0.0.1:18000", "--raft-peers", "127.0.0.1:18000,banana",
+                   "--raft-password-file", str(password)], "is not HOST:PORT"))
+    for extra, message in cases:
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=30)
+        assert done.returncode != 0 and message in done.stderr, (extra, done.stderr)

@@ -1,0 +1,50 @@
+"""Membership changes and catch-up from a snapshot (the log trimmed below what the new replica needs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from conftest import keg_command
+from raft_harness import Cluster
+
+
+def test_a_replica_is_added_catches_up_from_a_snapshot_and_another_is_removed(tmp_path):
+    cluster = Cluster(str(tmp_path / "cluster"), 3, extra=["--raft-compact-entries", "20"])
+    cluster.keep_seed()
+    cluster.start()
+    env = {**os.environ, "KEG_TOKEN": cluster.token}
+    try:
+        leader = cluster.wait_leader()
+        for i in range(60):
+            assert cluster.write(cluster.replicas[i % 3], f"/before/{i}", str(i))[0] == 200
+        assert cluster.status(leader)["snapshots_written"] >= 1  # the log was trimmed
+        new = cluster.add_replica()
+        new.start()
+        done = subprocess.run([*keg_command(), "master", "member", "add", new.raft, "--url", leader.url],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0 and f"added {new.raft}" in done.stdout, done.stderr
+        head = cluster.wait_converged(timeout=60)
+        status = cluster.status(new)
+        assert status["revision_kid"] == head and status["snapshots_loaded"] == 1
+        assert cluster.call(new, "GET", "/v1/keg/before/59")[2] == b"59"
+        assert sorted(cluster.status(leader)["members"]) == sorted(r.raft for r in cluster.replicas)
+        # Writes through the new replica reach everyone.
+        assert cluster.write(new, "/from-new", "hello")[0] == 200
+        cluster.wait_converged()
+        # Remove a follower, then stop it: the other three go on.
+        leader = cluster.wait_leader()
+        gone = next(r for r in cluster.replicas[:3] if r is not leader)
+        done = subprocess.run([*keg_command(), "master", "member", "remove", gone.raft, "--url", leader.url],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        gone.stop()
+        assert gone.raft not in cluster.status(leader)["members"]
+        for i in range(5):
+            assert cluster.write(new, f"/after/{i}", str(i))[0] == 200
+        cluster.wait_converged()
+        done = subprocess.run([*keg_command(), "master", "member", "remove", "nonsense", "--url", leader.url],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode != 0 and "HOST:PORT" in done.stderr
+    finally:
+        cluster.close()

@@ -63,9 +63,38 @@ def _step(state, op: Op):
     return op.value
 
 
+def _settle_unknown(ops: list) -> list:
+    """Ops of unknown outcome made definite where the history says, so the search stays small.
+
+    Written values are unique.  A CAS of unknown outcome whose value nobody
+    observed (no read returned it, no CAS expected it) either never took
+    effect or was overwritten unseen — impossible, since the next write
+    expected it; so it is dropped (unless it may be the last write, which a
+    read would see: there is always a final read).  One whose value was
+    observed did take effect, before its first observer completed: it
+    becomes a successful CAS completing then.
+    """
+    observed: dict = {}
+    for op in ops:
+        if op.ok is not True:
+            continue  # an unknown op observed nothing; a failed CAS only learnt its guess was wrong
+        seen = op.value if op.kind == "read" else op.expected
+        if seen is not None and op.complete != math.inf:
+            observed[seen] = min(observed.get(seen, math.inf), op.complete)
+    out = []
+    for op in ops:
+        if op.kind == "cas" and op.unknown:
+            if op.value not in observed:
+                continue
+            op = Op(op.key, op.kind, op.invoke, max(op.invoke, observed[op.value]), op.value, op.expected, True,
+                    op.client)
+        out.append(op)
+    return out
+
+
 def check_register(ops: list, initial=ABSENT) -> bool:
     """True when the ops of one register are linearizable."""
-    ops = sorted(ops, key=lambda o: o.invoke)
+    ops = sorted(_settle_unknown(ops), key=lambda o: o.invoke)
     count = len(ops)
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 10 * count + 1000))

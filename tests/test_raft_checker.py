@@ -65,3 +65,10 @@ def test_a_larger_concurrent_history_is_checked_quickly():
     assert check_register(ops)
     ops.append(read(500, 501, "v3"))
     assert not check_register(ops)
+
+
+def test_a_failed_cas_does_not_prove_that_an_unknown_write_happened():
+    # c1's write of "a" timed out; c2 guessed "a" was current and its CAS failed: "a" may never have been written.
+    history = [read(0, 1, None), cas(2, math.inf, None, "a", ok=None), cas(3, 4, "a", "b", ok=False),
+               read(5, 6, None)]
+    assert check_register(history)

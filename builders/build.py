@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -364,88 +363,14 @@ def _walk_output(root: str, log) -> list:
     return out
 
 
-class LayerStream(io.RawIOBase):
-    """A tar of the walked output, made as it is read, its sha256 computed on the way.
+def layer_stream(entries: list, top_mtime: int) -> oci.TarStream:
+    """A tar of the walked output under ``app/``, made as it is read, its sha256 computed on the way.
 
     Every entry is owned by root (uid 0, gid 0); setuid and setgid bits are cleared.
     """
-
-    def __init__(self, entries: list, top_mtime: int):
-        super().__init__()
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-        self._pieces = self._generate(entries, top_mtime)
-        self._buf = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self._buf:
-            piece = next(self._pieces, None)
-            if piece is None:
-                return 0
-            self.sha256.update(piece)
-            self.size += len(piece)
-            self._buf = memoryview(piece)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    @staticmethod
-    def _header(info: tarfile.TarInfo) -> bytes:
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-    def _generate(self, entries: list, top_mtime: int):
-        top = tarfile.TarInfo("app")
-        top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, top_mtime
-        written = len(self._header(top))
-        yield self._header(top)
-        first_of_inode: dict = {}
-        for name, full, st in entries:
-            info = tarfile.TarInfo(name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.mode = stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID)
-            info.mtime = max(0, int(st.st_mtime))
-            if stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(full)
-            else:
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in first_of_inode:
-                    info.type, info.linkname = tarfile.LNKTYPE, first_of_inode[key]
-                else:
-                    first_of_inode[key] = name
-                    info.type, info.size = tarfile.REGTYPE, st.st_size
-            header = self._header(info)
-            written += len(header)
-            yield header
-            if info.type == tarfile.REGTYPE and info.size:
-                yield from self._file(full, st)
-                written += info.size + (-info.size % tarfile.BLOCKSIZE)
-                if info.size % tarfile.BLOCKSIZE:
-                    yield tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
-        end = 2 * tarfile.BLOCKSIZE
-        end += -(written + end) % tarfile.RECORDSIZE
-        yield tarfile.NUL * end
-
-    @staticmethod
-    def _file(full: str, st):
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            now = os.fstat(fd)
-            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
-                raise BuildFailed(f"{full} changed while the build's output was read")
-            left = st.st_size
-            while left:
-                data = f.read(min(READ_SIZE, left))
-                if not data:
-                    raise BuildFailed(f"{full} shrank while the build's output was read")
-                left -= len(data)
-                yield data
+    top = tarfile.TarInfo("app")
+    top.type, top.mode, top.mtime = tarfile.DIRTYPE, 0o755, top_mtime
+    return oci.TarStream(entries, root_owned=True, lead=[top], error=BuildFailed)
 
 
 def _output_root(out: str) -> str:
@@ -518,7 +443,7 @@ def _reuse_blob(keg, base: BaseImage, digest: str, dest: str):
         raise BuildFailed(f"the base image {base.reference} is damaged: {source} is missing") from err
 
 
-def write_image(keg, app: str, source_kid: str, base: BaseImage, layer: LayerStream, kind: str,
+def write_image(keg, app: str, source_kid: str, base: BaseImage, layer: oci.TarStream, kind: str,
                 processes: dict) -> tuple:
     """Stream the layer into the keg and write the whole image at ``/oci-images/<app>/<source KID>``.
 
@@ -669,11 +594,11 @@ def build(keg, runtime, app: str, source_dir: str, source_kid: str, work_dir: st
     if not processes:
         raise BuildFailed("the Procfile names no process types: add a line like `web: python3 app.py`")
     _step(log, "Process types: " + ", ".join(f"{t} ({c})" for t, c in processes.items()))
-    layer = LayerStream(_walk_output(app_dir, log), int(time.time()))
+    layer = layer_stream(_walk_output(app_dir, log), int(time.time()))
     image_path, image_kid = write_image(keg, app, source_kid, base, layer, kind, processes)
     _step(log, f"Image {image_path} ({image_kid}), {layer.size / 1e6:.1f} MB added to the base")
     return BuildOutput(kind, image_kid, image_path + "/", processes, base.kid)
 
 
-__all__ = ["BuildFailed", "BuildOutput", "build", "detect_kind", "inputs", "read_base", "LayerStream",
+__all__ = ["BuildFailed", "BuildOutput", "build", "detect_kind", "inputs", "read_base", "layer_stream",
            "write_image", "stage_wheels", "check_requirements"]

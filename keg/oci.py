@@ -578,12 +578,27 @@ def _walk(root: str) -> list:
     return out
 
 
-class _TarStream(io.RawIOBase):
-    """A deterministic tar of a walked directory, made as it is read (never whole in memory)."""
+class TarStream(io.RawIOBase):
+    """A deterministic tar of walked entries, made as it is read (never whole in memory).
 
-    def __init__(self, entries: list, clamp: int | None):
+    Args:
+        entries: ``(name in the tar, full path, lstat result)`` in the order to write them.
+        clamp: no entry's mtime is later than this (None: as on disk).
+        root_owned: every entry owned by uid and gid 0, setuid and setgid bits cleared (a build's output);
+            otherwise owners and modes are kept (a root filesystem).
+        lead: ``TarInfo`` headers written first (directories the entries do not have).
+        error: the exception for a file that changes while it is read.
+
+    ``sha256`` and ``size`` cover what was read so far: the layer's digest once read to the end.
+    """
+
+    def __init__(self, entries: list, clamp: int | None = None, root_owned: bool = False, lead=(),
+                 error=BadImage):
         super().__init__()
-        self._pieces = self._generate(entries, clamp)
+        self.clamp, self.root_owned, self.error = clamp, root_owned, error
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._pieces = self._generate(list(lead), entries)
         self._buf = memoryview(b"")
 
     def readable(self) -> bool:
@@ -594,18 +609,23 @@ class _TarStream(io.RawIOBase):
             piece = next(self._pieces, None)
             if piece is None:
                 return 0
+            self.sha256.update(piece)
+            self.size += len(piece)
             self._buf = memoryview(piece)
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
 
-    @staticmethod
-    def _info(name: str, st, clamp, first_of_inode: dict):
+    def _info(self, name: str, st, first_of_inode: dict):
         info = tarfile.TarInfo(name)
         info.mode = stat.S_IMODE(st.st_mode)
         info.uid, info.gid, info.uname, info.gname = st.st_uid, st.st_gid, "", ""
-        info.mtime = int(st.st_mtime) if clamp is None else min(int(st.st_mtime), clamp)
+        if self.root_owned:
+            info.uid = info.gid = 0
+            info.mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        mtime = max(0, int(st.st_mtime))
+        info.mtime = mtime if self.clamp is None else min(mtime, self.clamp)
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             info.type = tarfile.DIRTYPE
@@ -627,20 +647,28 @@ class _TarStream(io.RawIOBase):
             return None  # sockets cannot be archived; a container creates its own
         return info
 
-    def _generate(self, entries: list, clamp):
+    @staticmethod
+    def _header(info: tarfile.TarInfo) -> bytes:
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    def _generate(self, lead: list, entries: list):
         first_of_inode: dict = {}
         written = 0
+        for info in lead:
+            header = self._header(info)
+            written += len(header)
+            yield header
         for name, full, st in entries:
-            info = self._info(name, st, clamp, first_of_inode)
+            info = self._info(name, st, first_of_inode)
             if info is None:
                 continue
             if info.type == tarfile.SYMTYPE:
                 info.linkname = os.readlink(full)
-            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            header = self._header(info)
             written += len(header)
             yield header
             if info.type == tarfile.REGTYPE and info.size:
-                yield from self._file(full, info.size)
+                yield from self._file(full, st)
                 written += info.size + (-info.size % tarfile.BLOCKSIZE)
                 if info.size % tarfile.BLOCKSIZE:
                     yield tarfile.NUL * (tarfile.BLOCKSIZE - info.size % tarfile.BLOCKSIZE)
@@ -648,18 +676,21 @@ class _TarStream(io.RawIOBase):
         end += -(written + end) % tarfile.RECORDSIZE  # pad to a whole record, as tarfile and GNU tar do
         yield tarfile.NUL * end
 
-    @staticmethod
-    def _file(full: str, size: int):
+    def _file(self, full: str, st):
+        """The bytes of the regular file walked as ``st``; refused if it is another file now, or shrinks."""
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as err:
-            raise BadImage(f"cannot read {full}: {err.strerror}") from err
+            raise self.error(f"cannot read {full}: {err.strerror}") from err
         with os.fdopen(fd, "rb") as f:
-            left = size
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+                raise self.error(f"{full} changed while it was read; archive a tree nothing writes to")
+            left = st.st_size
             while left:
                 data = f.read(min(READ_SIZE, left))
                 if not data:
-                    raise BadImage(f"{full} shrank while it was read; import a root filesystem nothing writes to")
+                    raise self.error(f"{full} shrank while it was read; archive a tree nothing writes to")
                 left -= len(data)
                 yield data
 
@@ -707,7 +738,7 @@ class _RootfsSource:
 
     def emit(self, sink: _BlobWriter, tag: str) -> dict:
         """Store the layer, the config and the manifest; the descriptor for index.json."""
-        layer, layer_size = sink.add(_TarStream(self.entries, self.config.clamp_mtime), f"{self.root}: layer")
+        layer, layer_size = sink.add(TarStream(self.entries, self.config.clamp_mtime), f"{self.root}: layer")
         config = self._image_config(layer)
         config_digest, config_size = sink.add_bytes(config, f"{self.root}: config")
         manifest = _canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST,

@@ -30,6 +30,7 @@ import tempfile
 import pygit2
 
 from keg.errors import BadRequest, KegError
+from keg.fsio import fsync_dir
 
 SRC_REFS = "refs/keg/src/"
 APP_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -51,14 +52,6 @@ def check_app(name: str) -> str:
 
 def _git_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Incoming:
@@ -107,7 +100,7 @@ class Incoming:
         for name in names:
             os.replace(os.path.join(src, name), os.path.join(dst, name))
         if names:
-            _fsync_dir(dst)
+            fsync_dir(dst)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -65,7 +65,6 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import TCPNode
 
-from keg import paths
 from keg.errors import BadRequest, CorruptKeg, KegBusy, KegError, NotFound
 from keg.fsio import write_file_atomic
 from keg.large import Pointer
@@ -258,6 +257,8 @@ class RaftMaster(SingleMaster):
         durable: fsync the Raft journal (off only in tests that measure nothing about crashes).
     """
 
+    pending_class = RaftPending
+
     def __init__(self, store, self_raft: str, peers: list, password: str, raft_dir: str | None = None,
                  compact_entries: int = 5000, durable: bool = True):
         super().__init__(store)
@@ -372,14 +373,6 @@ class RaftMaster(SingleMaster):
         log.info("raft: %s -> %s", ROLES.get(old), ROLES.get(new))
 
     # ------------------------------------------------------------ writes
-
-    def submit(self, tx) -> Pending:
-        pending = RaftPending(tx, self)
-        with self._queue_lock:
-            self._queue.append(pending)
-        if self.on_submit is not None:
-            self.on_submit()
-        return pending
 
     def flush(self) -> None:
         with self._queue_lock:

@@ -94,8 +94,10 @@ class SingleMaster(Master):
 
     # ----------------------------------------------------------------- writes
 
+    pending_class = Pending   # what ``submit`` hands back (a Raft replica's resolves when its entry applies)
+
     def submit(self, tx) -> Pending:
-        pending = Pending(tx, self)
+        pending = self.pending_class(tx, self)
         with self._queue_lock:
             self._queue.append(pending)
         if self.on_submit is not None:

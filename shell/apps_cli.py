@@ -142,6 +142,15 @@ def _pairs(values) -> dict:
     return out
 
 
+def _change_config(opener, app: str, changes: dict, unset, as_json: bool) -> None:
+    with opener() as store:
+        rel = releases.set_config(store, app, changes, unset, _author_of_cli(store))
+    if as_json:
+        _emit_json(rel)
+    else:
+        click.echo(f"{app}: {rel['description']} as v{rel['number']}")
+
+
 @config_group.command("show")
 @click.argument("app")
 @keg_target
@@ -170,12 +179,7 @@ def config_set(app, pairs, opener, as_json):
     Example:
       keg config set hello GREETING=hi MODE=fast
     """
-    with opener() as store:
-        rel = releases.set_config(store, app, _pairs(pairs), (), _author_of_cli(store))
-    if as_json:
-        _emit_json(rel)
-    else:
-        click.echo(f"{app}: {rel['description']} as v{rel['number']}")
+    _change_config(opener, app, _pairs(pairs), (), as_json)
 
 
 @config_group.command("unset")
@@ -185,12 +189,7 @@ def config_set(app, pairs, opener, as_json):
 @json_option
 def config_unset(app, keys, opener, as_json):
     """Remove config keys of APP and deploy it as a new release."""
-    with opener() as store:
-        rel = releases.set_config(store, app, {}, keys, _author_of_cli(store))
-    if as_json:
-        _emit_json(rel)
-    else:
-        click.echo(f"{app}: {rel['description']} as v{rel['number']}")
+    _change_config(opener, app, {}, keys, as_json)
 
 
 @click.group("builder")

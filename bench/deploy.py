@@ -47,7 +47,6 @@ The anchor is the build step in the same round: the ratio is total / build.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
@@ -62,7 +61,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
+from conftest import http_get as get, wait_until  # noqa: E402
+from keg_up import Up, commit, git  # noqa: E402
 from master.client import RemoteKeg  # noqa: E402
 
 EXAMPLE = os.path.join(REPO, "examples", "python-web")
@@ -79,47 +81,8 @@ NETNS_MARK = "BENCH_DEPLOY_NETNS"
 
 # ---------------------------------------------------------------- helpers
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def keg_command() -> list:
-    script = os.path.join(os.path.dirname(sys.executable), "keg")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "shell"]
-
-
 def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("KEG_", "GIT_"))}
-
-
-def get(port: int, host: str, path: str = "/"):
-    """``(status, body)`` of a GET through the router, or ``(None, error)``."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path, headers={"Host": host})
-        response = conn.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    except OSError as err:
-        return None, str(err)
-    finally:
-        conn.close()
-
-
-def git(repo: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(clean_env(), GIT_TERMINAL_PROMPT="0", GIT_CONFIG_NOSYSTEM="1")
-    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=600, env=env)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
-    return done
-
-
-def commit(repo: str, message: str) -> str:
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=Bench", "-c", "user.email=bench@example.org", "commit", "-q", "-m", message)
-    return git(repo, "rev-parse", "HEAD").stdout.strip()
 
 
 def percentile(values: list, q: float) -> float:
@@ -127,67 +90,6 @@ def percentile(values: list, q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
     return ordered[rank - 1]
-
-
-def wait_until(condition, what: str, timeout: float, log=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}" + (f"\n{log()}" if log else ""))
-        time.sleep(0.05)
-
-
-# ---------------------------------------------------------------- keg up
-
-class Up:
-    """``keg up`` in the background, in its own session, as tests/test_deploy.py starts it."""
-
-    def __init__(self, data: str, base_from: str):
-        self.data = data
-        self.port, self.router_port = free_port(), free_port()
-        self.out = open(os.path.join(os.path.dirname(data), "keg-up.out"), "w+")
-        self.proc = subprocess.Popen([*keg_command(), "up", "--data", data, "--port", str(self.port),
-                                      "--router-port", str(self.router_port), "--base-from", base_from],
-                                     stdout=self.out, stderr=subprocess.STDOUT, env=clean_env(),
-                                     start_new_session=True)
-        wait_until(lambda: "Keg is up" in self.text() or self.proc.poll() is not None, "keg up to start",
-                   timeout=300, log=self.text)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"keg up exited:\n{self.text()}")
-        self.token = re.search(r"^admin token: (\S+)$", self.text(), re.M).group(1)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def text(self) -> str:
-        self.out.seek(0)
-        return self.out.read()
-
-    def logs(self) -> str:
-        out = [self.text()]
-        directory = os.path.join(self.data, "logs")
-        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-            with open(os.path.join(directory, name), errors="replace") as f:
-                out.append(f"--- {name}\n{f.read()[-3000:]}")
-        return "\n".join(out)
-
-    def keg(self, *args: str) -> str:
-        env = dict(clean_env(), KEG_URL=self.url, KEG_TOKEN=self.token)
-        done = subprocess.run([*keg_command(), *args], capture_output=True, text=True, env=env, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"keg {' '.join(args)} failed: {done.stderr}")
-        return done.stdout
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
 
 
 # ---------------------------------------------------------------- the watch

@@ -119,19 +119,10 @@ def faults(root: str, kills: int, restarts: int) -> dict:
             hangs = 0
             for cycle in range(restarts):
                 time.sleep(0.5)
-                for r in cluster.replicas:
-                    r.proc.kill()
-                for r in cluster.replicas:
-                    r.proc.wait()
-                started = time.monotonic()
-                for r in cluster.replicas:
-                    r.start(wait=False)
-                for r in cluster.replicas:
-                    r.wait_started()
-                cluster.wait_leader(timeout=30)
-                if time.monotonic() - started > 15:
+                took = cluster.restart_all(leader_timeout=30)
+                if took > 15:
                     hangs += 1
-                print(f"restart {cycle + 1}/{restarts}: leader after {time.monotonic() - started:.2f}s", flush=True)
+                print(f"restart {cycle + 1}/{restarts}: leader after {took:.2f}s", flush=True)
             time.sleep(1.0)
             work.stop()
             work.verify()  # raises on a lost acknowledged write or a non-linearizable history

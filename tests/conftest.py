@@ -241,3 +241,37 @@ def import_debian_base(store, layout: str = DEBIAN_LAYOUT, reference: str = DEBI
     """
     from keg import oci
     return oci.import_image(store, layout, reference, kind="oci").kid
+
+
+# ---------------------------------------------------------------------------
+# small helpers the cluster tests share
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_text(path: str) -> str:
+    """A log file's text ("" while it does not exist yet)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def http_get(port: int, host: str, path: str = "/", address: str = "127.0.0.1", timeout: float = 5):
+    """``(status, body)`` of a GET with ``Host: host`` (through a router), or ``(None, error)``."""
+    import http.client
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except OSError as err:
+        return None, str(err)
+    finally:
+        conn.close()

@@ -229,6 +229,20 @@ class Cluster:
             return None
         return json.loads(body) if code == 200 else None
 
+    def restart_all(self, leader_timeout: float = 15.0) -> float:
+        """SIGKILL every replica at once, start them all again, wait for a leader; returns the seconds it took."""
+        for r in self.replicas:
+            r.proc.kill()
+        for r in self.replicas:
+            r.proc.wait()
+        started = time.monotonic()
+        for r in self.replicas:
+            r.start(wait=False)
+        for r in self.replicas:
+            r.wait_started()
+        self.wait_leader(timeout=leader_timeout)
+        return time.monotonic() - started
+
     def wait_leader(self, timeout: float = 20.0, among=None) -> Replica:
         """The replica that is leader, as soon as one (among ``among``, default the live ones) says so."""
         deadline = time.monotonic() + timeout

@@ -24,7 +24,7 @@ import keg
 from builders import build as buildlib
 from builders.build import BuildFailed
 from busybox import remove_cgroup_parent, why_no_containers
-from conftest import import_debian_base
+from conftest import free_port, import_debian_base
 from keg import pkgs
 from mayor.runc_runtime import RuncRuntime
 from test_pkg import make_wheel
@@ -125,12 +125,6 @@ def builder(debian_base):
     b.close()
     os.system(f"umount -R -l {tmp} 2>/dev/null")
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> str:

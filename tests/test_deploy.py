@@ -8,109 +8,20 @@ serving; rollback brings release 1's answers back; Ctrl-C leaves no container, p
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import tempfile
 
 import pytest
 
-from conftest import REPO, keg_command, wait_until
+from conftest import REPO, http_get as get, wait_until
+from keg_up import Up, commit, git
 
 EXAMPLE = os.path.join(REPO, "examples", "python-web")
 WHEEL = os.path.join(REPO, "examples", "packages", "keg_greeting-1.0-py3-none-any.whl")
 DOMAIN = "keg.localhost"
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(port: int, host: str, path: str = "/"):
-    """``(status, body)`` of a GET through the router, or ``(None, error)``."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path, headers={"Host": host})
-        response = conn.getresponse()
-        return response.status, response.read().decode(errors="replace")
-    except OSError as err:
-        return None, str(err)
-    finally:
-        conn.close()
-
-
-class Up:
-    """``keg up`` in the background, as the README starts it."""
-
-    def __init__(self, data: str, base_from: str):
-        self.data = data
-        self.port, self.router_port = free_port(), free_port()
-        self.out = open(os.path.join(os.path.dirname(data), "keg-up.out"), "w+")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KEG_", "GIT_"))}
-        self.proc = subprocess.Popen([*keg_command(), "up", "--data", data, "--port", str(self.port),
-                                      "--router-port", str(self.router_port), "--base-from", base_from],
-                                     stdout=self.out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        wait_until(lambda: "Keg is up" in self.text() or self.proc.poll() is not None, "keg up to start",
-                   timeout=180, log=self.text)
-        assert self.proc.poll() is None, self.text()
-        self.token = re.search(r"^admin token: (\S+)$", self.text(), re.M).group(1)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def text(self) -> str:
-        self.out.seek(0)
-        return self.out.read()
-
-    def logs(self) -> str:
-        out = [self.text()]
-        try:
-            from master.client import RemoteKeg
-            with RemoteKeg(self.url, self.token) as remote:
-                for entry in remote.list("/machines/local/status/logs"):
-                    out.append(f"--- {entry.path}\n" + remote.read(entry.path).decode(errors="replace")[-1500:])
-        except Exception as err:  # the logs are for a failure message; never hide the failure
-            out.append(f"(no process logs: {err})")
-        for name in sorted(os.listdir(os.path.join(self.data, "logs"))):
-            with open(os.path.join(self.data, "logs", name), errors="replace") as f:
-                out.append(f"--- {name}\n{f.read()[-3000:]}")
-        return "\n".join(out)
-
-    def keg(self, *args, check=True):
-        env = dict(os.environ, KEG_URL=self.url, KEG_TOKEN=self.token)
-        done = subprocess.run([*keg_command(), *args], capture_output=True, text=True, env=env, timeout=120)
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def git(repo, *args, check=True, env=None):
-    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, GIT_TERMINAL_PROMPT="0", **(env or {})))
-    if check:
-        assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
-def commit(repo, message):
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=Alice", "-c", "user.email=alice@example.org", "commit", "-q", "--allow-empty",
-        "-m", message)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 import keg
 import netns
-from conftest import init_keg_with_token, keg_command, wait_until
+from conftest import init_keg_with_token, keg_command, read_text, wait_until
 from keg.errors import NotFound
 from keg.transaction import Transaction, delete, put
 from master import auth
@@ -51,15 +51,7 @@ def mayor_command(url: str, token_file: str, name: str, data: str) -> list:
 def wait_for(what: str, condition, logs=(), timeout: float = WAIT):
     """``wait_until``, failing with the tails of the Mayors' logs."""
     return wait_until(condition, what, timeout,
-                      log=lambda: "".join(f"\n--- {path}\n{_read(path)[-2000:]}" for path in logs))
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
+                      log=lambda: "".join(f"\n--- {path}\n{read_text(path)[-2000:]}" for path in logs))
 
 
 class Cluster:
@@ -83,7 +75,7 @@ class Cluster:
 
     def actions(self, machine: str) -> list:
         """The plan lines a Mayor has logged (``keg mayor: start web (new): …``)."""
-        return re.findall(r"^keg mayor: ((?:start|stop|remove) \S+ .*)$", _read(self.logs[machine]), re.M)
+        return re.findall(r"^keg mayor: ((?:start|stop|remove) \S+ .*)$", read_text(self.logs[machine]), re.M)
 
 
 def _start_master(net, host, keg_dir: str, log_path: str) -> str:
@@ -93,12 +85,12 @@ def _start_master(net, host, keg_dir: str, log_path: str) -> str:
     pattern = re.compile(rf"at (http://{re.escape(host.address)}:\d+)")
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        match = pattern.search(_read(log_path))
+        match = pattern.search(read_text(log_path))
         if match:
             return match.group(1)
-        assert proc.poll() is None, f"keg master serve exited: {_read(log_path)}"
+        assert proc.poll() is None, f"keg master serve exited: {read_text(log_path)}"
         time.sleep(0.02)
-    raise AssertionError(f"keg master serve did not start: {_read(log_path)}")
+    raise AssertionError(f"keg master serve did not start: {read_text(log_path)}")
 
 
 @pytest.fixture
@@ -161,9 +153,9 @@ def test_mayors_in_their_own_namespaces_each_act_on_their_own_table(cluster):
     assert [line.split()[:2] for line in c.actions("m2")] == [["start", "web"], ["stop", "web"], ["remove", "web"]]
     for name in ("m1", "m3"):
         assert [line.split()[:2] for line in c.actions(name)] == [["start", "db"]]
-        assert "web" not in _read(c.logs[name])
+        assert "web" not in read_text(c.logs[name])
     for name, proc in c.mayors.items():
-        assert proc.poll() is None, f"the Mayor of {name} exited: {_read(c.logs[name])}"
+        assert proc.poll() is None, f"the Mayor of {name} exited: {read_text(c.logs[name])}"
 
 
 def test_a_network_is_isolated_and_removed_even_when_the_test_fails():

@@ -27,13 +27,13 @@ import pytest
 
 import netns
 from busybox import import_busybox, tar_entry, why_no_containers
-from conftest import init_keg_with_token, keg_command, wait_until
+from conftest import init_keg_with_token, keg_command, read_text, wait_until
 from keg.errors import KegError, NotFound
 from master import auth
 from master.client import RemoteKeg
 from mayor.runc_runtime import RuncRuntime
 from test_mayor_e2e import Away
-from test_router import LOAD, NGINX
+from test_router import NGINX, Load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICY = os.path.join(REPO, "shell", "policy")
@@ -62,14 +62,6 @@ IMAGES = {
 
 def policy(name: str) -> str:
     return os.path.join(POLICY, name)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 class Cluster:
@@ -102,7 +94,7 @@ class Cluster:
         self.router_data = os.path.join(self.base, "router")
         self.spawn("router", [*keg_command(), "router", "run", "--listen", f"{self.ctl.address}:{ROUTER_PORT}",
                               "--domain", DOMAIN, "--nginx", NGINX, "--data", self.router_data])
-        wait_until(lambda: "listening on" in _read(self.logs["router"]), "the router", timeout=30, log=self.log)
+        wait_until(lambda: "listening on" in read_text(self.logs["router"]), "the router", timeout=30, log=self.log)
         for m in MACHINES:
             wait_until(lambda m=m: self.exists(f"/machines/{m}/status/mayor.json"), f"Mayor {m}", log=self.log)
 
@@ -132,7 +124,7 @@ class Cluster:
         return os.path.join(self.base, f"{m}.data")
 
     def log(self) -> str:
-        return "".join(f"\n--- {name}\n{_read(path)[-3000:]}" for name, path in self.logs.items())
+        return "".join(f"\n--- {name}\n{read_text(path)[-3000:]}" for name, path in self.logs.items())
 
     def close(self) -> None:
         try:
@@ -251,8 +243,9 @@ class Cluster:
         status, _, body = done.stdout.partition(" ")
         return int(status or 0), body
 
-    def load(self, service: str, clients: int = 2, path: str = "/") -> "LoadInCtl":
-        return LoadInCtl(self, service, clients, path)
+    def load(self, service: str, clients: int = 2, path: str = "/") -> Load:
+        return Load(ROUTER_PORT, path, f"{service}.{DOMAIN}", clients, self.ctl.address,
+                    lambda argv, **kw: self.net.popen(self.ctl, argv, **kw))
 
 
 GET = r"""
@@ -267,28 +260,6 @@ for _ in range(int(sys.argv[4])):
         break
 print(status, body, end="")
 """
-
-
-class LoadInCtl:
-    """Clients in ctl sending GETs through the router by host name until ``finish()``."""
-
-    def __init__(self, cluster: Cluster, service: str, clients: int, path: str):
-        self.procs = [cluster.net.popen(cluster.ctl, [sys.executable, "-c", LOAD, cluster.ctl.address,
-                                                      str(ROUTER_PORT), path, f"{service}.{DOMAIN}"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                      for _ in range(clients)]
-
-    def finish(self) -> dict:
-        total = {"ok": 0, "failed": 0, "errors": [], "seen": {}}
-        for proc in self.procs:
-            out, _ = proc.communicate(input="", timeout=60)
-            one = json.loads(out)
-            for key in ("ok", "failed"):
-                total[key] += one[key]
-            total["errors"] += one["errors"]
-            for k, v in one["seen"].items():
-                total["seen"][k] = total["seen"].get(k, 0) + v
-        return total
 
 
 @pytest.fixture(scope="module")

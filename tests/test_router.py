@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import MasterProcess, init_keg_with_token, keg_command, wait_until
+from conftest import MasterProcess, free_port, init_keg_with_token, keg_command, wait_until
 from keg.transaction import Transaction, delete, put
 from master.client import RemoteKeg
 from shell import router
@@ -91,13 +91,6 @@ print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:20], "seen": see
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Backend:
@@ -206,9 +199,11 @@ class RouterProcess:
 class Load:
     """Clients sending GETs through a router as fast as they can, until ``finish()``; counts failures."""
 
-    def __init__(self, port: int, path: str = "/", host: str = "-", clients: int = 2):
-        self.procs = [subprocess.Popen([sys.executable, "-c", LOAD, "127.0.0.1", str(port), path, host],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, port: int, path: str = "/", host: str = "-", clients: int = 2, address: str = "127.0.0.1",
+                 popen=subprocess.Popen):
+        """``popen``: how to start a client (a network namespace's own, to load from inside it)."""
+        self.procs = [popen([sys.executable, "-c", LOAD, address, str(port), path, host],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for _ in range(clients)]
 
     def finish(self) -> dict:

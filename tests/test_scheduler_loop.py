@@ -19,7 +19,7 @@ import time
 import pytest
 
 import keg
-from conftest import MasterProcess, init_keg_with_token, keg_command, wait_until
+from conftest import MasterProcess, init_keg_with_token, keg_command, read_text, wait_until
 from keg.errors import NotFound
 from master import auth
 from master.client import RemoteKeg
@@ -28,14 +28,6 @@ MACHINES = ("m1", "m2", "m3")
 LEASE_TTL = 3.0
 IMAGE = "K-" + "ab" * 20
 IMAGE2 = "K-" + "cd" * 20
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 class Cluster:
@@ -79,7 +71,7 @@ class Cluster:
         return done
 
     def log(self) -> str:
-        return "".join(f"\n--- {name}\n{_read(path)[-2500:]}" for name, path in self.logs.items())
+        return "".join(f"\n--- {name}\n{read_text(path)[-2500:]}" for name, path in self.logs.items())
 
     def wait(self, condition, what: str, timeout: float = 20.0):
         return wait_until(condition, what, timeout, log=self.log, poll=0.05)
@@ -195,7 +187,7 @@ def test_replicas_are_placed_scaled_and_moved_off_a_dead_machine(cluster, tmp_pa
     report = c.wait(lambda: (r := json.loads(c.admin.read("/scheduler/jobs/hello-web.json")))["unplaced"] == 2 and r,
                     "the report of 2 unplaced replicas")
     assert "2 replica(s) not placed: none of the 3 machine(s) that fit has 0.5 cpu" in report["problem"]
-    assert "job hello-web: 2 replica(s) not placed" in _read(c.logs["scheduler"])
+    assert "job hello-web: 2 replica(s) not placed" in read_text(c.logs["scheduler"])
     for (machine, _), _ in c.replicas("hello-web").items():
         assert sum(0.5 for (m, _) in c.replicas("hello-web") if m == machine) <= 2
 
@@ -271,7 +263,7 @@ def test_a_rolling_update_keeps_the_replicas_running_and_job_rm_removes_them(clu
     assert all(spec["image"] == IMAGE2 for spec, _ in new.values())
     c.wait(lambda: {x[6] for x in c.service("hello")} == {"2"} and len(c.service("hello")) == 3,
            "the service to list release 2 only")
-    assert "rolling update" in _read(c.logs["scheduler"])
+    assert "rolling update" in read_text(c.logs["scheduler"])
 
     c.keg("job", "rm", "hello-web")
     c.wait(lambda: not c.replicas("hello-web"), "the replicas removed")

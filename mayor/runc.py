@@ -15,6 +15,9 @@ import ctypes.util
 import json
 import os
 import re
+import shutil
+import stat
+import struct
 import subprocess
 import tempfile
 
@@ -84,6 +87,49 @@ def check_runc_version(text: str) -> str:
         f"in /proc/self/fd); install runc {'.'.join(map(str, FIXED_UPSTREAM))} or later, or your distribution's "
         "security update (Debian bookworm: 1.1.5+ds1-1+deb12u1)"
     )
+
+
+DEFAULT_INIT = "tini-static"   # Debian's tini package; bound into every container at /dev/init
+
+
+def _is_static_elf(path: str) -> bool:
+    """True for an ELF executable without a program interpreter (PT_INTERP): it runs in any image."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:   # 64-bit ELF only
+            return False
+        order = "<" if head[5] == 1 else ">"
+        phoff, = struct.unpack_from(order + "Q", head, 32)
+        phentsize, phnum = struct.unpack_from(order + "HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return all(struct.unpack_from(order + "I", table, i * phentsize)[0] != 3 for i in range(phnum))
+
+
+def check_init(init: str | None = DEFAULT_INIT) -> str | None:
+    """The host path of the init every container runs under, checked; None when ``init`` is None.
+
+    Without an init the process is PID 1 of its pid namespace, and the kernel
+    drops every signal it has no handler for: SIGTERM would not stop it, and
+    each stop would wait the whole grace for SIGKILL.
+
+    Raises:
+        RuncError: the init is missing, not executable by the containers, or
+            dynamically linked (it could not run in an image without a libc).
+    """
+    if init is None:
+        return None
+    path = shutil.which(init)
+    if path is None:
+        raise RuncError(f"the container init {init} is not installed (apt-get install tini); without one, "
+                        "processes run as PID 1 and ignore SIGTERM: pass --init none to accept that")
+    path = os.path.realpath(path)
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode) or mode & 0o005 != 0o005:
+        raise RuncError(f"the container init {path} must be a file others may read and execute (mode o+rx)")
+    if not _is_static_elf(path):
+        raise RuncError(f"the container init {path} is not a statically linked executable; use tini-static")
+    return path
 
 
 def check_runc(runc: str = "runc") -> str:

@@ -56,7 +56,7 @@ from keg.oci import INDEX_TYPES, MANIFEST_TYPES, ROOT as IMAGES_ROOT, machine_pl
 from mayor import layers as layerlib, rootfs, runtime_spec
 from mayor.layers import LayerCache, LayerError
 from mayor.plan import Actual
-from mayor.runc import Runc, RuncError, check_runc
+from mayor.runc import DEFAULT_INIT, Runc, RuncError, check_init, check_runc
 from mayor.runtime import ExecHandle, Runtime
 from mayor.shim import kill_inside, log_files, read_json, start_time, write_json
 
@@ -247,17 +247,20 @@ class RuncRuntime(Runtime):
         cgroup_parent: containers' cgroups are ``/<cgroup_parent>/<container id>``.
         clock: the clock of ``Actual.started``/``exited``.
         log_file_bytes, log_files: log rotation: size of one file, files kept per name.
+        init: the init containers run under (see ``runtime_spec.build_config``): a command on PATH or a
+            path, tini-static by default; None runs the process itself as PID 1.
 
     Raises:
-        RuncError: runc is missing or lacks the CVE-2024-21626 fix.
+        RuncError: runc is missing or lacks the CVE-2024-21626 fix, or the init is missing or unusable.
         SpecError: ``data_dir`` lies beneath a directory others cannot search.
         ContainerError: a bad machine name or cgroup parent.
     """
 
     def __init__(self, keg, data_dir: str, machine: str, runc: str = "runc", id_base: int = runtime_spec.ID_BASE,
                  capacity: dict | None = None, cgroup_parent: str = "keg", clock=time.time, *,
-                 log_file_bytes: int = LOG_FILE_BYTES, log_files: int = LOG_FILES):
+                 log_file_bytes: int = LOG_FILE_BYTES, log_files: int = LOG_FILES, init: str | None = DEFAULT_INIT):
         self.version = check_runc(runc)
+        self.init = check_init(init)
         self.runc_path = shutil.which(runc)
         tag = re.sub(r"[^A-Za-z0-9_.-]", "_", str(machine))[:64].strip(".") or "machine"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", cgroup_parent or "") or ".." in cgroup_parent:
@@ -554,7 +557,7 @@ class RuncRuntime(Runtime):
             rootfs.mount_rootfs(layer_dirs, os.path.join(bundle, "upper"), os.path.join(bundle, "work"), target)
             config = runtime_spec.build_config(image["config"], spec, target, hostname=name,
                                                cgroups_path=f"/{self.cgroup_parent}/{cid}", id_base=self.id_base,
-                                               capacity=self.capacity)
+                                               capacity=self.capacity, init=self.init)
             runtime_spec.write_config(bundle, config)
             write_json(os.path.join(bundle, "shim.json"),
                        {"id": cid, "name": name, "runc": self.runc_path, "root": self.runc.root,

@@ -54,6 +54,7 @@ MAX_SYMLINKS = 40
 HEALTH_DEFAULTS = {"interval": 10.0, "timeout": 5.0, "threshold": 3, "start_period": 0.0, "restart_on_failure": True}
 HEALTH_KEYS = ("exec", "http", *HEALTH_DEFAULTS)
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+INIT_PATH = "/dev/init"  # where a container sees the init the machine gives it (as Docker's --init)
 MAX_SECONDS = 7 * 24 * 3600.0  # no interval, timeout or grace is believed beyond a week
 
 # Docker's default capability set, without NET_RAW (raw sockets allow spoofing on shared networks).
@@ -444,6 +445,10 @@ def validate_spec(spec, capacity=None) -> dict:
     out["backoff"] = _check_backoff(spec.get("backoff"))
     grace = spec.get("stop_grace")
     out["stop_grace"] = STOP_GRACE if grace is None else _seconds(grace, "stop_grace", zero_ok=True)
+    init = spec.get("init", True)
+    if not isinstance(init, bool):
+        raise SpecError(f"init must be true or false, not {init!r}")
+    out["init"] = init
     return out
 
 
@@ -522,6 +527,42 @@ def resolve_in_rootfs(rootfs: str, path: str) -> str:
             resolved = []
         pending.extendleft(reversed([p for p in target.split("/") if p]))
     return "/" + "/".join(resolved)
+
+
+def _under(path: str, tops) -> bool:
+    return any(path == top or path.startswith(top.rstrip("/") + "/") for top in tops)
+
+
+def check_program(rootfs: str, program: str, cwd: str, env: list, mounts: list) -> None:
+    """Refuse a program the image does not have, as runc would when it starts the process.
+
+    Under an init, a missing program would otherwise start a container whose
+    init reports exit 127 a moment later; the user deserves the reason now.
+    A program on a mounted path (the spec's mounts, /dev, /proc, /sys) cannot
+    be checked here and is let through.
+
+    Raises:
+        SpecError: no executable file of that name in the image.
+    """
+    if "/" in program:
+        candidates = [program if program.startswith("/") else os.path.join(cwd, program)]
+    else:
+        path = next((e[5:] for e in reversed(env) if e.startswith("PATH=")), DEFAULT_PATH)
+        candidates = [os.path.join(d or ".", program) if d.startswith("/") else os.path.join(cwd, d, program)
+                      for d in path.split(":")]
+    mounted = ["/dev", "/proc", "/sys", *(m["destination"] for m in mounts)]
+    for candidate in candidates:
+        inside = resolve_in_rootfs(rootfs, os.path.normpath(candidate))
+        if _under(os.path.normpath(candidate), mounted) or _under(inside, mounted):
+            return
+        try:
+            st = os.stat(os.path.join(rootfs, inside.lstrip("/")), follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return
+    where = "" if "/" in program else " on PATH"
+    raise SpecError(f"cannot run {program!r}: no such executable file{where} in the image")
 
 
 def _read_rootfs_file(rootfs: str, path: str):
@@ -638,7 +679,7 @@ def default_seccomp(machine: str = None) -> dict:
     return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": arches, "syscalls": rules}
 
 
-def _mounts(network: str, extra: list) -> list:
+def _mounts(network: str, extra: list, init: str | None) -> list:
     mounts = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
@@ -676,6 +717,9 @@ def _mounts(network: str, extra: list) -> list:
                 "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
             }
         )
+    if init is not None:
+        mounts.append({"destination": INIT_PATH, "type": "bind", "source": init,
+                       "options": ["bind", "nosuid", "nodev", "ro"]})
     for m in extra:
         options = ["rbind", "nosuid", "nodev", "ro" if m["readonly"] else "rw"]
         mounts.append({"destination": m["destination"], "type": "bind", "source": m["source"], "options": options})
@@ -730,6 +774,7 @@ def build_config(
     cgroups_path: str = None,
     id_base: int = ID_BASE,
     capacity=None,
+    init: str | None = None,
 ) -> dict:
     """The runc ``config.json`` for running ``spec`` from an image, as a dict.
 
@@ -751,6 +796,12 @@ def build_config(
         id_base: first host uid/gid of the machine's user-namespace range; the
             layers must have been unpacked with ``uid_shift=id_base``.
         capacity: the machine's capacity for ``validate_spec``.
+        init: a statically linked init on the host (tini-static), or None.
+            Unless the spec says ``"init": false`` it is bound read-only at
+            /dev/init and runs the process as its child: the process is then
+            not PID 1 of its namespace, where the kernel drops every signal
+            it has no handler for, so SIGTERM stops it as it would anywhere
+            else, and orphans it leaves are reaped.
 
     Returns:
         The configuration, ready for ``write_config``.
@@ -769,6 +820,12 @@ def build_config(
     cwd = spec["cwd"] or image["cwd"] or "/"
     check_working_dir(resolve_in_rootfs(rootfs, cwd), f"working directory {cwd!r} (after following symlinks)")
     user = resolve_user(spec["user"] or image["user"], rootfs)
+    env = _environment(image["env"], spec["env"], user["home"])
+    check_program(rootfs, args[0], cwd, env, spec["mounts"])
+    if init is not None and spec["init"]:
+        args = [INIT_PATH, "--", *args]
+    else:
+        init = None
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user", "cgroup")]
     if spec["network"] != "host":
         namespaces.append({"type": "network"})
@@ -787,7 +844,7 @@ def build_config(
         "terminal": False,
         "user": {"uid": user["uid"], "gid": user["gid"]},
         "args": args,
-        "env": _environment(image["env"], spec["env"], user["home"]),
+        "env": env,
         "cwd": cwd,
         "capabilities": {
             "bounding": list(CAPABILITIES),
@@ -806,7 +863,7 @@ def build_config(
         "process": process,
         "root": {"path": os.path.abspath(rootfs), "readonly": spec["readonly_rootfs"]},
         "hostname": hostname,
-        "mounts": _mounts(spec["network"], spec["mounts"]),
+        "mounts": _mounts(spec["network"], spec["mounts"], init),
         "linux": linux,
     }
 

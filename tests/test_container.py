@@ -600,5 +600,9 @@ def test_proc_working_dir_is_refused_before_runc(machine):
 
 @needs_runc
 def test_runc_failure_is_reported(machine):
+    def vanish(config):  # past build_config's own check: what only runc can find
+        config["process"]["args"] = ["/bin/no-such-program"]
     with pytest.raises(RuncError, match="failed"):
+        machine.run(["/bin/true"], edit=vanish)
+    with pytest.raises(SpecError, match="'/bin/no-such-program': no such executable file in the image"):
         machine.run(["/bin/no-such-program"])

@@ -431,7 +431,7 @@ def test_a_failing_health_check_marks_it_unhealthy_then_restarts_it(site, mayor)
     mine = [v for v in versions if v["kid"] == first["kid"]]
     assert any(v["health"] == "unhealthy" for v in mine), versions  # reported before it was stopped
     ended = [v for v in mine if v["exited"] is not None]
-    assert ended and ended[-1]["reason"] == "unhealthy" and ended[-1]["exit_code"] == 137  # sleep ignores TERM
+    assert ended and ended[-1]["reason"] == "unhealthy" and ended[-1]["exit_code"] == 143  # SIGTERM ended sleep
     again = versions[-1]
     assert again["previous"]["kid"] == first["kid"] and again["previous"]["reason"] == "unhealthy"
     assert again["restarts"] == 1 and again["pid"] != first["pid"]

@@ -144,7 +144,8 @@ class Churn:
 
 
 def sleep_inits(versions) -> dict:
-    """{sleep seconds: [pids]} of the processes running ``/bin/sleep N`` for N in ``versions``."""
+    """{sleep seconds: [parent pids]} of the processes running ``/bin/sleep N`` for N in ``versions``: the
+    parent is the container's init (/dev/init), the pid runc reports."""
     wanted = {str(v).encode() for v in versions}
     found = {}
     for entry in os.listdir("/proc"):
@@ -156,7 +157,12 @@ def sleep_inits(versions) -> dict:
         except (FileNotFoundError, ProcessLookupError):
             continue
         if len(argv) >= 2 and argv[0] == b"/bin/sleep" and argv[1] in wanted:
-            found.setdefault(int(argv[1]), []).append(int(entry))
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            found.setdefault(int(argv[1]), []).append(parent)
     return found
 
 

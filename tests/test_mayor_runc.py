@@ -185,6 +185,35 @@ def test_stop_asks_then_kills_after_the_grace(host, images):
     rt.stop("t1.stubborn")  # stopping an exited container does nothing
 
 
+def test_the_init_makes_sigterm_stop_a_process_that_does_not_handle_it(host, images):
+    """Under the machine's init (tini at /dev/init, PID 1) the process is an ordinary process: SIGTERM
+    ends it at once, and the orphans it leaves are reaped. With ``"init": false`` it is PID 1 itself,
+    where the kernel drops SIGTERM it has no handler for, and only SIGKILL after the grace stops it."""
+    _, busybox, _ = images
+    rt = host.runtime()
+    args = ["/bin/sh", "-c", "(sleep 0.5 &); echo pid $$; exec sleep 1000"]  # an orphan, ending after the exec
+    rt.start("inited", "K-1", spec(busybox, args))
+    rt.start("bare", "K-1", spec(busybox, args, init=False, stop_grace=1))
+    wait_for_log(rt, "inited", b"pid ")
+    wait_for_log(rt, "bare", b"pid ")
+    assert rt.log_tail("inited", 100)[1] != b"pid 1\n" and rt.log_tail("bare", 100)[1] == b"pid 1\n"
+    deadline = time.monotonic() + 5
+    while b" Z " not in (out := finish(rt.exec("bare", ["/bin/busybox", "ps", "-o", "pid,stat,args"]))[0]):
+        assert time.monotonic() < deadline, out  # sleep 1000 as PID 1 never reaps the orphan
+        time.sleep(0.2)
+    out, code = finish(rt.exec("inited", ["/bin/busybox", "ps", "-o", "pid,stat,args"]))
+    assert code == 0 and b"/dev/init -- /bin/sh -c" in out and b" Z " not in out, out  # its orphan, older, was reaped
+
+    began = time.monotonic()
+    rt.stop("t1.inited")  # the default grace is 10 s: not needed
+    assert time.monotonic() - began < 2
+    assert (rt.actual()["inited"].exit_code, rt.actual()["inited"].reason) == (143, "stopped")
+    began = time.monotonic()
+    rt.stop("t1.bare")
+    assert time.monotonic() - began >= 1.0
+    assert (rt.actual()["bare"].exit_code, rt.actual()["bare"].reason) == (137, "stopped")
+
+
 def test_logs_rotate_and_totals_span_incarnations(host, images):
     _, busybox, _ = images
     rt = host.runtime(log_file_bytes=64 * 1024, log_files=2)
@@ -247,7 +276,7 @@ def test_an_unhealthy_container_is_killed_with_reason_unhealthy(host, images):
         assert finish(rt.exec(name, ["/bin/rm", "/tmp/ok"]))[1] == 0
     found = wait_until(rt, lambda a: a["live"].state == "exited" and a["kept"].health == "unhealthy")
     live = found["live"]
-    assert (live.reason, live.health, live.exit_code) == ("unhealthy", "unhealthy", 137)  # sleep ignores SIGTERM
+    assert (live.reason, live.health, live.exit_code) == ("unhealthy", "unhealthy", 143)  # SIGTERM ended sleep
     assert found["kept"].state == "running"  # restart_on_failure false: reported, left running
 
 
@@ -375,7 +404,9 @@ def test_bad_starts_leave_nothing_behind(host, images):
         (("../x", spec(busybox, ["/bin/true"])), ContainerError, "not valid"),
         (("web", spec(busybox, ["/bin/true"], health={"exec": []})), SpecError, "health.exec is empty"),
         (("web", spec(busybox, ["/bin/true"], resources={"memory": "1Mi"})), SpecError, "below the minimum"),
-        (("web", spec(busybox, ["/bin/no-such-program"])), ContainerError, "no-such-program"),
+        (("web", spec(busybox, ["/bin/no-such-program"])), SpecError, "'/bin/no-such-program': no such executable"),
+        (("web", spec(busybox, ["no-such-program"])), SpecError, "'no-such-program': no such executable file on PATH"),
+        (("web", spec(busybox, ["/etc/passwd"])), SpecError, "no such executable"),
         (("web", spec(busybox, ["/bin/true"], user="nobody-here")), SpecError, "not in the image's /etc/passwd"),
     ]
     for args, error, message in cases:

@@ -9,6 +9,9 @@ scripts, run as a user runs them. ``m1``, ``m2`` and ``m3`` each hold a
 that names its image (v1, v2), or no page at all (the broken image, whose
 health check fails). The Mayors enter their namespace with ``nsenter --net``
 only, so they share the machine's mounts and cgroups as a Mayor does.
+The scheduler's lease is ``LEASE_TTL`` (10 s, not the default 30) and the
+Mayors heartbeat every second, so that "kill a Mayor: its replicas run
+elsewhere within the lease TTL + 5 s" takes seconds, not half a minute.
 
 Each test uses jobs of its own on the one cluster and checks what a user
 sees: the scripts' exit status and messages, the jobs and process tables
@@ -22,6 +25,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from collections import Counter
 
 import pytest
 
@@ -42,6 +47,8 @@ MASTER_PORT = 7480
 ROUTER_PORT = 8080
 DOMAIN = "keg.test"
 WAIT = 90.0
+LEASE_TTL = 10.0   # keg scheduler run --lease-ttl: ten heartbeats (keg mayor run --heartbeat), for a busy machine
+HEARTBEAT = 1.0
 HTTPD = ["/bin/sh", "-c", "exec httpd -f -p $PORT -h /www"]
 
 
@@ -90,7 +97,7 @@ class Cluster:
                        for name, files in IMAGES.items()}
         for m in MACHINES:
             self.start_mayor(m)
-        self.spawn("scheduler", [*keg_command(), "scheduler", "run"])
+        self.spawn("scheduler", [*keg_command(), "scheduler", "run", "--lease-ttl", str(LEASE_TTL)])
         self.router_data = os.path.join(self.base, "router")
         self.spawn("router", [*keg_command(), "router", "run", "--listen", f"{self.ctl.address}:{ROUTER_PORT}",
                               "--domain", DOMAIN, "--nginx", NGINX, "--data", self.router_data])
@@ -106,10 +113,12 @@ class Cluster:
             return self.net.popen(host or self.ctl, argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
     def start_mayor(self, m: str) -> None:
+        """Start (or, after a kill, start again) the Mayor of ``m``; its machine user is made once."""
         token_file = os.path.join(self.base, f"{m}.token")
-        with open(token_file, "w") as f:
-            f.write(self.admin(lambda k: auth.add_user(k, m, machine=True)) + "\n")
-        os.chmod(token_file, 0o600)
+        if not os.path.exists(token_file):
+            with open(token_file, "w") as f:
+                f.write(self.admin(lambda k: auth.add_user(k, m, machine=True)) + "\n")
+            os.chmod(token_file, 0o600)
         self.logs[m] = os.path.join(self.base, f"{m}.log")
         env = {"PATH": self.env["PATH"], "HOME": self.base, "PYTHONUNBUFFERED": "1"}
         with open(self.logs[m], "a") as log:
@@ -117,7 +126,8 @@ class Cluster:
             self.mayors[m] = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{self.hosts[m].netns}", *keg_command(), "mayor", "run",
                  "--url", self.url, "--token-file", token_file, "--name", m, "--data", self.data(m),
-                 "--runtime", "runc", "--address", self.hosts[m].address, "--cpus", "2", "--memory", "2Gi"],
+                 "--runtime", "runc", "--address", self.hosts[m].address, "--cpus", "2", "--memory", "2Gi",
+                 "--heartbeat", str(HEARTBEAT)],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def data(self, m: str) -> str:
@@ -243,6 +253,19 @@ class Cluster:
         status, _, body = done.stdout.partition(" ")
         return int(status or 0), body
 
+    def containers(self, m: str, job: str | None = None) -> dict:
+        """``{process name: status}`` of the runc containers on machine ``m`` (of ``job``'s replicas only, when
+        given), as runc itself lists them: what really runs, whatever the tables say."""
+        done = subprocess.run(["runc", "--root", os.path.join(self.data(m), "runc"), "list", "--format", "json"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        found = {c["id"].split(".", 1)[1]: c["status"] for c in json.loads(done.stdout or "null") or []}
+        return {n: st for n, st in found.items() if job is None or n.startswith(job + "-")}
+
+    def running(self, job: str) -> dict:
+        """``{process name: machine}`` of the running runc containers of ``job`` on every machine."""
+        return {n: m for m in MACHINES for n, st in self.containers(m, job).items() if st == "running"}
+
     def load(self, service: str, clients: int = 2, path: str = "/") -> Load:
         return Load(ROUTER_PORT, path, f"{service}.{DOMAIN}", clients, self.ctl.address,
                     lambda argv, **kw: self.net.popen(self.ctl, argv, **kw))
@@ -328,6 +351,114 @@ def test_rolling_restart_replaces_every_replica_with_no_failed_request(cluster):
     assert result["ok"] > 50 and result["seen"] == {"v1": result["ok"]}
     assert len(cluster.healthy("rr")) == 2
     cluster.remove_job("rr")
+
+
+# ---------------------------------------------------------------- scaling and a lost machine, with real containers
+
+
+def test_keg_scale_starts_and_stops_real_containers_with_no_failed_request(cluster):
+    cluster.apply_job("sc", "v1", 1)
+    cluster.wait_healthy("sc", 1)
+    assert cluster.keg("scale", "sc=4").split("\t")[:2] == ["sc", "1 -> 4"]
+
+    # Up: four healthy replicas, spread over the three machines, each a running runc container there.
+    lines = cluster.wait_healthy("sc", 4)
+    assert sorted(Counter(line[0] for line in lines).values()) == [1, 1, 2], lines
+    table = {name: m for name, (m, _) in cluster.replicas("sc").items()}
+    assert len(table) == 4 and wait_until(lambda: cluster.running("sc") == table and table,
+                                          "a running container for each replica", timeout=WAIT, log=cluster.log)
+    ps = json.loads(cluster.keg("ps", "--json"))
+    assert sorted((p["machine"], p["name"], p["state"], p["health"]) for p in ps if p["name"] in table) == \
+        sorted((m, n, "running", "healthy") for n, m in table.items())
+
+    # Down, under load: three containers stopped and removed on their machines (not only their table entries),
+    # and no request failed: a replica leaves the service table in the transaction that removes it.
+    load = cluster.load("sc")
+    assert cluster.keg("scale", "sc=1").split("\t")[:2] == ["sc", "4 -> 1"]
+    cluster.wait_healthy("sc", 1)
+    kept = wait_until(lambda: (lambda r: r if len(r) == 1 else None)(cluster.replicas("sc")),
+                      "one replica in the tables", timeout=WAIT, log=cluster.log)
+    (name, (machine, _)), = kept.items()
+    wait_until(lambda: all(set(cluster.containers(m, "sc")) == ({name} if m == machine else set())
+                           for m in MACHINES), "the other three containers to be gone", timeout=WAIT, log=cluster.log)
+    result = load.finish()
+    print(result)
+    assert cluster.running("sc") == {name: machine}
+    assert [(p["machine"], p["name"]) for p in json.loads(cluster.keg("ps", "--json")) if p["name"].startswith("sc-")] \
+        == [(machine, name)]
+    assert result["failed"] == 0, result["errors"]
+    assert result["ok"] > 20 and result["seen"] == {"v1": result["ok"]}
+    cluster.remove_job("sc")
+    wait_until(lambda: not cluster.running("sc"), "the last container to go", timeout=WAIT, log=cluster.log)
+
+
+def test_a_killed_mayors_replicas_run_elsewhere_within_the_lease_ttl_plus_5_s(cluster):
+    cluster.apply_job("ka", "v1", 3)
+    lines = cluster.wait_healthy("ka", 3)
+    assert sorted(line[0] for line in lines) == list(MACHINES)  # spread: one on each machine
+    victim = "m2"
+    others = [m for m in MACHINES if m != victim]
+    lost = {name for name, (m, _) in cluster.replicas("ka").items() if m == victim}
+    assert len(lost) == 1 and set(cluster.containers(victim, "ka")) == lost
+
+    load = cluster.load("ka")
+    cluster.mayors[victim].kill()  # SIGKILL: no goodbye, its heartbeat just stops
+    killed = time.monotonic()
+    cluster.mayors[victim].wait()
+
+    def elsewhere():
+        """The job's full count healthy in its service and really running, none of it on the victim."""
+        lines = cluster.healthy("ka")
+        if len(lines) != 3 or victim in {line[0] for line in lines}:
+            return None
+        table = {name: m for name, (m, _) in cluster.replicas("ka").items()}
+        if len(table) != 3 or victim in table.values():
+            return None
+        running = {n: m for m in others for n, st in cluster.containers(m, "ka").items() if st == "running"}
+        return (lines, table) if running == table else None
+
+    lines, table = wait_until(elsewhere, "ka's replicas running off the dead machine", timeout=LEASE_TTL + 5 + WAIT,
+                              log=cluster.log, poll=0.1)
+    took = time.monotonic() - killed
+    print(f"kill -> {len(table)} replicas running elsewhere: {took:.1f} s (lease TTL {LEASE_TTL:g} s)")
+    assert took <= LEASE_TTL + 5, f"{took:.1f} s from the kill to running elsewhere, lease TTL {LEASE_TTL:g} s"
+    assert sorted(Counter(table.values()).values()) == [1, 2] and set(table.values()) == set(others)
+    # The dead machine's replica is not silently lost: its entry left the table for an eviction record.
+    for name in lost:
+        record = cluster.read_json(f"/machines/{victim}/evicted/{name}.json")
+        assert record["job"] == "ka" and record["machine"] == victim, record
+        assert f"machine {victim}'s lease expired" in record["reason"] and f"lease {LEASE_TTL:g} s" in record["reason"]
+        assert record["replaced_by"] and all(table.get(r.split("@")[0]) == r.split("@")[1] != victim
+                                             for r in record["replaced_by"]), (record, table)
+    assert not cluster.exists(f"/machines/{victim}/procs")
+    # Only the dead machine lost its lease (a heartbeat a second keeps the others' alive on a busy machine).
+    evictions = [line for line in read_text(cluster.logs["scheduler"]).splitlines() if "scheduler: evict " in line]
+    assert sorted(line.split()[2:5] for line in evictions) == sorted(["evict", n, "from"] for n in lost), evictions
+    assert all(f"from {victim}:" in line for line in evictions), evictions
+    # …and its container outlives its Mayor: still running, though no longer routed to.
+    assert cluster.containers(victim, "ka") == dict.fromkeys(lost, "running")
+    result = load.finish()
+    print(result)
+    assert result["failed"] == 0, result["errors"]
+    assert result["ok"] > 20 and result["seen"] == {"v1": result["ok"]}
+    assert cluster.get("ka") == (200, "v1\n")
+
+    # The Mayor comes back: what its table no longer lists is stopped and removed, and its status cleared.
+    cluster.start_mayor(victim)
+    wait_until(lambda: not cluster.containers(victim, "ka"), f"the evicted container on {victim} to go",
+               timeout=WAIT, log=cluster.log)
+    wait_until(lambda: json.loads(cluster.keg("ps", "-m", victim, "--json")) == [], f"{victim}'s status to clear",
+               timeout=WAIT, log=cluster.log)
+    assert cluster.read_json(f"/machines/{victim}/status/mayor.json")["heartbeat"] > time.time() - LEASE_TTL
+    assert {name: m for name, (m, _) in cluster.replicas("ka").items()} == table  # nothing moved back by itself
+    # …and the machine is usable again: a new replica goes there (it has the fewest of the job).
+    cluster.keg("scale", "ka=4")
+    lines = cluster.wait_healthy("ka", 4)
+    assert sorted(line[0] for line in lines) == sorted([*table.values(), victim])
+    wait_until(lambda: set(cluster.running("ka").values()) == set(MACHINES), f"a running container on {victim}",
+               timeout=WAIT, log=cluster.log)
+    cluster.remove_job("ka")
+    wait_until(lambda: not cluster.running("ka"), "ka's containers to go", timeout=WAIT, log=cluster.log)
 
 
 def test_canary_is_promoted_with_no_failed_request(cluster):

@@ -272,7 +272,11 @@ class Mayor:
         for step in actions.steps:
             try:
                 if step.kind == "stop":
-                    self.runtime.stop(step.container)
+                    if step.force:
+                        self.runtime.stop(step.container, grace=0)
+                    else:
+                        self.runtime.stop(step.container, wait=False)  # its exit wakes the loop
+                        self.changed.set()  # a runtime may have stopped it already: look again now
                 elif step.kind == "remove":
                     self._remember_ended(step.name, step.container)
                     self.runtime.remove(step.container)
@@ -625,15 +629,15 @@ class Mayor:
         left running. Their status objects are removed while the master answers.
         """
         actual = self.runtime.actual()
-        for name, have in sorted(actual.items()):
-            spec_grace = (self.specs.get(name) or {}).get("stop_grace")
-            wait = grace if grace is not None else (spec_grace if isinstance(spec_grace, (int, float)) else 10.0)
-            try:
-                if have.state == "running":
-                    self.runtime.stop(have.container, wait)
-                self.runtime.remove(have.container)
-            except KegError as err:
-                _log(f"cannot stop {name}: {err}")
+        for wait in (False, True):  # ask them all, then wait for each: one grace in all, not one each
+            for name, have in sorted(actual.items()):
+                try:
+                    if have.state == "running":
+                        self.runtime.stop(have.container, grace, wait=wait)
+                    if wait:
+                        self.runtime.remove(have.container)
+                except KegError as err:
+                    _log(f"cannot stop {name}: {err}")
         gone = tuple(delete(f"{self.status}/{n}.json") for n in sorted(actual)
                      if f"{self.status}/{n}.json" in self.published)
         if gone:

@@ -7,6 +7,12 @@ the executor carries out in order and that is logged before it is applied.
 Safety goes into the plan: a container in an unknown state, or running an
 old spec, is stopped before its replacement is started, so two copies of a
 process never run.
+
+Stopping a running container does not hold up the machine: a ``stop`` step
+asks it to stop (SIGTERM, with the runtime's supervisor sending SIGKILL after
+the grace) and the plan waits for its exit like any other event; the
+replacement starts then.  A stop the runtime has not finished by
+``Actual.stopping_until`` (the supervisor was lost, say) is forced.
 """
 
 from __future__ import annotations
@@ -59,17 +65,23 @@ class Actual:
     incarnation: int = 0            # starts of this process name so far, this one included
     health: str | None = None       # "starting", "healthy", "unhealthy", or None without a health check
     reason: str | None = None       # why it exited when the runtime knows more than the code ("unhealthy", "oom")
+    stopping_until: float | None = None  # running, asked to stop: dead by then (SIGKILL after the grace)
 
 
 @dataclass(frozen=True)
 class Step:
-    """One thing to do: ``kind`` is ``stop``, ``start`` or ``remove``."""
+    """One thing to do: ``kind`` is ``stop``, ``start`` or ``remove``.
+
+    A ``stop`` asks and returns; with ``force`` it kills and waits (a stop that
+    did not finish in time, or a container in an unknown state).
+    """
 
     kind: str
     name: str
     container: str | None
     reason: str
     spec_kid: str | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,12 +115,30 @@ def _wants_restart(want: Desired, have: Actual) -> bool:
     return False
 
 
+def _stop_running(have: Actual, why: str, now: float, steps: list, holding: list) -> tuple:
+    """Ask a running container to stop, or wait for the stop asked earlier; force it once overdue.
+
+    Returns ``(when to look again or None, True when it is gone once the steps ran)``.
+    """
+    if have.stopping_until is not None and now < have.stopping_until:
+        holding.append((have.name, f"stopping ({why})"))
+        return have.stopping_until, False
+    overdue = have.stopping_until is not None
+    steps.append(Step("stop", have.name, have.container, why + ("; the stop is overdue" if overdue else ""),
+                      force=overdue))
+    return None, overdue
+
+
 def _plan_one(want: Desired | None, have: Actual | None, now: float, steps: list, holding: list):
     """Steps for one process name; returns the time to look again, or None."""
     if want is None:
         if have is not None:
-            if have.state in ("running", "created", "unknown"):
-                steps.append(Step("stop", have.name, have.container, "no longer in the process table"))
+            if have.state == "running":
+                wake, gone = _stop_running(have, "no longer in the process table", now, steps, holding)
+                if not gone:
+                    return wake
+            elif have.state in ("created", "unknown"):
+                steps.append(Step("stop", have.name, have.container, "no longer in the process table", force=True))
             steps.append(Step("remove", have.name, have.container, "no longer in the process table"))
         return None
     if have is None:
@@ -116,17 +146,27 @@ def _plan_one(want: Desired | None, have: Actual | None, now: float, steps: list
         return None
     if have.spec_kid != want.spec_kid or have.state == "unknown":
         why = "the spec changed" if have.spec_kid != want.spec_kid else "its state is unknown"
-        if have.state != "exited":
-            steps.append(Step("stop", have.name, have.container, why))
+        if have.state == "running":
+            wake, gone = _stop_running(have, why, now, steps, holding)
+            if not gone:
+                return wake
+        elif have.state != "exited":
+            steps.append(Step("stop", have.name, have.container, why, force=True))
         steps.append(Step("remove", have.name, have.container, why))
         steps.append(Step("start", want.name, None, f"replacing it: {why}", want.spec_kid))
         return None
     if have.state == "created":
-        steps.append(Step("stop", have.name, have.container, "created but never started"))
+        steps.append(Step("stop", have.name, have.container, "created but never started", force=True))
         steps.append(Step("remove", have.name, have.container, "created but never started"))
         steps.append(Step("start", want.name, None, "starting it afresh", want.spec_kid))
         return None
     if have.state == "running":
+        if have.stopping_until is not None:  # asked to stop (by an earlier Mayor, say): let it go, then restart
+            wake, gone = _stop_running(have, "a stop was asked", now, steps, holding)
+            if not gone:
+                return wake
+            steps.append(Step("remove", have.name, have.container, "a stop was asked"))
+            steps.append(Step("start", want.name, None, "starting it afresh", want.spec_kid))
         return None
     # exited
     if not _wants_restart(want, have):
@@ -153,7 +193,9 @@ def plan(desired: dict, actual: dict, now: float) -> Actions:
 
     Returns:
         ``Actions`` with the steps in order: every stop and remove of a name
-        comes before its start.  Everything as desired gives empty steps.
+        comes before its start, and a name whose container is still running
+        gets no start until a later plan sees it exited.  Everything as
+        desired gives empty steps.
     """
     steps, holding, wakes = [], [], []
     for name in sorted(set(desired) | set(actual)):

@@ -24,7 +24,7 @@ is running::
         health.json             {status, failures, checked, output} (the shim)
         exit.json               {exit_code, signal, exited, oom, reason} once it exited (the shim, or the
                                 runtime when the shim died: exit_code null, reason "supervisor lost")
-        stop-requested          written by stop(): the exit's reason is "stopped"
+        stop-requested          written by stop(): {at, kill_at}; the exit's reason is "stopped"
         shim.log, runc.log      the shim's own complaints and runc's JSON log
 
 The supervising shim (``mayor.shim``) is started in a session of its own and
@@ -598,6 +598,10 @@ class RuncRuntime(Runtime):
         exited = read_json(os.path.join(bundle, "exit.json"))
         if exited is None:
             if _alive(*_read_shim_pid(bundle)):
+                asked = read_json(os.path.join(bundle, "stop-requested"))
+                until = asked.get("kill_at") if isinstance(asked, dict) else None
+                if isinstance(until, (int, float)):
+                    base["stopping_until"] = self._to_clock(until + KILL_WAIT)
                 return Actual(state="running", **base)
             exited = read_json(os.path.join(bundle, "exit.json"))  # it may have finished just now
         if exited is None:
@@ -689,10 +693,12 @@ class RuncRuntime(Runtime):
         running = read_json(os.path.join(bundle, "running.json")) or {}
         return _wait_exit(running.get("pid"), running.get("pid_start"), timeout) if running.get("pid") else True
 
-    def stop(self, container, grace=None) -> None:
+    def stop(self, container, grace=None, wait=True) -> None:
         """SIGTERM the container's init, SIGKILL after ``grace`` seconds; returns once it exited.
 
-        ``grace`` None means the spec's ``stop_grace`` (10 s unless it says otherwise).
+        ``grace`` None means the spec's ``stop_grace`` (10 s unless it says otherwise). With ``wait``
+        False a running container with its shim is only asked: the shim sends the SIGKILL when the
+        grace is over, ``actual()`` says ``stopping_until``, and ``wait()`` returns on its exit.
 
         Raises:
             ContainerError: it would not die, even of SIGKILL.
@@ -706,11 +712,20 @@ class RuncRuntime(Runtime):
         have = self._observe(name)
         if have.state == "exited":
             return
-        with open(os.path.join(bundle, "stop-requested"), "w", encoding="ascii") as f:
-            f.write(f"{time.time()}\n")
+        asked = read_json(os.path.join(bundle, "stop-requested"))
+        if not (isinstance(asked, dict) and asked.get("kill_at", 0) <= time.time() + grace):
+            write_json(os.path.join(bundle, "stop-requested"), {"at": time.time(), "kill_at": time.time() + grace})
         if have.state == "created":
             self._kill_shim(bundle)
             self.runc.delete(container, force=True)
+            return
+        shim_pid, shim_start = _read_shim_pid(bundle)
+        if not wait and have.state == "running" and _alive(shim_pid, shim_start):
+            try:
+                self.runc.kill(container, "TERM")
+            except RuncError:
+                pass  # it exited meanwhile: the shim reports it
+            os.kill(shim_pid, signal.SIGUSR1)  # the shim reads stop-requested: SIGKILL at kill_at
             return
         for signo, wait in (("TERM", grace), ("KILL", KILL_WAIT)):
             try:

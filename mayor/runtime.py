@@ -51,8 +51,12 @@ class Runtime(abc.ABC):
         """
 
     @abc.abstractmethod
-    def stop(self, container: str, grace: float = 10.0) -> None:
-        """Stop a container (SIGTERM, SIGKILL after ``grace`` seconds)."""
+    def stop(self, container: str, grace: float | None = None, wait: bool = True) -> None:
+        """Stop a container (SIGTERM, SIGKILL after ``grace`` seconds; None: the spec's stop grace).
+
+        With ``wait`` False it only asks: the runtime sees to the SIGKILL, ``actual()`` reports the
+        container running with ``stopping_until`` set, and ``wait()`` returns when it exits.
+        """
 
     @abc.abstractmethod
     def remove(self, container: str) -> None:
@@ -127,7 +131,7 @@ class NoopRuntime(Runtime):
             self._exited = True
             self._changed.notify_all()
 
-    def stop(self, container, grace=10.0) -> None:
+    def stop(self, container, grace=None, wait=True) -> None:
         with self._changed:
             for name, have in self._records.items():
                 if have.container == container and have.state != "exited":

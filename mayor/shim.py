@@ -435,6 +435,7 @@ class Shim:
         poller.register(wake_r, select.POLLIN)
         poller.register(self.out_r, select.POLLIN)
         output_open = True
+        self._stop_asked()  # a request may have come before the wakeup fd was set
         while True:
             self._reap()
             if self.init_status is not None:
@@ -446,14 +447,24 @@ class Shim:
                 if fd == wake_r:
                     while True:
                         try:
-                            if not os.read(wake_r, 512):
-                                break
+                            got = os.read(wake_r, 512)
                         except BlockingIOError:
                             break
+                        if not got:
+                            break
+                        if signal.SIGUSR1 in got:
+                            self._stop_asked()
                 elif fd == self.out_r and not self._copy_output():
                     poller.unregister(self.out_r)
                     output_open = False
         self._finish(poller, output_open)
+
+    def _stop_asked(self) -> None:
+        """The runtime asked for a stop (SIGUSR1 after writing stop-requested): SIGKILL at its kill_at."""
+        asked = read_json(self._path("stop-requested"))
+        kill_at = asked.get("kill_at") if isinstance(asked, dict) else None
+        if isinstance(kill_at, (int, float)) and (self.kill_at is None or kill_at < self.kill_at):
+            self.kill_at = kill_at
 
     def _timeout(self, now: float):
         waits = []
@@ -592,6 +603,7 @@ def _answer(reply: dict) -> None:
 
 def main() -> int:
     """Wait for a command, start the container, supervise it until it exits."""
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # "read stop-requested"; never the default (death)
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         print(f"keg shim: cannot become a subreaper: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
         return 1

@@ -440,7 +440,8 @@ def test_daemon_run_ps_kill(cluster):
     _, rows = _table(cluster.keg("ps")[1])
     assert rows[0][:3] == ["m1", "web", "running"] and rows[0][7] == row["kid"][:14]
     assert cluster.keg("kill", "web", "-m", "m1")[0] == 0
-    mayor.step()
+    mayor.step()  # stop
+    mayor.step()  # remove
     assert runtime.actual() == {}
     assert json.loads(cluster.keg("ps", "--json", "--all")[1]) == []
 

@@ -21,19 +21,32 @@ CASES = [
     ("nothing desired, nothing running: do nothing", {}, {}, []),
     ("new process: start it",
      {"web": W}, {}, [("start", "web", None)]),
-    ("process removed from the table: stop, then remove",
-     {}, {"web": run()}, [("stop", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1")]),
+    ("process removed from the table: ask it to stop; removed once it exited",
+     {}, {"web": run()}, [("stop", "web", "c-web-K-1")]),
+    ("removed, asked to stop, still within its grace: wait",
+     {}, {"web": run(stopping_until=NOW + 5)}, []),
+    ("removed, asked to stop, overdue: force the stop, then remove",
+     {}, {"web": run(stopping_until=NOW)}, [("stop!", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1")]),
     ("removed and already exited: remove only",
      {}, {"web": run(state="exited", exit_code=0)}, [("remove", "web", "c-web-K-1")]),
-    ("spec changed: stop the old before starting the new",
-     {"web": W2}, {"web": run()},
-     [("stop", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1"), ("start", "web", None)]),
+    ("spec changed: ask the old to stop; no start while it runs",
+     {"web": W2}, {"web": run()}, [("stop", "web", "c-web-K-1")]),
+    ("spec changed, the old one stopping: wait for it",
+     {"web": W2}, {"web": run(stopping_until=NOW + 1)}, []),
+    ("spec changed, the old one's stop overdue: force it, then start the new",
+     {"web": W2}, {"web": run(stopping_until=NOW - 1)},
+     [("stop!", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1"), ("start", "web", None)]),
+    ("spec changed, the old one exited: remove it, start the new",
+     {"web": W2}, {"web": run(state="exited", exit_code=143, exited=NOW)},
+     [("remove", "web", "c-web-K-1"), ("start", "web", None)]),
+    ("same spec, asked to stop by an earlier run: let it exit, the restart follows",
+     {"web": W}, {"web": run(stopping_until=NOW + 1)}, []),
     ("unknown state: stop it before starting its replacement",
      {"web": W}, {"web": run(state="unknown")},
-     [("stop", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1"), ("start", "web", None)]),
+     [("stop!", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1"), ("start", "web", None)]),
     ("created but never started: start afresh",
      {"web": W}, {"web": run(state="created")},
-     [("stop", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1"), ("start", "web", None)]),
+     [("stop!", "web", "c-web-K-1"), ("remove", "web", "c-web-K-1"), ("start", "web", None)]),
     ("crashed, backoff elapsed: restart",
      {"web": W}, {"web": run(state="exited", exit_code=1, exited=NOW - 11, failures=1)},
      [("remove", "web", "c-web-K-1"), ("start", "web", None)]),
@@ -50,18 +63,26 @@ CASES = [
     ("several processes: each on its own, in name order",
      {"a": Desired("a", "K-a"), "b": Desired("b", "K-b")},
      {"b": run("b", "K-b"), "c": run("c", "K-c")},
-     [("start", "a", None), ("stop", "c", "c-c-K-c"), ("remove", "c", "c-c-K-c")]),
+     [("start", "a", None), ("stop", "c", "c-c-K-c")]),
 ]
 
 
 @pytest.mark.parametrize("desired, actual, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_plan(desired, actual, expected):
     actions = plan(desired, actual, NOW)
-    assert [(s.kind, s.name, s.container) for s in actions.steps] == expected
+    assert [(s.kind + "!" * s.force, s.name, s.container) for s in actions.steps] == expected  # stop! forces
     assert bool(actions) == bool(expected)
     for step in actions.steps:
         if step.kind == "start":
             assert step.spec_kid == desired[step.name].spec_kid
+
+
+def test_a_stop_in_progress_is_waited_for_until_it_is_due():
+    actions = plan({}, {"web": run(stopping_until=NOW + 12)}, NOW)
+    assert actions.wake_at == NOW + 12 and actions.holding == (("web", "stopping (no longer in the process table)"),)
+    assert plan({}, {"web": run(stopping_until=NOW + 12)}, NOW + 12).describe() == [
+        "stop web (c-web-K-1): no longer in the process table; the stop is overdue",
+        "remove web (c-web-K-1): no longer in the process table"]
 
 
 def test_plan_is_pure_and_says_when_to_look_again():

@@ -185,6 +185,25 @@ def test_stop_asks_then_kills_after_the_grace(host, images):
     rt.stop("t1.stubborn")  # stopping an exited container does nothing
 
 
+def test_a_stop_without_waiting_is_finished_by_the_shim(host, images):
+    """``stop(wait=False)`` returns at once; the container reports ``stopping_until`` while it runs, and
+    its shim sends the SIGKILL when the grace is over, with no further call."""
+    _, busybox, _ = images
+    rt = host.runtime()
+    stubborn = "trap '' TERM; echo up; while :; do sleep 0.1; done"
+    rt.start("stubborn", "K-1", spec(busybox, ["/bin/sh", "-c", stubborn], stop_grace=1.5))
+    wait_for_log(rt, "stubborn", b"up\n")
+    assert rt.actual()["stubborn"].stopping_until is None
+    began = time.monotonic()
+    rt.stop("t1.stubborn", wait=False)
+    assert time.monotonic() - began < 0.5
+    now = rt.actual()["stubborn"]
+    assert now.state == "running" and time.time() + 1 < now.stopping_until < time.time() + 1.5 + 11
+    found = wait_until(rt, lambda a: a["stubborn"].state == "exited", timeout=10)
+    assert 1.5 <= time.monotonic() - began < 5
+    assert (found["stubborn"].exit_code, found["stubborn"].reason) == (137, "stopped")
+
+
 def test_the_init_makes_sigterm_stop_a_process_that_does_not_handle_it(host, images):
     """Under the machine's init (tini at /dev/init, PID 1) the process is an ordinary process: SIGTERM
     ends it at once, and the orphans it leaves are reaped. With ``"init": false`` it is PID 1 itself,
@@ -263,10 +282,10 @@ def test_an_unhealthy_container_is_killed_with_reason_unhealthy(host, images):
     check = {"exec": ["/bin/test", "-e", "/tmp/ok"], "interval": 0.2, "timeout": 5, "threshold": 2}
     args = ["/bin/sh", "-c", "touch /tmp/ok; exec sleep 1000"]
     rt.start("live", "K-1", spec(busybox, args, health=check, stop_grace=0.5))
+    assert rt.actual()["live"].health == "starting"
     rt.start("kept", "K-1", spec(busybox, args, health={**check, "restart_on_failure": False}))
     slow = {"exec": ["/bin/sleep", "30"], "interval": 0.2, "timeout": 0.3, "threshold": 1, "restart_on_failure": False}
     rt.start("slow", "K-1", spec(busybox, args, health=slow))
-    assert rt.actual()["live"].health == "starting"
     wait_until(rt, lambda a: a["live"].health == a["kept"].health == "healthy")
     wait_until(rt, lambda a: a["slow"].health == "unhealthy")  # its check never answers in time
     with open(os.path.join(host.data_dir, "containers", "slow", "health.json")) as f:

@@ -194,7 +194,7 @@ def main() -> int:
                 say(f"       v{release} is serving")
             else:
                 say(f"       v{release} is not serving after {LAUNCH_WAIT:g} s: see `keg ps` and `keg job ls`")
-        where = _where(keg, app)
+        where = _where(keg, app) if outcome.get("processes", {}).get("web") else None  # only web answers HTTP
         if where:
             say(f"       {where}")
         return 0

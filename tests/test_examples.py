@@ -131,6 +131,7 @@ def test_keg_build_app(examples):
 def test_worker(examples):
     done = examples.run("worker")
     assert "remote: -----> Process types: worker (python3 worker.py)" in done.stderr, done.stderr
+    assert "http://ticker." not in done.stderr, done.stderr  # no web process: no address is promised
     # keg logs -f | head -n 4: the first worker's first lines, as they came.
     assert "ticker: a prime every 2 s\ntick 1: prime 2\ntick 2: prime 3\ntick 3: prime 5\n" in done.stdout, done.stdout
     assert "ticker: a prime every 1 s\ntick 1: prime 2\n" in done.stdout, done.stdout

@@ -16,11 +16,9 @@ import datetime
 import json
 import re
 
-import pygit2
-
 import kid as kidlib
 from keg.errors import BadRequest, CompareFailed, KegError, NotFound
-from keg.sources import check_app
+from keg.paths import check_app
 from keg.transaction import Author, Transaction, compare, delete, put
 
 TYPE_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -42,6 +40,7 @@ def job_name(app: str, kind: str) -> str:
 
 
 def _kid_of(data: bytes) -> str:
+    import pygit2  # here: the push hook imports this module and should start fast
     return str(kidlib.from_oid(pygit2.hash(data)))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from keg.errors import BadPath
+from keg.errors import BadPath, BadRequest
 
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
@@ -81,3 +81,14 @@ def parent_of(path: str) -> str:
 def is_under(path: str, prefix: str) -> bool:
     """True when ``path`` is ``prefix`` or lies below it."""
     return prefix == ROOT or path == prefix or path.startswith(prefix + "/")
+
+
+APP_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def check_app(name: str) -> str:
+    """An app name: a DNS label, so that ``<app>.<domain>`` is a host name."""
+    if not isinstance(name, str) or not APP_RE.match(name) or name.endswith("-"):
+        raise BadRequest(f"{name!r} is not an app name: use 1-63 lowercase letters, digits and '-', "
+                         "starting with a letter (it becomes a host name)")
+    return name

@@ -31,23 +31,15 @@ import pygit2
 
 from keg.errors import BadRequest, KegError
 from keg.fsio import fsync_dir
+from keg.paths import check_app  # noqa: F401 - where pushes check app names
 
 SRC_REFS = "refs/keg/src/"
-APP_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_SYMLINK_TARGET = 4096
 
 
 class BadSource(BadRequest):
     """A pushed source the keg refuses: nothing of it was kept."""
-
-
-def check_app(name: str) -> str:
-    """An app name: a DNS label, so that ``<app>.<domain>`` is a host name."""
-    if not isinstance(name, str) or not APP_RE.match(name) or name.endswith("-"):
-        raise BadRequest(f"{name!r} is not an app name: use 1-63 lowercase letters, digits and '-', "
-                         "starting with a letter (it becomes a host name)")
-    return name
 
 
 def _git_env() -> dict:

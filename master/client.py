@@ -21,7 +21,7 @@ from keg import paths
 from keg.errors import BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, NotFound, PathConflict
 from keg.chunks import chunk_hash
 from keg.large import DEFAULT_THRESHOLD, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
-from keg.store import Entry, Event, Revision
+from keg.records import Entry, Event, Revision
 from keg.transaction import Transaction, TxResult, put, put_large, transaction_to_json
 from master.auth import Forbidden, Unauthenticated
 
@@ -365,7 +365,10 @@ class RemoteKeg:
                 return
 
     def _stream(self, prefix: str, since, heartbeat: float):
-        """Yield the start revision, then events, ``None`` for heartbeats, and ints for revision ends."""
+        """Yield the start revision, then events, ``None`` for heartbeats, and ints for revision ends.
+
+        A heartbeat's revision (NDJSON carries one) comes as an int before its ``None``.
+        """
         conn = self._connect(self._current, heartbeat * 3 + 5)
         try:
             conn.request("GET", self._target("/v1/watch", prefix=prefix, since=since, format="ndjson",
@@ -380,6 +383,10 @@ class RemoteKeg:
                     raise http.client.IncompleteRead(b"")
                 obj = json.loads(line)
                 if obj.get("heartbeat"):
+                    # Nothing under the prefix changed up to its revision: resume from there, not from
+                    # the last event, which may be far back for a quiet prefix.
+                    if isinstance(obj.get("revision"), int):
+                        yield obj["revision"]
                     yield None
                     continue
                 yield Event(obj["revision"], obj["path"], obj["old_kid"], obj["new_kid"])

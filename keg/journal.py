@@ -106,8 +106,12 @@ class Journal:
                 fsync_dir(self.directory)
         return self._fd
 
-    def append(self, record: Record) -> None:
+    def append(self, record: Record, sync: bool = True) -> None:
         """Append one record and make it durable; only then may it be acknowledged.
+
+        ``sync`` False leaves it to the kernel: for a caller whose own log (a
+        replicated master's Raft log) already holds the change durably and
+        replays what a crash takes from here.
 
         Raises:
             OSError: the record could not be written or synced; it was cut off again.
@@ -123,7 +127,7 @@ class Journal:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            if self.durable:
+            if self.durable and sync:
                 os.fdatasync(fd)
         except OSError as err:
             # The record was never acknowledged and must not come back at replay, where it

@@ -696,12 +696,13 @@ class Store:
         self._revs.append(commit_oid)
 
     def commit(self, transactions, when: int | None = None, trailers: tuple = (),
-               check_chunks: bool = True) -> list:
+               check_chunks: bool = True, sync: bool = True) -> list:
         """Apply a group of transactions in one revision (group commit).
 
         Each transaction succeeds or fails on its own: a failed compare or an
         op that does not fit the namespace fails that transaction only, and it
-        changes nothing.  The group is durable before this returns.
+        changes nothing.  The group is durable before this returns, unless
+        ``sync`` is False.
 
         Args:
             transactions: ``Transaction`` objects, applied in order.
@@ -713,6 +714,12 @@ class Store:
                 A replicated master checks that before it proposes the group
                 and passes False, so that applying the group never depends on
                 one replica's chunk store.
+            sync: fsync the journal record. A replicated master passes False:
+                its Raft log, fsynced on a majority before the group is
+                applied, is the write-ahead log, and a crash that takes the
+                newest revisions from this keg's journal makes it apply those
+                log entries again (the head's ``Keg-Raft-Index`` says where to
+                resume); checkpoints stay fsynced.
 
         Returns:
             One ``TxResult`` per transaction, in order.
@@ -751,7 +758,7 @@ class Store:
         if not applied:
             return results
         succeeded = [tx for tx, r in zip(transactions, results) if not isinstance(r, TxResult)]
-        commit_oid = self._write_group(staging, new_objects, applied, authors, succeeded, when, trailers)
+        commit_oid = self._write_group(staging, new_objects, applied, authors, succeeded, when, trailers, sync)
         number, kid = self.head_revision, _kid(commit_oid)
         return [r if isinstance(r, TxResult) else TxResult(True, number, kid, r) for r in results]
 
@@ -769,7 +776,8 @@ class Store:
         """Apply one transaction; returns its result (``ok`` False on a failed compare)."""
         return self.commit([tx])[0]
 
-    def _write_group(self, staging, new_objects, ops, authors, transactions, when=None, extra=()) -> bytes:
+    def _write_group(self, staging, new_objects, ops, authors, transactions, when=None, extra=(),
+                     sync: bool = True) -> bytes:
         root = staging.build(self._collector(new_objects))
         number = self.head_revision + 1
         parent = self._revs[-1]
@@ -788,7 +796,7 @@ class Store:
         record_ops = tuple(("put", op.path, op.mode, op.data) if isinstance(op, Put)
                            else ("delete", op.path, op.recursive) for op in ops)
         self._journal.append(Record(number, parent, commit_oid, when, (author.name, author.email),
-                                    message, record_ops))
+                                    message, record_ops), sync)
         self._install(new_objects, commit_oid)
         if (number - self._checkpoint_rev >= self.checkpoint_revisions
                 or self._pending_bytes >= self.checkpoint_bytes):

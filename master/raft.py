@@ -23,9 +23,13 @@ transaction with the same id, within the newest ``IDEMPOTENCY_WINDOW``
 revisions, is not applied again and gets the original result.  The decision
 depends only on the keg's history, so every replica takes the same one.
 
-Restart: the keg is durable on its own (its journal), and the head commit's
+Restart: the Raft log is the write-ahead log.  Applying a group writes the
+keg's journal record without an fsync of its own (the entry is already on a
+majority of disks); checkpoints and snapshots are fsynced.  After a crash the
+keg holds some prefix of what was applied, and the head commit's
 ``Keg-Raft-Index`` says which log entry it reflects; entries up to that index
-are skipped when pysyncobj replays its log.  An entry that changed nothing
+are skipped when pysyncobj replays its log, and the later ones are applied
+again, making the same commits.  An entry that changed nothing
 (every compare failed) is harmlessly applied again: it fails again.
 
 Snapshots: when pysyncobj compacts its log, the snapshot file says which
@@ -479,7 +483,8 @@ class RaftMaster(SingleMaster):
                 todo.append(i)
             try:
                 applied = self.store.commit([transactions[i] for i in todo], when=when,
-                                            trailers=(f"{RAFT_INDEX_TRAILER}{index}",), check_chunks=False)
+                                            trailers=(f"{RAFT_INDEX_TRAILER}{index}",), check_chunks=False,
+                                            sync=False)  # the Raft log is the write-ahead log
             except KegError:
                 log.exception("raft: applying log entry %d failed; this replica stops applying until it can",
                               index)

@@ -259,7 +259,7 @@ def _read_token_file(path: str) -> str:
     return token
 
 
-def _make_runtime(kind: str, store, data_dir: str, name: str, init: str):
+def _make_runtime(kind: str, store, data_dir: str, name: str, init: str, cgroup_parent: str):
     if kind == "noop":
         from mayor.runtime import NoopRuntime
         return NoopRuntime()
@@ -268,7 +268,7 @@ def _make_runtime(kind: str, store, data_dir: str, name: str, init: str):
     except ImportError as err:
         raise KegError(f"the runc runtime is not available in this installation ({err}); "
                        "use --runtime noop to try the Mayor without containers") from err
-    return RuncRuntime(store, data_dir, name, init=None if init == "none" else init)
+    return RuncRuntime(store, data_dir, name, init=None if init == "none" else init, cgroup_parent=cgroup_parent)
 
 
 def _register_or_explain(the_mayor, name: str) -> None:
@@ -310,11 +310,14 @@ def _register_or_explain(the_mayor, name: str) -> None:
               help="The statically linked init every container's process runs under (bound at /dev/init), so "
                    "SIGTERM stops it and its orphans are reaped; `none` runs the process itself as PID 1, "
                    "where it ignores SIGTERM unless it handles it. A spec may say \"init\": false.")
+@click.option("--cgroup-parent", default="keg", show_default=True, metavar="PATH",
+              help="Containers' cgroups are /PATH/<container id> in every hierarchy, beside the Mayor's own "
+                   "(so they outlive a restart of its service); a relative cgroup path such as keg or keg/web.")
 @click.option("--stop-on-exit", is_flag=True,
               help="On SIGTERM/SIGINT stop and remove every container first (keg up does this); "
                    "by default they keep running and the next start adopts them.")
 def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_kind, address, cpus, memory_text,
-              heartbeat, init, stop_on_exit):
+              heartbeat, init, cgroup_parent, stop_on_exit):
     """Run the Mayor of machine NAME until SIGTERM or SIGINT.
 
     It registers /machines/NAME/machine.json, then runs the processes of
@@ -361,7 +364,7 @@ def mayor_run(keg_dir, url, token, token_file, name, data_dir, labels, runtime_k
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        the_mayor = Mayor(store, name, _make_runtime(runtime_kind, store, data_dir, name, init), data_dir,
+        the_mayor = Mayor(store, name, _make_runtime(runtime_kind, store, data_dir, name, init, cgroup_parent), data_dir,
                           labels=label_map, address=address, cpus=cpus, memory=memory, heartbeat=heartbeat)
         _register_or_explain(the_mayor, name)
         click.echo(f"keg mayor: machine {name} ({the_mayor.machine_kid}), runtime {runtime_kind}, "

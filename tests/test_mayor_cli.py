@@ -575,3 +575,6 @@ def test_keg_mayor_run_usage_errors(cluster, tmp_path):
     code, _, err = run("mayor", "run", "--url", cluster.url, "--name", "Bad", "--data", str(tmp_path / "d"),
                        "--runtime", "noop")
     assert code == 2 and "not a valid machine name" in err
+    code, _, err = run("mayor", "run", "--url", cluster.url, "--name", "m1", "--data", str(tmp_path / "d"),
+                       "--token-file", str(tmp_path / "t"), "--cgroup-parent", "../escape")
+    assert code != 0 and "cgroup parent '../escape' must be a relative cgroup path" in err, err

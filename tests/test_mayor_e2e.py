@@ -147,10 +147,13 @@ def shim_processes(marker: str) -> list:
     return found
 
 
+CGROUP_PARENT = "keg-e2e"  # the tests' Mayors run with --cgroup-parent keg-e2e
+
+
 def cgroups_of(prefix: str) -> list:
-    """Cgroup directories of containers whose id starts with ``prefix``, in every hierarchy (cgroup parent keg)."""
+    """Cgroup directories of containers whose id starts with ``prefix``, in every hierarchy."""
     found = set()
-    for pattern in ("/sys/fs/cgroup/*/keg/" + prefix + "*", "/sys/fs/cgroup/keg/" + prefix + "*"):
+    for pattern in (f"/sys/fs/cgroup/*/{CGROUP_PARENT}/{prefix}*", f"/sys/fs/cgroup/{CGROUP_PARENT}/{prefix}*"):
         found |= {p for p in glob.glob(pattern) if os.path.isdir(p)}
     return sorted(found)
 
@@ -176,7 +179,8 @@ class MayorProcess:
             offset = log.tell()
             self.proc = subprocess.Popen([*keg_command(), "mayor", "run", "--url", self.site.url, "--token-file",
                                           self.token_file, "--name", self.name, "--data", self.data,
-                                          "--runtime", "runc"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                          "--runtime", "runc", "--cgroup-parent", CGROUP_PARENT],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)
         return offset
 
     def wait_ready(self, offset: int) -> None:

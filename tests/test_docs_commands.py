@@ -1,0 +1,925 @@
+"""The commands in docs/*.md run, as written (issue 10: "every command shown in README and docs is
+exercised by a test").
+
+The convention (docs/operations.md, "Commands in these docs", says it for readers):
+
+* A fenced block opened with ```sh holds commands, and a test runs every one of them. Output, synopses
+  with placeholders and other illustrations go in ```text or ```console blocks, file contents in
+  ```json, ```ini, ```nginx and the like; those are not run. Every fence names its kind: a bare ```
+  is refused, so a command cannot slip into an unnamed block.
+* ``RUN_BY`` names, for every file with ```sh blocks, the test that runs all of them, and
+  ``NOT_RUN`` the files whose commands no test can run, with the reason.
+  ``test_every_shell_block_in_the_docs_is_run`` fails when a file gains a ```sh block and is in
+  neither, or when a listed file has none left.
+* The operations pages describe several machines. A block there begins with a comment naming them,
+  ``# on keg1`` or ``# on keg1, keg2 and keg3``, and runs on each in turn, in that machine's own
+  root shell, under ``set -e``; shell variables and the working directory carry over from one
+  block to the next on the same machine, as in a terminal left open.
+
+How the machines are simulated here (``Machines``): each one is a network namespace whose ``eth0``
+has the address the docs give it (10.0.0.N/24) on one private bridge, joined by a mount namespace
+in which ``/etc``, ``/var``, ``/run``, ``/opt`` and ``/root`` are overlays of this machine's (so
+``useradd``, ``/etc/hosts``, ``/etc/nginx`` and ``/var/backups`` are the machine's own and the real
+ones are never touched), ``/srv``, ``/tmp`` and ``/var/lib/keg`` are directories of its own,
+``/opt/keg`` is this checkout, and a UTS namespace holds its host name. A fresh machine's
+``/etc/hosts`` names itself ``127.0.1.1``, as Debian's installer writes it. When Keg's Python lives
+under root's home (pyenv), root's home is made searchable, so that services running as ``keg`` can
+start it. Two programs are stand-ins, first on PATH (for services too):
+
+* ``systemctl``: ``daemon-reload`` runs ``systemd-analyze verify`` on every unit file the machine
+  has written and fails on any complaint; ``start`` and ``enable --now`` run the unit's
+  ``ExecStart`` (``%H`` and ``${VAR}`` from ``EnvironmentFile`` expanded, ``User``/``Group``
+  switched to, ``RuntimeDirectory``/``StateDirectory`` made with their modes) in a session of its
+  own with a clean environment, ``Type=oneshot`` to its end, ``Type=forking`` until it forked and
+  ``Type=simple`` until it printed its first line (Keg's daemons print one when they are ready);
+  ``stop`` honours ``KillMode``; ``reload`` runs ``ExecReload`` and waits until the workers that
+  were running have exited (nginx answers from its old workers for a moment). ``Restart=`` and
+  timers are verified but not acted on. Debian starts nginx when it is installed: so does the
+  test, on the machine that serves it.
+* ``ssh HOST COMMAND``: runs COMMAND by root's shell in HOST's namespaces, with a clean
+  environment and standard input passed through, as ssh with a key would.
+
+certbot's certificate for keg.example.org is made by the test (its own CA, trusted by every
+machine's /etc/ssl/certs/ca-certificates.crt). The images that operations-mayor.md's examples run
+(app:1.4, app:1.5, tools:1) are busybox images the test imports first: ``serve --port P`` is
+busybox httpd on P with a /healthz page, ``/bin/make-report`` prints a line and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from conftest import REPO
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+OPERATIONS_DOCS = ("docs/operations.md", "docs/operations-raft.md", "docs/operations-mayor.md")
+SIMULATION = "tests/test_docs_commands.py::test_the_operations_docs_run_on_simulated_machines"
+README_SESSION = "tests/test_docs.py::test_readme_commands_run_as_written"
+
+# Every file with ```sh blocks, and the test that runs all of them.
+RUN_BY = {
+    "README.md": README_SESSION,
+    "docs/deploy.md": README_SESSION,
+    "docs/operations.md": SIMULATION,
+    "docs/operations-raft.md": SIMULATION,
+    "docs/operations-mayor.md": SIMULATION,
+}
+# Files whose ```sh blocks no test runs, and why.
+NOT_RUN = {
+    "docs/benchmarks.md": "its commands are the benchmark runs whose figures the page reports (minutes each, "
+                          "even with --quick, and measured on an otherwise idle machine); "
+                          "test_benchmark_commands_name_real_scripts_and_options checks each command line "
+                          "against the script's --help instead",
+}
+# Files whose fences this test does not police: generated, or owned by the benchmark runs.
+FENCES_EXEMPT = {"docs/cli.md": "generated by tools/gen_cli_doc.py from --help texts (plain fences)",
+                 "docs/benchmarks.md": NOT_RUN["docs/benchmarks.md"]}
+
+ON_RE = re.compile(r"^# on ([a-z0-9][a-z0-9, -]*?)(?:\s*[:(—].*)?$")
+DOC_ADDRESS_RE = re.compile(r"^10\.0\.0\.(\d+)$")
+
+
+# ---------------------------------------------------------------- reading the docs
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block of a Markdown file."""
+
+    path: str        # relative to the repository
+    line: int        # of the opening fence, 1-based
+    kind: str        # the fence's info string's first word ('' for a bare fence)
+    text: str        # the content, dedented by the fence's indentation
+
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def fenced_blocks(path: str) -> list:
+    """Every fenced (```) block of the Markdown file at ``path`` (relative to the repository)."""
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    blocks, i = [], 0
+    while i < len(lines):
+        opening = re.match(r"^( *)```(.*)$", lines[i])
+        if not opening:
+            i += 1
+            continue
+        indent, info = len(opening.group(1)), opening.group(2).strip()
+        body, j = [], i + 1
+        while j < len(lines) and not re.match(r"^ *```\s*$", lines[j]):
+            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j])
+            j += 1
+        assert j < len(lines), f"{path}:{i + 1}: a fenced block that is never closed"
+        blocks.append(Block(path, i + 1, info.split()[0] if info else "", "\n".join(body) + "\n"))
+        i = j + 1
+    return blocks
+
+
+def shell_blocks(path: str) -> list:
+    """The ```sh blocks of ``path``, in order."""
+    return [b for b in fenced_blocks(path) if b.kind == "sh"]
+
+
+def markdown_files() -> list:
+    docs = sorted(f"docs/{name}" for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md"))
+    return ["README.md", *docs]
+
+
+def machines_of(block: Block) -> list:
+    """The machines a block of the operations pages runs on, from its first line ``# on A, B and C``."""
+    first = block.text.split("\n", 1)[0]
+    match = ON_RE.match(first)
+    assert match, f"{block.where()}: a block of the operations pages must begin with '# on MACHINE[, …]'"
+    return [name for name in re.split(r",\s*|\s+and\s+", match.group(1).strip()) if name]
+
+
+# ---------------------------------------------------------------- the registry
+
+def test_every_shell_block_in_the_docs_is_run():
+    files = {path: shell_blocks(path) for path in markdown_files()}
+    unclaimed = [f"{path} ({len(blocks)} blocks, first at line {blocks[0].line})"
+                 for path, blocks in files.items() if blocks and path not in RUN_BY and path not in NOT_RUN]
+    assert not unclaimed, ("```sh blocks that no test runs: add the file to RUN_BY with the test that runs "
+                           "them (or mark illustrations ```text): " + ", ".join(unclaimed))
+    stale = [path for path in [*RUN_BY, *NOT_RUN] if not files.get(path)]
+    assert not stale, f"listed as having ```sh blocks but has none (any more): {stale}"
+    assert not set(RUN_BY) & set(NOT_RUN)
+    for path, test in RUN_BY.items():
+        module, name = test.split("::")
+        with open(os.path.join(REPO, module), encoding="utf-8") as f:
+            assert re.search(rf"^def {name}\(", f.read(), re.M), f"{path}: {test} does not exist"
+
+
+def test_every_fence_says_what_it_holds():
+    bare = [b.where() for path in markdown_files() if path not in FENCES_EXEMPT
+            for b in fenced_blocks(path) if not b.kind]
+    assert not bare, ("fences without a kind (```sh for commands that a test runs, ```text or ```console "
+                      "for output and illustrations, ```json, ```ini … for file contents): " + ", ".join(bare))
+
+
+def test_operations_blocks_name_known_machines():
+    known = set(MACHINES)
+    for path in OPERATIONS_DOCS:
+        for block in shell_blocks(path):
+            unknown = set(machines_of(block)) - known
+            assert not unknown, f"{block.where()}: machines {sorted(unknown)} are not in the example cluster"
+
+
+def test_benchmark_commands_name_real_scripts_and_options():
+    """benchmarks.md's commands are not run (NOT_RUN), but each names a script that exists and only
+    options its --help lists."""
+    helps: dict = {}
+    for block in shell_blocks("docs/benchmarks.md"):
+        for line in block.text.splitlines():
+            words = shlex.split(line.split("#", 1)[0])
+            if not words:
+                continue
+            assert words[:1] == [".venv/bin/python"] and words[1].startswith("bench/"), f"{block.where()}: {line}"
+            script = words[1]
+            assert os.path.exists(os.path.join(REPO, script)), f"{block.where()}: no {script}"
+            if script not in helps:
+                done = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True,
+                                      text=True, timeout=120)
+                assert done.returncode == 0, done.stderr
+                helps[script] = done.stdout
+            for word in words[2:]:
+                if word.startswith("--"):
+                    assert re.search(rf"(^|[\s,\[]){re.escape(word)}\b", helps[script]), \
+                        f"{block.where()}: {script} has no option {word}"
+
+
+# ---------------------------------------------------------------- the simulated machines
+
+# The example cluster of docs/operations.md: machine -> its address.
+MACHINES = {
+    "keg1": "10.0.0.1", "keg2": "10.0.0.2", "keg3": "10.0.0.3", "keg4": "10.0.0.4",
+    "keg0": "10.0.0.10", "web1": "10.0.0.21", "backup": "10.0.0.30",
+}
+OVERLAID = ("etc", "var", "run", "opt", "root")
+SESSION_PATH = "/opt/keg/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BLOCK_TIMEOUT = 120.0
+STOP_TIMEOUT = 20.0
+READY_TIMEOUT = 15.0      # a simple service is taken as started once it has printed its first line
+
+
+def _sim() -> dict:
+    with open(os.environ["KEG_DOCS_SIM"], encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _clean_env(sim: dict) -> dict:
+    """root's login environment on a simulated machine, with the stand-ins first on PATH."""
+    return {"HOME": "/root", "USER": "root", "LOGNAME": "root", "SHELL": "/bin/bash", "LANG": "C.UTF-8",
+            "PATH": f"{sim['shims']}:{SESSION_PATH}", "KEG_DOCS_SIM": sim["file"], "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _wait_dead(pids, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(_dead(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return all(_dead(p) for p in pids)
+
+
+def _children(pid: int) -> list:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return found
+
+
+def _kill(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ------------------------------------------------------------- the ssh stand-in
+
+def ssh_main(argv: list) -> int:
+    """``ssh [-T] [-q] [-o OPT] [-p PORT] [-i KEY] [USER@]HOST COMMAND…`` on a simulated machine."""
+    sim = _sim()
+    args = list(argv)
+    while args and args[0].startswith("-"):
+        option = args.pop(0)
+        if option in ("-o", "-p", "-i", "-l"):
+            args.pop(0)
+    if len(args) < 2:
+        print("ssh (test stand-in): give a host and a command", file=sys.stderr)
+        return 255
+    host = args[0].rsplit("@", 1)[-1]
+    machine = next((m for name, m in sim["machines"].items() if host in (name, m["address"])), None)
+    if machine is None:
+        print(f"ssh: Could not resolve hostname {host}: Name or service not known", file=sys.stderr)
+        return 255
+    env = _clean_env(sim)
+    command = ["nsenter", "-t", str(machine["pid"]), "-n", "-m", "-u", "--wd=/root", "--",
+               "env", "-i", *[f"{k}={v}" for k, v in env.items()], "bash", "-c", " ".join(args[1:])]
+    return subprocess.run(command).returncode
+
+
+# -------------------------------------------------------------- the systemctl stand-in
+
+def parse_unit(text: str) -> dict:
+    """A unit file as ``{section: {key: [values…]}}`` (continuation lines joined, comments dropped)."""
+    sections: dict = {}
+    current = None
+    pending = ""
+    for raw in text.split("\n"):
+        line = pending + raw.strip() if pending else raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        assert current is not None, f"a line outside any section: {line}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+class Systemd:
+    """The units of one simulated machine: where their files are, what runs, and their output."""
+
+    def __init__(self, sim: dict):
+        self.sim = sim
+        self.host = socket.gethostname()
+        self.machine = sim["machines"][self.host]
+        self.state = os.path.join(self.machine["root"], "systemd")
+        os.makedirs(self.state, exist_ok=True)
+
+    def unit_file(self, name: str) -> str:
+        for directory in ("/etc/systemd/system", "/lib/systemd/system"):
+            if os.path.exists(os.path.join(directory, name)):
+                return os.path.join(directory, name)
+        raise SystemExit(f"Unit {name} not found.")
+
+    def load(self, name: str) -> dict:
+        with open(self.unit_file(name), encoding="utf-8") as f:
+            return parse_unit(f.read())
+
+    def record(self, name: str) -> dict | None:
+        try:
+            with open(os.path.join(self.state, name + ".json"), encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def save(self, name: str, record: dict | None) -> None:
+        path = os.path.join(self.state, name + ".json")
+        if record is None:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+
+    def active(self, name: str) -> bool:
+        record = self.record(name)
+        return bool(record) and not _dead(record["pid"])
+
+    # ----------------------------------------------------------- expanding
+
+    def environment(self, service: dict, user: str | None) -> dict:
+        # The stand-ins are the machine's ssh and systemctl, for services too.
+        env = {"PATH": f"{self.sim['shims']}:{SERVICE_PATH}", "LANG": "C.UTF-8", "KEG_DOCS_SIM": self.sim["file"]}
+        if user:
+            import pwd
+            entry = pwd.getpwnam(user)
+            env.update(USER=user, LOGNAME=user, HOME=entry.pw_dir, SHELL=entry.pw_shell)
+        for assignment in service.get("Environment", []):
+            for word in shlex.split(assignment):
+                key, _, value = word.partition("=")
+                env[key] = value
+        for name in service.get("EnvironmentFile", []):
+            optional = name.startswith("-")
+            try:
+                with open(name.lstrip("-"), encoding="utf-8") as f:
+                    for line in f:
+                        line = line.strip()
+                        if line and not line.startswith("#") and "=" in line:
+                            key, _, value = line.partition("=")
+                            env[key.strip()] = " ".join(shlex.split(value)) if value.strip() else ""
+            except FileNotFoundError:
+                if not optional:
+                    raise SystemExit(f"Failed to load environment files: {name}: No such file or directory")
+        return env
+
+    def command(self, line: str, unit: str, env: dict) -> tuple:
+        """An Exec line's argv (and whether a failure is ignored, its '-' prefix)."""
+        ignore = line.startswith("-")
+        line = line.lstrip("-@+!:")
+        specifiers = {"%": "%", "H": self.host, "n": unit, "N": unit.rsplit(".", 1)[0]}
+
+        def specifier(m):
+            assert m.group(1) in specifiers, f"%{m.group(1)} in {line!r}: a specifier the stand-in does not know"
+            return specifiers[m.group(1)]
+
+        line = re.sub(r"%(.)", specifier, line)
+        line = re.sub(r"\$\{(\w+)\}", lambda m: shlex.quote(env.get(m.group(1), "")), line)
+        line = re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), ""), line)
+        return shlex.split(line), ignore
+
+    def directories(self, service: dict, user: str | None, group: str | None) -> dict:
+        made = {}
+        for key, base, env_name in (("RuntimeDirectory", "/run", "RUNTIME_DIRECTORY"),
+                                    ("StateDirectory", "/var/lib", "STATE_DIRECTORY")):
+            mode = int(service.get(key + "Mode", ["0755"])[-1], 8)
+            paths = []
+            for value in service.get(key, []):
+                for relative in value.split():
+                    path = os.path.join(base, relative)
+                    os.makedirs(path, exist_ok=True)
+                    os.chmod(path, mode)
+                    if user:
+                        shutil.chown(path, user, group or user)
+                    paths.append(path)
+            if paths:
+                made[env_name] = ":".join(paths)
+        return made
+
+    # ----------------------------------------------------------- verbs
+
+    def daemon_reload(self) -> int:
+        upper = os.path.join(self.machine["root"], "etc.up", "systemd", "system")
+        units = sorted(os.path.join("/etc/systemd/system", n) for n in os.listdir(upper)
+                       if re.search(r"\.(service|timer|socket|path)$", n)) if os.path.isdir(upper) else []
+        if not units:
+            return 0
+        done = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True)
+        complaints = (done.stdout + done.stderr).strip()
+        if done.returncode != 0 or complaints:
+            print(f"systemd-analyze verify {' '.join(units)}:\n{complaints}", file=sys.stderr)
+            return 1
+        return 0
+
+    def start(self, name: str) -> int:
+        if self.active(name):
+            return 0
+        if name.endswith(".timer"):
+            self.load(name)
+            self.save(name, {"pid": os.getpid(), "timer": True})
+            return 0
+        unit = self.load(name)
+        service = unit.get("Service", {})
+        user = service.get("User", [None])[-1]
+        group = service.get("Group", [user])[-1]
+        env = self.environment(service, user)
+        env.update(self.directories(service, user, group))
+        log_path = os.path.join(self.state, name + ".log")
+        log = open(log_path, "ab")
+        logged = log.tell()
+        kind = service.get("Type", ["simple"])[-1]
+        credentials = {}
+        if user:
+            import grp
+            import pwd
+            gid = grp.getgrnam(group).gr_gid if group else pwd.getpwnam(user).pw_gid
+            credentials = dict(user=user, group=gid, extra_groups=os.getgrouplist(user, gid))
+        cwd = service.get("WorkingDirectory", ["/"])[-1]
+        for line in service.get("ExecStartPre", []):
+            argv, ignore = self.command(line, name, env)
+            if subprocess.run(argv, stdout=log, stderr=log, env=env, cwd=cwd, **credentials).returncode and not ignore:
+                print(f"{name}: ExecStartPre failed: {argv}", file=sys.stderr)
+                return 1
+        argv, _ = self.command(service["ExecStart"][-1], name, env)
+        if kind == "oneshot":
+            code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=cwd,
+                                  **credentials).returncode
+            if code:
+                print(f"Job for {name} failed: {argv[0]} exited with {code}", file=sys.stderr)
+            return 1 if code else 0
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=cwd,
+                                start_new_session=True, **credentials)
+        pid = proc.pid
+        if kind == "forking":
+            if proc.wait(timeout=60):
+                print(f"Job for {name} failed: {argv[0]} exited with {proc.returncode}", file=sys.stderr)
+                return 1
+            with open(service["PIDFile"][-1]) as f:
+                pid = int(f.read().split()[0])
+        self.save(name, {"pid": pid, "env": env, "kill_mode": service.get("KillMode", ["control-group"])[-1],
+                         "stop": service.get("ExecStop", []), "reload": service.get("ExecReload", []),
+                         "timeout": float(service.get("TimeoutStopSec", [str(STOP_TIMEOUT)])[-1].rstrip("s"))})
+        deadline = time.monotonic() + READY_TIMEOUT
+        while kind == "simple" and os.path.getsize(log_path) == logged and not _dead(pid) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _dead(pid):
+            print(f"{name}: the service exited at once; its output:", file=sys.stderr)
+            with open(os.path.join(self.state, name + ".log"), "rb") as f:
+                sys.stderr.write(f.read()[-3000:].decode(errors="replace"))
+            return 1
+        return 0
+
+    def stop(self, name: str) -> int:
+        record = self.record(name)
+        if record and record.get("timer"):
+            self.save(name, None)
+            return 0
+        if not record or _dead(record["pid"]):
+            self.save(name, None)
+            return 0
+        pid, env = record["pid"], record["env"]
+        for line in record["stop"]:
+            argv, _ = self.command(line, name, env)
+            subprocess.run(argv, env=env)
+        stop_all = record["kill_mode"] in ("control-group", "mixed")
+        _kill(pid, signal.SIGTERM)
+        if record["kill_mode"] == "control-group":
+            _kill(os.getpgid(pid) if not _dead(pid) else pid, signal.SIGTERM, group=True)
+        if not _wait_dead([pid], min(record["timeout"], STOP_TIMEOUT)):
+            _kill(pid, signal.SIGKILL)
+        if stop_all:
+            _kill(pid, signal.SIGKILL, group=True)
+        self.save(name, None)
+        return 0
+
+    def reload(self, name: str) -> int:
+        record = self.record(name)
+        if not record or _dead(record["pid"]):
+            print(f"{name} is not active, cannot reload.", file=sys.stderr)
+            return 1
+        if not record["reload"]:
+            print(f"Failed to reload {name}: Job type reload is not applicable for unit {name}.", file=sys.stderr)
+            return 1
+        workers = _children(record["pid"])
+        for line in record["reload"]:
+            argv, ignore = self.command(line, name, record["env"])
+            if subprocess.run(argv, env=record["env"]).returncode and not ignore:
+                return 1
+        # nginx answers from its old workers until they have finished: wait for that, as a person's next
+        # command would come later than the test's.
+        _wait_dead(workers, STOP_TIMEOUT)
+        return 0
+
+
+def systemctl_main(argv: list) -> int:
+    """The verbs of ``systemctl`` the docs use, on a simulated machine (see the module's docstring)."""
+    systemd = Systemd(_sim())
+    args = [a for a in argv if a not in ("--quiet", "-q", "--no-pager")]
+    now = "--now" in args
+    args = [a for a in args if a != "--now"]
+    if not args:
+        print("systemctl (test stand-in): give a verb", file=sys.stderr)
+        return 1
+    verb, names = args[0], [n if "." in n else n + ".service" for n in args[1:]]
+    if verb == "daemon-reload":
+        return systemd.daemon_reload()
+    if verb == "is-active":
+        states = ["active" if systemd.active(n) else "inactive" for n in names]
+        print("\n".join(states))
+        return 0 if all(s == "active" for s in states) else 3
+    actions = {"start": systemd.start, "stop": systemd.stop, "reload": systemd.reload,
+               "restart": lambda n: systemd.stop(n) or systemd.start(n),
+               "enable": lambda n: (systemd.load(n) and systemd.start(n)) if now else (systemd.load(n) and 0),
+               "disable": lambda n: systemd.stop(n) if now else 0}
+    if verb not in actions:
+        print(f"systemctl (test stand-in): {verb} is not simulated", file=sys.stderr)
+        return 1
+    return max((actions[verb](n) for n in names), default=0)
+
+
+# ------------------------------------------------------------------ the machines
+
+SETUP = r"""
+set -e
+R={root}
+for d in {overlaid}; do
+    mkdir -p "$R/$d.up" "$R/$d.wk"
+    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$R/$d.up,workdir=$R/$d.wk" "/$d"
+done
+mkdir -p "$R/srv" "$R/var-lib-keg" /var/lib/keg "$R/tmp" /run/keg-docs-work
+mount --bind "$R/srv" /srv
+mount --bind "$R/var-lib-keg" /var/lib/keg
+# A /tmp of its own, in which the test's directory is still where it was.
+chmod 1777 "$R/tmp"
+mount --bind {work} /run/keg-docs-work
+mount --bind "$R/tmp" /tmp
+mkdir -p {work}
+mount --bind /run/keg-docs-work {work}
+umount /run/keg-docs-work && rmdir /run/keg-docs-work
+ln -sfn {repo} /opt/keg
+hostname {name}
+echo {name} > /etc/hostname
+printf '127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n\n::1\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts
+cat {ca} >> /etc/ssl/certs/ca-certificates.crt
+{extra}
+cd /root
+exec bash --noprofile --norc -s
+"""
+
+
+class Shell:
+    """A bash that reads blocks on its standard input: variables, exports and the working directory carry
+    over from one block to the next. Each block runs with standard input from /dev/null (so a command
+    cannot read the blocks that follow) and under ``set -e``: a failing command ends the shell.
+
+    Args:
+        argv: the command that runs bash (``bash --noprofile --norc -s``, perhaps inside namespaces).
+        log_dir: where its standard output and error go (``shell.out``, ``shell.err``).
+    """
+
+    def __init__(self, argv: list, env: dict, log_dir: str, cwd: str | None = None, name: str = "the shell"):
+        self.name = name
+        self.out_path = os.path.join(log_dir, "shell.out")
+        self.err_path = os.path.join(log_dir, "shell.err")
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env, cwd=cwd)
+        self.blocks = 0
+        self.at = {self.out_path: 0, self.err_path: 0}
+        self.outputs: list = []          # (where, stdout, stderr) of every block
+
+    def _read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(self.at[path])
+            return f.read()
+
+    def _take(self, path: str, marker: bytes) -> str:
+        data = self._read(path)
+        end = data.find(marker)
+        if end < 0:
+            return data.decode(errors="replace")
+        self.at[path] += end + len(marker)
+        return data[:end].decode(errors="replace")
+
+    def run(self, script: str, where: str, timeout: float = BLOCK_TIMEOUT) -> tuple:
+        """Run ``script``; returns what it printed, ``(stdout, stderr)``."""
+        self.blocks += 1
+        marker = f"::block-done-{self.blocks}::"
+        if self.blocks == 1:
+            script = "set -e\n" + script
+        self.proc.stdin.write(f"{{\n{script}\n}} < /dev/null\nprintf '\\n{marker}\\n'; "
+                              f"printf '\\n{marker}\\n' >&2\n".encode())
+        self.proc.stdin.flush()
+        wanted = f"\n{marker}\n".encode()
+        deadline = time.monotonic() + timeout
+        while wanted not in self._read(self.out_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with status {self.proc.returncode}" if self.proc.poll() is not None
+                       else f"did not finish within {timeout:g} s")
+                out = self._read(self.out_path).decode(errors="replace")
+                err = self._read(self.err_path).decode(errors="replace")
+                raise AssertionError(f"{where} on {self.name} {why}:\n{script}\n--- stdout:\n{out[-4000:]}\n"
+                                     f"--- stderr:\n{err[-6000:]}")
+            time.sleep(0.05)
+        out = self._take(self.out_path, wanted)
+        deadline = time.monotonic() + 10
+        while wanted not in self._read(self.err_path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        err = self._take(self.err_path, wanted)
+        self.outputs.append((where, out, err))
+        return out, err
+
+    def close(self, timeout: float = 10) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Machine:
+    """One simulated machine: its address, directory, network namespace and root shell."""
+
+    name: str
+    address: str
+    root: str
+    netns: str
+    shell: Shell
+
+    def run(self, script: str, where: str, timeout: float = BLOCK_TIMEOUT) -> str:
+        """Run ``script`` in this machine's root shell; returns what it printed on standard output."""
+        return self.shell.run(script, where, timeout)[0]
+
+
+class Machines:
+    """The example cluster of docs/operations.md, simulated (see the module's docstring)."""
+
+    def __init__(self, work: str, names: dict):
+        import netns
+        self.work = work
+        self.names = names
+        self.network = netns.Network()
+        self.machines: dict = {}
+        self.sim_file = os.path.join(work, "sim.json")
+        self.shims = os.path.join(work, "shims")
+
+    def __enter__(self) -> "Machines":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write_shims(self) -> None:
+        os.makedirs(self.shims)
+        for name, entry in (("ssh", "ssh_main"), ("systemctl", "systemctl_main")):
+            path = os.path.join(self.shims, name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {TESTS!r})\n"
+                        f"from test_docs_commands import {entry}\nsys.exit({entry}(sys.argv[1:]))\n")
+            os.chmod(path, 0o755)
+
+    def _make_certificate(self) -> tuple:
+        """A CA and, signed by it, certbot's certificate for keg.example.org; returns (ca, chain, key)."""
+        tls = os.path.join(self.work, "tls")
+        os.makedirs(tls)
+
+        def openssl(*args):
+            subprocess.run(["openssl", *args], cwd=tls, check=True, capture_output=True)
+
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                "-subj", "/CN=Keg docs test CA", "-keyout", "ca.key", "-out", "ca.pem")
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-subj", "/CN=keg.example.org", "-keyout", "privkey.pem", "-out", "leaf.csr")
+        with open(os.path.join(tls, "ext"), "w") as f:
+            f.write("subjectAltName=DNS:keg.example.org\nbasicConstraints=CA:FALSE\n")
+        openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", "ext", "-out", "cert.pem")
+        with open(os.path.join(tls, "fullchain.pem"), "w") as out:
+            for name in ("cert.pem", "ca.pem"):
+                with open(os.path.join(tls, name)) as f:
+                    out.write(f.read())
+        return tuple(os.path.join(tls, n) for n in ("ca.pem", "fullchain.pem", "privkey.pem"))
+
+    def start(self) -> None:
+        self.network.start()
+        self._write_shims()
+        ca, chain, key = self._make_certificate()
+        venv_python = os.path.realpath(sys.executable)
+        for name, address in self.names.items():
+            root = os.path.join(self.work, name)
+            os.makedirs(root)
+            host = self.network.host(name)
+            subprocess.run(["ip", "-n", host.netns, "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
+            extra = []
+            if venv_python.startswith("/root/"):
+                extra.append("chmod 0711 /root   # Keg's Python lives under root's home (pyenv): services reach it")
+            if name == "keg0":
+                live = "/etc/letsencrypt/live/keg.example.org"
+                extra += [f"mkdir -p {live}", f"cp {chain} {live}/fullchain.pem", f"cp {key} {live}/privkey.pem",
+                          f"chmod 0600 {live}/privkey.pem"]
+            script = SETUP.format(root=root, work=self.work, overlaid=" ".join(OVERLAID), repo=REPO, name=name, ca=ca,
+                                  extra="\n".join(extra))
+            env = {"HOME": "/root", "PATH": f"{self.shims}:{SESSION_PATH}", "LANG": "C.UTF-8",
+                   "KEG_DOCS_SIM": self.sim_file, "GIT_CONFIG_NOSYSTEM": "1", "TERM": "dumb"}
+            shell = Shell(["nsenter", f"--net=/run/netns/{host.netns}", "--", "unshare", "--mount", "--uts",
+                           "--propagation", "private", "--", "bash", "--noprofile", "--norc", "-c", script],
+                          env, root, name=name)
+            self.machines[name] = Machine(name, address, root, host.netns, shell)
+        self._write_sim()
+        for machine in self.machines.values():
+            machine.run('test "$(hostname)" = ' + machine.name, "setup", timeout=30)
+
+    def _write_sim(self) -> None:
+        sim = {"file": self.sim_file, "shims": self.shims,
+               "machines": {m.name: {"address": m.address, "pid": m.shell.proc.pid, "root": m.root, "netns": m.netns}
+                            for m in self.machines.values()}}
+        with open(self.sim_file, "w", encoding="utf-8") as f:
+            json.dump(sim, f)
+
+    def __getitem__(self, name: str) -> Machine:
+        return self.machines[name]
+
+    def run_block(self, block: Block) -> dict:
+        """Run one ```sh block of an operations page on each machine its first line names."""
+        return {name: self.machines[name].run(block.text, block.where()) for name in machines_of(block)}
+
+    def journal(self, machine: str, unit: str) -> str:
+        path = os.path.join(self.work, machine, "systemd", unit + ".log")
+        if not os.path.exists(path):
+            return ""
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def journals(self) -> str:
+        out = []
+        for name in self.machines:
+            directory = os.path.join(self.work, name, "systemd")
+            for log in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+                if log.endswith(".log"):
+                    out.append(f"--- {name}: {log}\n{self.journal(name, log[:-4])[-3000:]}")
+        return "\n".join(out)
+
+    # ------------------------------------------------------------- ending
+
+    def stop_units(self) -> None:
+        for machine in self.machines.values():
+            directory = os.path.join(machine.root, "systemd")
+            for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+                if not name.endswith(".json"):
+                    continue
+                with open(os.path.join(directory, name)) as f:
+                    record = json.load(f)
+                if record.get("timer"):
+                    continue
+                pid = record["pid"]
+                _kill(pid, signal.SIGTERM)
+                if not _wait_dead([pid], STOP_TIMEOUT):
+                    _kill(pid, signal.SIGKILL)
+                os.unlink(os.path.join(directory, name))
+
+    def remove_containers(self) -> None:
+        """Containers a Mayor left (only when a test failed half-way: the docs delete theirs)."""
+        for machine in self.machines.values():
+            runc_root = os.path.join(machine.root, "var-lib-keg", "mayor", "runc")
+            if not os.path.isdir(runc_root):
+                continue
+            listed = subprocess.run(["runc", "--root", runc_root, "list", "-q"], capture_output=True, text=True)
+            for cid in listed.stdout.split():
+                subprocess.run(["runc", "--root", runc_root, "delete", "--force", cid], capture_output=True)
+
+    def close(self) -> None:
+        try:
+            self.stop_units()
+            self.remove_containers()
+            for machine in self.machines.values():
+                pids = subprocess.run(["ip", "netns", "pids", machine.netns], capture_output=True,
+                                      text=True).stdout.split()
+                for pid in pids:
+                    if int(pid) != machine.shell.proc.pid:
+                        _kill(int(pid), signal.SIGKILL)
+                machine.shell.close()
+        finally:
+            self.network.close()
+
+
+# ------------------------------------------------------------------ the test
+
+BACKUP_HEADING = "## Backups"
+
+
+def _images_for_the_mayor_examples(work: str) -> list:
+    """OCI layouts of the images operations-mayor.md's examples name: (directory, NAME:TAG)."""
+    import busybox
+    from busybox import tar_entry
+
+    serve = b'#!/bin/sh\n# serve --port PORT: busybox httpd in the foreground\nexec httpd -f -p "$2" -h /www\n'
+    report = b'#!/bin/sh\necho "report: 3 machines, 0 problems"\n'
+    layouts = []
+    for tag, extra in (
+            ("app:1.4", [tar_entry("bin/serve", data=serve, mode=0o755), tar_entry("www", "dir"),
+                         tar_entry("www/healthz", data=b"ok\n"), tar_entry("www/index.html", data=b"app 1.4\n"),
+                         tar_entry("etc/os-release", data=b'PRETTY_NAME="app 1.4 on busybox"\n')]),
+            ("app:1.5", [tar_entry("bin/serve", data=serve, mode=0o755), tar_entry("www", "dir"),
+                         tar_entry("www/healthz", data=b"ok\n"), tar_entry("www/index.html", data=b"app 1.5\n"),
+                         tar_entry("etc/os-release", data=b'PRETTY_NAME="app 1.5 on busybox"\n')]),
+            ("tools:1", [tar_entry("bin/make-report", data=report, mode=0o755)])):
+        layout = os.path.join(work, "images", tag.replace(":", "-"))
+        busybox.write_oci_layout(layout, [busybox.busybox_layer(extra)], {"Cmd": ["/bin/sh"]})
+        layouts.append((layout, tag))
+    return layouts
+
+
+def _split_at(blocks: list, path: str, heading: str) -> tuple:
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    at = lines.index(heading) + 1
+    return [b for b in blocks if b.line < at], [b for b in blocks if b.line > at]
+
+
+def test_the_operations_docs_run_on_simulated_machines():
+    """docs/operations.md, operations-raft.md and operations-mayor.md, every ```sh block on the machines it
+    names: a three-replica Raft master and a fourth replica added and removed, a single master behind
+    nginx over FastCGI with TLS, a Mayor running containers, and a backup pulled by git fetch and
+    restored. Order: operations.md up to its backups, operations-raft.md, operations-mayor.md (after
+    the test imported the images it runs), then operations.md's backups, so that the backup holds
+    large values and a Mayor's volatile status."""
+    from busybox import why_no_containers
+    import netns
+
+    why = netns.unavailable() or why_no_containers()
+    assert why is None, f"the simulated machines need namespaces and runc: {why}"
+    for program in ("nsenter", "unshare", "systemd-analyze", "nginx", "openssl", "jq", "git", "curl"):
+        assert shutil.which(program), f"{program} is not installed: ./install.sh installs it"
+    work = tempfile.mkdtemp(prefix="keg-docs-")
+    os.chmod(work, 0o711)
+    before_backups, backups = _split_at(shell_blocks("docs/operations.md"), "docs/operations.md", BACKUP_HEADING)
+    ran = []
+    try:
+        with Machines(work, MACHINES) as machines:
+            try:
+                machines["keg0"].run("systemctl start nginx", "the test: Debian starts nginx when it is installed")
+                for block in before_backups + shell_blocks("docs/operations-raft.md"):
+                    machines.run_block(block)
+                    ran.append(block)
+                for layout, tag in _images_for_the_mayor_examples(work):
+                    machines["keg1"].run(f"keg image import --kind oci {layout} {tag} > /dev/null",
+                                         f"the test: image {tag}")
+                for block in shell_blocks("docs/operations-mayor.md") + backups:
+                    machines.run_block(block)
+                    ran.append(block)
+            except AssertionError as err:
+                raise AssertionError(f"{err}\n--- the services' output:\n{machines.journals()}") from None
+            outputs = {m.name: m.shell.outputs for m in machines.machines.values()}
+        expected = [b.where() for path in OPERATIONS_DOCS for b in shell_blocks(path)]
+        assert sorted(b.where() for b in ran) == sorted(expected)
+        check_what_the_docs_promise(outputs)
+        leftovers = subprocess.run(["pgrep", "-f", work], capture_output=True, text=True).stdout.split()
+        assert leftovers == [], leftovers
+        with open("/proc/self/mounts") as f:
+            assert work not in f.read()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_what_the_docs_promise(outputs: dict) -> None:
+    """What the pages say the commands print, beyond every command's exit status."""
+    def said(machine: str) -> str:
+        return "\n".join(out for _, out, _ in outputs[machine])
+
+    keg1, keg0, backup = said("keg1"), said("keg0"), said("backup")
+    rows = re.findall(r"^http://(keg\d):7480\t\1:7481\t(leader|follower)\t", keg1, re.M)
+    assert sorted(role for _, role in rows[:3]) == ["follower", "follower", "leader"], keg1
+    assert "added keg4:7481" in keg1 and "removed keg4:7481" in keg1, keg1
+    assert keg1.count('{"cluster": "three replicas"}') == 1, keg1          # read from keg4 after it joined
+    assert '"address": "10.0.0.21"' in keg1 and '"zone": "a"' in keg1, keg1   # web1's machine.json
+    assert re.search(r"^web1 +web +running .* healthy ", keg1, re.M), keg1
+    assert 'PRETTY_NAME="app 1.4 on busybox"' in keg1, keg1                  # keg exec
+    assert re.search(r"^K-[0-9a-f]{40} exit 0$", keg1, re.M) and "report: 3 machines, 0 problems" in keg1, keg1
+    assert re.search(r'^\{"revision": 1, "kid": "K-[0-9a-f]{40}"', keg0, re.M), keg0   # through nginx, TLS
+    assert re.search(r"^301$", keg0, re.M) and re.search(r"^[0-9a-f]{40}\trefs/heads/main$", keg0, re.M), keg0
+    checked = re.search(r"^checked out / at revision \d+ into /tmp/keg-check: \d+ file\(s\), (\d+) byte\(s\)$",
+                        backup, re.M)
+    assert checked and int(checked.group(1)) > 2 << 20, backup              # the images' layers: chunks restored
+    assert "oci-images/" in backup and "users/" in backup, backup           # the restored keg, served

@@ -7,8 +7,10 @@ cd "$(dirname "$0")"
 # git: the store's format and git http-backend; etcd: the benchmark anchor; nginx: FastCGI front end;
 # skopeo, umoci: check exported OCI images; casync, restic, ostree: the large-value benchmark anchors;
 # runc, busybox-static: the Mayor's containers and the image their tests run; tini: the init inside every container; debootstrap: the Debian base image of builds; iproute2: the network namespaces of the
-# multi-machine tests; chromium, chromium-driver: the web UI's browser tests.
-SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree runc tini busybox-static debootstrap iproute2 iptables chromium chromium-driver)
+# multi-machine tests; chromium, chromium-driver: the web UI's browser tests; fuse, libfuse2: fusermount and the
+# libfuse.so.2 that fusepy (a test dependency in pyproject.toml) loads, for tests/lazyfs.py, the file system
+# that drops unsynced writes in the power-loss tests (tests/test_raft_powerloss.py); jq: the operations docs' commands.
+SYSTEM_PACKAGES=(git etcd-server etcd-client nginx python3-venv skopeo umoci casync restic ostree runc tini busybox-static debootstrap iproute2 iptables chromium chromium-driver fuse libfuse2 jq)
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

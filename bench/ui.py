@@ -13,11 +13,14 @@ keep-alive connection, the two interleaved, in three cases:
 ``steady``    the same page again (the listing is kept: this is paging through, or a refresh);
 ``changing``  one entry of the directory is rewritten before each page (the listing is brought
               up to date from the change events: this is a live page of a busy directory);
-``first``     the first page after the master started (the directory is listed whole once).
+``first``     the first page after the master started: the directory's names are read once
+              (its tree, no child looked at), then the page's entries and their last changes.
 
-``first`` is measured on a fresh master per round; its ratio is reported
-but is not the goal's figure: listing 10,000 entries once costs what it
-costs.  Prints a table and writes ``bench/out/ui.json``.
+``first`` is measured on a fresh master per round, so each round's first
+pages look back through the history the earlier rounds wrote (the first
+round has none: every round's figure is printed too).  A case's figure is
+the median over the rounds (of each round's median, for ``steady`` and
+``changing``).  Prints a table and writes ``bench/out/ui.json``.
 
     .venv/bin/python bench/ui.py [--rounds N] [--requests N] [--check]
 """
@@ -163,7 +166,9 @@ def run(rounds: int, requests: int) -> dict:
         for case, per_round in results.items():
             small = statistics.median(r["d100"] for r in per_round)
             large = statistics.median(r["d10000"] for r in per_round)
-            summary[case] = {"d100_ms": small * 1000, "d10000_ms": large * 1000, "ratio": large / small}
+            summary[case] = {"d100_ms": small * 1000, "d10000_ms": large * 1000, "ratio": large / small,
+                             "rounds": [{"d100_ms": r["d100"] * 1000, "d10000_ms": r["d10000"] * 1000,
+                                         "ratio": r["d10000"] / r["d100"]} for r in per_round]}
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,13 +184,15 @@ def main() -> int:
     summary = run(args.rounds, args.requests)
     print(f"{'case':<10} {'100 entries':>12} {'10,000 entries':>15} {'ratio':>7}  goal <= {GOAL:g}x")
     for case, row in summary.items():
-        goal = "" if case == "first" else ("met" if row["ratio"] <= GOAL else "MISSED")
+        goal = "met" if row["ratio"] <= GOAL else "MISSED"
         print(f"{case:<10} {row['d100_ms']:>10.2f}ms {row['d10000_ms']:>13.2f}ms {row['ratio']:>6.2f}x  {goal}")
+    print("first, round by round (100 / 10,000 entries, ratio): " + ", ".join(
+        f"{r['d100_ms']:.1f}/{r['d10000_ms']:.1f} ms {r['ratio']:.2f}x" for r in summary["first"]["rounds"]))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ui.json"), "w") as f:
         json.dump({"goal_ratio": GOAL, "rounds": args.rounds, "requests": args.requests, "cases": summary}, f,
                   indent=2)
-    missed = [c for c in ("steady", "changing") if summary[c]["ratio"] > GOAL]
+    missed = [c for c in summary if summary[c]["ratio"] > GOAL]
     return 1 if args.check and missed else 0
 
 

@@ -89,8 +89,12 @@ class Master(abc.ABC):
         """The ``keg.large.Pointer`` of a large value, or None for a plain one."""
 
     @abc.abstractmethod
-    def list(self, path: str = "/", rev=None) -> list:
-        """The ``Entry`` list of the directory at ``path``."""
+    def list(self, path: str = "/", rev=None, offset: int = 0, limit=None) -> list:
+        """The ``Entry`` list of the directory at ``path``, in name order; ``offset``/``limit`` pick a page of it."""
+
+    @abc.abstractmethod
+    def names(self, path: str = "/", rev=None) -> list:
+        """The names of the directory's entries, in name order, without reading them (what ``list`` pages over)."""
 
     @abc.abstractmethod
     def log(self, path: str = "/", rev=None, limit=None) -> list:

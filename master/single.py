@@ -76,9 +76,13 @@ class SingleMaster(Master):
         with self._lock:
             return self.store.pointer(path, rev)
 
-    def list(self, path="/", rev=None):
+    def list(self, path="/", rev=None, offset=0, limit=None):
         with self._lock:
-            return self.store.list(path, rev)
+            return self.store.list(path, rev, offset, limit)
+
+    def names(self, path="/", rev=None):
+        with self._lock:
+            return self.store.names(path, rev)
 
     def log(self, path="/", rev=None, limit=None):
         with self._lock:

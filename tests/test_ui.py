@@ -15,12 +15,14 @@ import pytest
 
 import keg
 from httpclient import Client
+from keg.errors import BadRequest, NotFound
 from keg.transaction import Transaction, delete, put
 from master import auth
 from master.single import SingleMaster
 from master.ui import markdown, safe_next
 from master.ui.listing import DirectoryIndex
-from ui_sample import IMAGE_1, Browser, field, populate
+from ui_sample import (IMAGE_1, IMAGE_2, RUNNING_LOG, SOURCE_1, SOURCE_2, SOURCE_3, SOURCE_4, Browser, field,
+                       populate)
 
 
 @pytest.fixture
@@ -138,11 +140,19 @@ def test_a_directory_is_a_table_with_kids_sizes_last_change_and_history(cluster)
 def test_a_big_directory_is_paginated_and_filtered(master_server):
     c = Client(master_server.url, master_server.token)
     ops = [{"op": "put", "path": f"/many/item-{i:04d}.json", "value": "{}"} for i in range(1_050)]
-    assert c.json("POST", "/v1/tx", json.dumps({"ops": ops}))[0] == 200
+    status, answer = c.json("POST", "/v1/tx", json.dumps({"ops": ops}))
+    assert status == 200
+    made = answer["revision"]
+    for i in range(3):   # later revisions: one changes an entry of the first page, the others do not touch it
+        path = "/many/item-0005.json" if i == 1 else f"/other/x{i}"
+        assert c.call("PUT", "/v1/keg" + path, json.dumps({"i": i}))[0] == 200
     b = Browser(master_server.url)
     b.login(master_server.token)
     _, _, page = b.get("/ui/many")
     assert "Entries 1–100 of 1,050" in page and page.count('class="name"') == 100
+    # Each entry's last change, found by looking back at the entries of the page alone (a big directory).
+    assert page.count(f'>r{made}</a>') == 99 and page.count(f'>r{made + 2}</a>') == 1 and "or earlier" not in page
+    assert f'href="/ui/many/item-0005.json?rev={made + 2}">r{made + 2}</a>' in page
     assert 'href="/ui/many?page=2"' in page and "item-0099.json" in page and "item-0100.json" not in page
     _, _, page = b.get("/ui/many?page=11")
     assert "Entries 1,001–1,050 of 1,050" in page and page.count('class="name"') == 50
@@ -450,13 +460,111 @@ def test_static_assets_are_versioned_and_api_answers_are_unchanged(master_server
     assert status == 200 and "/v1/tx" in spec["paths"]
 
 
+# ----------------------------------------------------------------- builds
+
+def _rows(page: str) -> list:
+    """The body rows of the first table of a page."""
+    return re.findall(r"<tr>(.*?)</tr>", page.split("<tbody>")[1].split("</tbody>")[0])
+
+
+def test_builds_dashboard_lists_every_build_with_state_duration_and_log(cluster):
+    server, b = cluster
+    status, _, page = b.get("/-/builds")
+    assert status == 200 and 'data-watch="/builds"' in page and "4 builds, 1 running" in page
+    rows = _rows(page)
+    # Newest first: the running one (started 15 s ago), web's release 2, api's failure, web's release 1.
+    assert [re.search(r'class="name">([^<]+)<', r).group(1) for r in rows] == ["web", "web", "api", "web"]
+    running, second, failed, first = rows
+    assert SOURCE_3 in running and 'class="badge info">running<' in running and "b1" in running
+    assert "Python app detected" in running                          # its last line
+    assert re.search(r"<td>(1[5-9]|[2-9]\d)\.\d s</td>", running)       # running for 15 s and more
+    assert f'href="/ui/builds/web/{SOURCE_3}/log.txt"' in running
+    assert 'class="badge ok">ok<' in second and "42.5 s" in second and "release 2" in second
+    assert 'href="/ui/apps/web/app.json"' in second and IMAGE_2[:14] in second
+    assert 'class="badge bad">failed<' in failed and "3.2 s" in failed
+    assert "pip: no flask==99 &lt;b&gt;here&lt;/b&gt;" in failed and "<b>here</b>" not in page
+    assert "_cache" not in page
+    # Filters: one app, one state.
+    _, _, page = b.get("/-/builds?app=api")
+    assert len(_rows(page)) == 1 and SOURCE_4 in page and 'data-watch="/builds/api"' in page
+    _, _, page = b.get("/-/builds?state=running")
+    assert len(_rows(page)) == 1 and SOURCE_3 in page
+    status, _, page = b.get("/-/builds?app=nope")
+    assert status == 200 and "No builds match" in page
+    for odd in ("..", "a%2Fb", "%3Cb%3E"):   # not an app name: a clear refusal
+        status, _, page = b.get(f"/-/builds?app={odd}")
+        assert status == 400 and "is not an app name" in page and "<b>" not in page, odd
+    # A source pushed that no builder took yet is queued, newest of all.
+    c = Client(server.url, server.token)
+    queued = "K-" + "9c" * 20
+    assert c.json("POST", "/v1/tx", json.dumps({"ops": [{"op": "link", "path": "/src/api", "kid": queued}]}))[0] == 200
+    _, _, page = b.get("/-/builds")
+    assert queued in _rows(page)[0] and 'class="badge muted">queued<' in _rows(page)[0]
+    assert "waiting for a builder" in _rows(page)[0]
+    # The apps dashboard counts an app's builds and shows the last one.
+    _, _, page = b.get("/-/apps")
+    assert 'href="/-/builds?app=web">3</a>' in page and f'href="/ui/builds/web/{SOURCE_3}/log.txt">log<' in page
+
+
+def test_a_build_log_page_shows_the_build_and_follows_its_log(cluster):
+    server, b = cluster
+    log_page = f"/ui/builds/web/{SOURCE_3}/log.txt"
+    _, _, page = b.get(log_page)
+    assert "Build of web" in page and 'class="badge info">running<' in page and "Running for" in page
+    assert '<pre class="log" data-follow tabindex="0">' in page and 'id="follow"' in page
+    assert "Python app detected" in page
+    # The page watches the whole build, so the result shows as soon as it is written.
+    assert f'data-watch="/builds/web/{SOURCE_3}"' in page
+    c = Client(server.url, server.token)
+    log = RUNNING_LOG + "-----> Image K-1a1a1a1a1a1a; processes: web\n"
+    result = {"ok": True, "app": "web", "source": SOURCE_3, "image": IMAGE_1, "release": 3, "seconds": 61.0}
+    assert c.json("POST", "/v1/tx", json.dumps({"ops": [
+        {"op": "put", "path": f"/builds/web/{SOURCE_3}/log.txt", "value": log},
+        {"op": "put", "path": f"/builds/web/{SOURCE_3}/result.json", "value": json.dumps(result)}]}))[0] == 200
+    _, _, page = b.get(log_page)
+    assert 'class="badge ok">ok<' in page and "61.0 s" in page and "release 3" in page and "processes: web" in page
+    # The build's other files and its directory have the same panel.
+    for target in (f"/ui/builds/web/{SOURCE_3}/result.json", f"/ui/builds/web/{SOURCE_3}"):
+        _, _, page = b.get(target)
+        assert "Build of web" in page and 'class="badge ok">ok<' in page
+    _, _, page = b.get(f"/ui/builds/api/{SOURCE_4}/log.txt")
+    assert 'class="badge bad">failed<' in page and "pip: no flask==99 &lt;b&gt;here&lt;/b&gt;" in page
+    # At a past revision, the page shows the build as it was then.
+    revision = c.head_revision() - 1
+    _, _, page = b.get(f"{log_page}?rev={revision}")
+    assert 'class="badge info">running<' in page and "processes: web" not in page
+
+
+def test_an_app_page_lists_its_builds_and_builder_written_releases(cluster):
+    server, b = cluster
+    _, _, page = b.get("/ui/apps/web/app.json")
+    section = page.split("<h3>Builds</h3>")[1]
+    assert "3 builds, newest first" in section and 'href="/-/builds?app=web"' in section
+    assert section.index(SOURCE_3) < section.index(SOURCE_2) < section.index(SOURCE_1)
+    assert f'href="/ui/builds/web/{SOURCE_2}/log.txt"' in section
+    # Releases as builders.releases writes them: "time" (ISO 8601) and "author".
+    obj = api_json(server, "/apps/web/app.json")
+    obj["releases"].append({"number": 3, "image": IMAGE_1, "source": SOURCE_3, "time": "2026-01-02T03:04:05Z",
+                            "author": "alice"})
+    c = Client(server.url, server.token)
+    assert c.call("PUT", "/v1/keg/apps/web/app.json", json.dumps(obj))[0] == 200
+    _, _, page = b.get("/ui/apps/web/app.json")
+    row = next(r for r in _rows(page) if r.startswith("<td>3 "))
+    assert '<time datetime="2026-01-02T03:04:05Z"' in row and "<td>alice</td>" in row
+
+
 # ------------------------------------------------------- the listing index
 
-def test_directory_index_follows_changes_exactly(keg_dir):
-    """Incremental listings equal a fresh listing, and last changes equal the log, over random writes."""
+@pytest.mark.parametrize("diff_scan_max", [1_000, 0], ids=["diffed-whole", "names-alone"])
+def test_directory_index_follows_changes_exactly(keg_dir, diff_scan_max):
+    """Incremental listings equal a fresh listing, and last changes equal the log, over random writes.
+
+    Both ways of looking back are checked: a small directory is diffed whole,
+    a big one (here: any, with ``diff_scan_max=0``) compares the asked entries alone.
+    """
     store = keg.init(keg_dir, durable=False)
     master = SingleMaster(store)
-    index = DirectoryIndex(master)
+    index = DirectoryIndex(master, diff_scan_max=diff_scan_max)
     rng = random.Random(9)
     names = [f"n{i:03d}" for i in range(60)]
     master.commit([Transaction(tuple(put(f"/d/{n}", "0") for n in names[:30]))])
@@ -478,15 +586,77 @@ def test_directory_index_follows_changes_exactly(keg_dir):
                 continue   # a put under a file, or the reverse: skip
             head = master.head_number()
             if step % 7 == 0:
-                listing = index.listing("/d", head, newest=True)
-                fresh = master.list("/d", head)
-                assert [e.name for e in fresh] == listing.names
-                assert {e.name: e for e in fresh} == listing.entries
-                changed = index.last_changes(listing, listing.names)
-                while len(changed) < len(listing) and listing.scanned_to > 0:   # each call has a time budget
-                    changed = index.last_changes(listing, listing.names)
-                for name in listing.names:
-                    assert changed[name] == master.log(f"/d/{name}", head, 1)[0][0].number, name
+                # The index kept since the start (brought forward), and a new one (as after a restart).
+                for current in (index, DirectoryIndex(master, diff_scan_max=diff_scan_max)):
+                    listing = current.listing("/d", head, newest=True)
+                    fresh = master.list("/d", head)
+                    assert [e.name for e in fresh] == listing.names
+                    assert current.entries(listing, 3, 5) == fresh[3:8]   # a page alone, then all (partly read)
+                    assert current.entries(listing, 0, len(listing)) == fresh
+                    for page in (listing.names[step % 20:step % 20 + 10], listing.names):
+                        changed = current.last_changes(listing, page)
+                        while len(changed) < len(page) and any(listing.bound(n) > 0 for n in page if n not in changed):
+                            changed = current.last_changes(listing, page)   # each call has a time budget
+                    for name in listing.names:
+                        assert changed[name] == master.log(f"/d/{name}", head, 1)[0][0].number, name
         assert index.stats["caught_up"] > 0
+    finally:
+        master.close()
+
+
+@pytest.mark.parametrize("diff_scan_max", [1_000, 0], ids=["diffed-whole", "names-alone"])
+def test_last_changes_stop_truthfully_at_compacted_history(keg_dir, diff_scan_max):
+    """Past a volatile directory's compacted history, "rN or earlier" is still true, and nothing fails."""
+    store = keg.init(keg_dir, durable=False)
+    master = SingleMaster(store)
+    status = "/machines/m/status"
+    try:
+        master.commit([Transaction(tuple(put(f"{status}/p{i}.json", "{}") for i in range(10)))])
+        last = dict.fromkeys([f"p{i}.json" for i in range(10)], 1)
+        for r in range(20):
+            result = master.commit([Transaction((put(f"{status}/p{r % 5}.json", str(r)), put(f"/x/{r}", "1")))])[0]
+            last[f"p{r % 5}.json"] = result.revision
+        kept_from = master.compact(3)["from_revision"]
+        head = master.head_number()
+        index = DirectoryIndex(master, diff_scan_max=diff_scan_max)
+        listing = index.listing(status, head, newest=True)
+        index.entries(listing, 0, len(listing))
+        for _ in range(3):
+            changed = index.last_changes(listing, listing.names)
+        assert changed and changed == {n: last[n] for n in changed}
+        assert all(n in changed or listing.bound(n) >= last[n] for n in listing.names)
+        assert min(listing.bound(n) for n in listing.names if n not in changed) >= kept_from - 1
+    finally:
+        master.close()
+
+
+def test_a_paged_list_reads_the_page_only_in_name_order(keg_dir):
+    """``Master.list`` with offset and limit, and ``Master.names``, agree with the whole list."""
+    store = keg.init(keg_dir, durable=False)
+    master = SingleMaster(store)
+    try:
+        # Git sorts a subdirectory "a" as "a/", after "a-b" and "a.b": the listing sorts by name.
+        ops = [put(f"/p/{n}", "x" * i) for i, n in enumerate(["a-b", "a.b", "z", "é", "b", "ab"])]
+        ops += [put("/p/a/inner", "1"), put("/p/a0/inner", "2")]
+        master.commit([Transaction(tuple(ops))])
+        whole = master.list("/p")
+        assert [e.name for e in whole] == sorted(e.name for e in whole) == master.names("/p")
+        for offset in range(len(whole) + 1):
+            for limit in (0, 1, 3, 100):
+                assert master.list("/p", None, offset, limit) == whole[offset:offset + limit]
+        assert master.list("/p", None, 2) == whole[2:]
+        def tree_reads(call):
+            before = store.stats["tree_reads"]
+            call()
+            return store.stats["tree_reads"] - before
+        # The page of "a" alone reads "a" (its size) but not "a0": one tree fewer than the whole listing.
+        assert tree_reads(lambda: master.list("/p", None, 0, 1)) == tree_reads(lambda: master.list("/p")) - 1
+        with pytest.raises(BadRequest):
+            master.list("/p", None, -1, 2)
+        with pytest.raises(BadRequest):
+            master.names("/p/z")
+        with pytest.raises(NotFound):
+            master.names("/nothing")
+        assert master.names("/") == ["p"]
     finally:
         master.close()

@@ -2,7 +2,8 @@
 
 What a person does: log in and out, go from / to a process's status, see
 a page change when a path changes (without reloading), see the live
-indicator say when the master is gone, edit an object and meet a
+indicator say when the master is gone, follow a running build's log from
+the builds dashboard, edit an object and meet a
 conflict, roll back a release, restart and stop a process, and have a
 forged form refused.  The tests also take the screenshots in
 docs/screenshots/ (README and docs/ui.md show them).
@@ -21,7 +22,7 @@ import pytest
 
 from conftest import REPO
 from httpclient import Client
-from ui_sample import IMAGE_1, populate
+from ui_sample import IMAGE_1, RUNNING_LOG, SOURCE_3, populate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -201,6 +202,36 @@ def test_pages_follow_changes_live_and_say_when_disconnected(ui):
     spec = {"image": IMAGE_1, "args": ["late"]}
     assert ui.api().call("PUT", "/v1/keg/machines/m2/procs/late.json", json.dumps(spec))[0] == 200
     ui.wait(lambda: "late" in ui.main_text(), "a change after reconnecting did not arrive")
+
+
+def test_follow_a_build_from_the_builds_dashboard(ui):
+    """A running build's output shows on the dashboard and on its log page as the builder rewrites log.txt."""
+    ui.login(ui.server.token)
+    ui.click_link("Builds", within="header")
+    ui.wait(lambda: ui.live_state() == "live", "the builds dashboard did not go live")
+    running = ui.css("main table.builds tbody tr")
+    assert "running" in running.text and "Python app detected" in running.text
+    log_path = f"/v1/keg/builds/web/{SOURCE_3}/log.txt"
+    ui.d.execute_script("window.kegMarker = 7;")
+    log = RUNNING_LOG + "-----> Installing requirements from /pkgs/pypi\n"
+    assert ui.api().call("PUT", log_path, log)[0] == 200
+    ui.wait(lambda: "Installing requirements" in ui.css("main table.builds tbody tr").text,
+            "the new log line did not reach the dashboard")
+    assert ui.d.execute_script("return window.kegMarker;") == 7, "the page was reloaded"
+    ui.shot("builds.png")
+    # Its log page follows the log as it grows, and says when the build is done.
+    ui.css("main table.builds tbody tr").find_element("link text", "log").click()
+    ui.wait(lambda: "Build of web" in ui.main_text() and ui.live_state() == "live")
+    assert ui.css("#follow").is_selected()
+    log += "".join(f"Collecting package-{i}\n" for i in range(300))
+    assert ui.api().call("PUT", log_path, log)[0] == 200
+    ui.wait(lambda: "Collecting package-299" in ui.css("pre.log").text, "the log page did not follow the log")
+    assert ui.d.execute_script("var p = document.querySelector('pre.log');"
+                               "return p.scrollTop + p.clientHeight >= p.scrollHeight - 2;"), "the log did not follow"
+    result = {"ok": True, "app": "web", "source": SOURCE_3, "image": IMAGE_1, "release": 3, "seconds": 61.0}
+    assert ui.api().call("PUT", f"/v1/keg/builds/web/{SOURCE_3}/result.json", json.dumps(result))[0] == 200
+    ui.wait(lambda: ui.css("main .panel .badge").text == "ok", "the result did not reach the log page")
+    assert "release 3" in ui.css("main .panel").text
 
 
 def test_edit_an_object_and_see_the_conflict(ui):

@@ -14,6 +14,9 @@ IMAGE_1 = "K-" + "1a" * 20
 IMAGE_2 = "K-" + "2b" * 20
 SOURCE_1 = "K-" + "3c" * 20
 SOURCE_2 = "K-" + "4d" * 20
+SOURCE_3 = "K-" + "7a" * 20      # web's build that is running
+SOURCE_4 = "K-" + "8b" * 20      # api's build that failed
+RUNNING_LOG = "-----> Building web K-7a7a7a7a7a7a on builder b1\n-----> Python app detected\n"
 DOCS = """# Keg help
 
 Keg keeps **everything** in one namespace. See [the web app](/apps/web/app.json)
@@ -66,6 +69,28 @@ def sample_ops(now: float | None = None) -> list:
         _put("/services/web.tsv", "name\tmachine\tport\nweb\tm1\t8000\nweb\tm2\t8001\napi\tm1\t9000\n"),
         _put("/docs/index.md", DOCS),
     ]
+    return ops + build_ops(now)
+
+
+def build_ops(now: float) -> list:
+    """Builds as a builder writes them (builders/builder.py): two done, one running, one failed."""
+    ops = []
+    for source, release, started, image in ((SOURCE_1, 1, now - 7300, IMAGE_1), (SOURCE_2, 2, now - 120, IMAGE_2)):
+        base = f"/builds/web/{source}"
+        ops += [_put(f"{base}/builder.json", {"builder": "b1", "started": started}),
+                _put(f"{base}/log.txt", f"-----> Building web {source[:14]} on builder b1\n"
+                                        f"-----> Released v{release}\n"),
+                _put(f"{base}/result.json", {"ok": True, "app": "web", "source": source, "builder": "b1",
+                                             "image": image, "release": release, "seconds": 42.5, "kind": "python",
+                                             "cached": False})]
+    ops += [_put(f"/builds/web/{SOURCE_3}/builder.json", {"builder": "b1", "started": now - 15}),
+            _put(f"/builds/web/{SOURCE_3}/log.txt", RUNNING_LOG),
+            _put(f"/builds/api/{SOURCE_4}/builder.json", {"builder": "b2", "started": now - 3600}),
+            _put(f"/builds/api/{SOURCE_4}/log.txt", "-----> Building api\n !     pip: no flask==99 <b>here</b>\n"),
+            _put(f"/builds/api/{SOURCE_4}/result.json", {"ok": False, "app": "api", "source": SOURCE_4,
+                                                         "error": "pip: no flask==99 <b>here</b>", "seconds": 3.25}),
+            _put("/builds/_cache/0123456789abcdef.json", {"image": IMAGE_1, "source": SOURCE_1}),
+            {"op": "link", "path": "/src/web", "kid": SOURCE_3}]   # the source last pushed: the running build
     return ops
 
 

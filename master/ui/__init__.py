@@ -7,7 +7,7 @@ URL space, beside the API's (docs/ui.md):
                                ``?rev=R`` at a past revision, ``?view=history``, ``?view=diff&from=&to=``,
                                ``?view=edit``; ``POST`` runs an action on the path (restart, stop,
                                rollback, scale, edit; see ``master/ui/actions.py``)
-``/-/machines`` ``/-/processes`` ``/-/apps`` ``/-/jobs`` ``/-/services``   dashboards
+``/-/machines`` ``/-/processes`` ``/-/apps`` ``/-/builds`` ``/-/jobs`` ``/-/services``   dashboards
 ``/-/kid/<KID>``               what a KID names
 ``/-/login``, ``/-/logout``    a session from a token (``master/ui/session.py``)
 ``/-/static/<file>``           the UI's own CSS and JavaScript, shipped in this package
@@ -33,7 +33,7 @@ from keg.errors import BadRequest, CompareFailed, KegError, NotFound
 from keg.transaction import Transaction
 from master.auth import ANONYMOUS, Forbidden, Unauthenticated
 from master.bodies import DeferredResponse
-from master.ui import actions, dashboards, session as sessions
+from master.ui import actions, builds, dashboards, session as sessions
 from master.ui.html import SECURITY_HEADERS, Page, esc, hidden, kid_link, layout, link, notice, path_url, query_url
 from master.ui.listing import DirectoryIndex
 from master.ui.pages import conflict_page, path_page
@@ -47,7 +47,7 @@ REASONS = {200: "OK", 302: "Found", 303: "See Other", 304: "Not Modified", 400: 
            503: "Service Unavailable"}
 DASHBOARD_PAGES = {"/-/machines": dashboards.machines_page, "/-/processes": dashboards.processes_page,
                    "/-/apps": dashboards.apps_page, "/-/jobs": dashboards.jobs_page,
-                   "/-/services": dashboards.services_page}
+                   "/-/services": dashboards.services_page, "/-/builds": builds.builds_page}
 
 
 def _status(code: int) -> str:

@@ -1,5 +1,7 @@
 """Dashboards: machines, processes cluster-wide, apps, jobs and services, read from their paths.
 
+(The builds dashboard is ``master/ui/builds.py``'s.)
+
 Each dashboard is a view over ordinary namespace paths (DESIGN §2) and
 links to them; it stays live by watching the prefix it reads.  Fields it
 does not know are ignored, missing ones shown as a dash.
@@ -8,10 +10,10 @@ does not know are ignored, missing ones shown as a dash.
 from __future__ import annotations
 
 from keg.errors import KegError
-from master.ui import values
+from master.ui import builds, values
 from master.ui.html import (Page, age, esc, human_size, kid_link, link, notice, path_url, query_url,
                             table, timestamp)
-from master.ui.pages import done_notice, state_badge
+from master.ui.pages import done_notice, release_by, release_time, state_badge
 
 STALE_SECONDS = 30.0     # three missed Mayor heartbeats (one every 10 s)
 MAX_ROWS = 2_000
@@ -143,15 +145,21 @@ def apps_page(view) -> Page:
         releases = [r for r in obj.get("releases") or [] if isinstance(r, dict)]
         current = obj.get("current")
         release = next((r for r in releases if r.get("number") == current), {})
-        builds = len(view.entries(f"/builds/{app.name}"))
+        count, latest = builds.build_count(view, app.name), builds.latest_build(view, app.name)
         image = release.get("image")
+        last = "—"
+        if latest is not None:
+            last = builds.state_badge(latest.state) + (" " + link(path_url(latest.log_path), "log")
+                                                       if latest.has_log else "")
         rows.append([link(path_url(app.path + "/app.json"), app.name, "name"), esc(current if current is not None
                                                                                  else "—"),
-                     kid_link(image) if isinstance(image, str) else "—", timestamp(release.get("created"), view.now),
-                     esc(release.get("by", "—")), esc(len(releases)),
-                     link(path_url(f"/builds/{app.name}"), f"{builds}") if builds else "0"])
-    body = ("<h1>Apps</h1><p class=\"meta\">From <code>/apps/*/app.json</code>; open an app to roll back.</p>"
-            + (table(["App", "Current release", "Image", "Released", "By", "Releases", "Builds"], rows, cls="apps",
+                     kid_link(image) if isinstance(image, str) else "—", timestamp(release_time(release), view.now),
+                     esc(release_by(release)), esc(len(releases)),
+                     link(query_url("/-/builds", app=app.name), f"{count}") if count else "0", last])
+    body = ("<h1>Apps</h1><p class=\"meta\">From <code>/apps/*/app.json</code> and <code>/builds/&lt;app&gt;/</code>; "
+            f"open an app to roll back. {link('/-/builds', 'All builds')}</p>"
+            + (table(["App", "Current release", "Image", "Released", "By", "Releases", "Builds", "Last build"], rows,
+                     cls="apps",
                      caption="Apps", sortable=True) if rows else '<p class="muted">No apps yet.</p>'))
     return Page("Apps", body, watch="/apps", since=head.number)
 

@@ -25,7 +25,7 @@ SECURITY_HEADERS = [
     ("Cache-Control", "no-store"),
 ]
 NAV = (("/ui/", "Namespace"), ("/-/machines", "Machines"), ("/-/processes", "Processes"), ("/-/apps", "Apps"),
-       ("/-/jobs", "Jobs"), ("/-/services", "Services"), ("/ui/docs", "Help"))
+       ("/-/builds", "Builds"), ("/-/jobs", "Jobs"), ("/-/services", "Services"), ("/ui/docs", "Help"))
 
 
 def esc(value) -> str:

@@ -1,21 +1,29 @@
-"""Directory listings for the UI that cost what changed, not what is there.
+"""Directory listings for the UI that cost the page shown and what changed, not what is there.
 
-A page shows 100 entries of a directory that may hold 10,000.  Listing the
-whole directory for every view costs about 5 µs an entry (each child is
-stat'ed for its kind and size), so the UI keeps the listing of the
-directories it shows and brings it up to date from the revisions since,
-one ``Master.diff`` per revision pruned to the directory: after a write,
-only the children that changed are looked at again (a listing far behind,
-or one whose catching up would cost more than listing it again, is listed
-again).  The listing of a directory at a past revision never changes, so it
-is kept as it is.
+A page shows 100 entries of a directory that may hold 10,000.  Looking at
+every child (its kind and size) costs about 5 µs an entry, so the index
+keeps only the *names* of a directory (``Master.names``: the tree, none of
+its children read) and reads the entries of the pages people look at
+(``Master.list`` with ``offset`` and ``limit``).  It brings a listing up to
+date from the revisions since, one ``Master.diff`` per revision pruned to
+the directory: after a write only the children that changed are looked at
+again (a listing far behind, or one whose catching up would cost more than
+listing it again, is listed again).  The listing of a directory at a past
+revision never changes, so it is kept as it is.
 
-The "last change" of an entry is the newest revision that changed it.
-The diffs after the listing was made give it exactly; for older changes
-the index reads revisions backwards from the listing's revision, one at a
-time, until it has the entries of the page being shown or its budget for
-this request (50 ms) is spent (then the page says "rN or earlier", and a later
-view goes on from there).
+The "last change" of an entry is the newest revision that changed it.  The
+diffs after the listing was made give it exactly; for older changes the
+index reads revisions backwards, newest first, until it has the entries of
+the page being shown or its budget for this request (50 ms) is spent (then
+the page says "rN or earlier", and a later view goes on from there).  How
+it reads them depends on the directory's size:
+
+- a small directory (up to 1,000 entries) is diffed as a whole, one
+  revision at a time: what one look back finds serves every page;
+- in a big one, a revision that created or rewrote the whole directory
+  would cost a diff of every entry (0.1 s for 10,000), so only the entries
+  asked for are compared with their value in the revision before: the cost
+  of a revision is the page, whatever the revision did.
 
 One lock guards the index, for the threaded FastCGI server; the event-loop
 server never contends for it.
@@ -31,11 +39,12 @@ from collections import OrderedDict
 from keg import paths
 from keg.errors import BadRequest, KegError, NotFound
 
-MAX_CACHED_ENTRIES = 400_000   # entries kept over all cached listings
+MAX_CACHED_ENTRIES = 400_000   # names kept over all cached listings
 MAX_CATCH_UP = 4_096           # revisions a listing is brought forward by; further behind, it is listed again
 CATCH_UP_SECONDS = 0.1         # about what listing 10,000 entries again costs: past it, list again
 REBUILD_FRACTION = 4           # more than 1/4 of the entries touched: list the directory again
 SCAN_BUDGET_SECONDS = 0.05     # time one request may spend looking back for last changes
+DIFF_SCAN_MAX = 1_000          # directories up to this size are diffed whole when looking back
 
 
 def _child_name(directory: str, path: str) -> str | None:
@@ -47,56 +56,65 @@ def _child_name(directory: str, path: str) -> str | None:
 
 
 class Listing:
-    """One directory's entries at one revision, sorted by name, with what is known of their last changes."""
+    """One directory at one revision: its names, sorted, the entries read so far, and what is known of changes.
 
-    def __init__(self, path: str, revision: int, kid: str, entries: list):
+    What is known of the last changes: ``changed`` holds exact ones; every
+    change in ``(scanned_to, revision]`` is in it; and a name in ``bounds``
+    did not change in ``(bounds[name], revision]`` either.
+    """
+
+    def __init__(self, path: str, revision: int, kid: str, names: list):
         self.path = path
         self.revision = revision
         self.kid = kid
-        self.names = [e.name for e in entries]
-        self.entries = {e.name: e for e in entries}
+        self.names = names
+        self.entries: dict = {}        # name -> Entry at `revision`, for the names whose page was shown
         self.changed: dict = {}        # name -> newest revision that changed it
         self.scanned_to = revision     # every change in (scanned_to, revision] is in `changed`
+        self.bounds: dict = {}         # name -> b: no change in (b, revision] (looked back for that name alone)
         self.floor = None              # history below this could not be read (compacted)
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def page(self, start: int, count: int) -> list:
-        """``count`` entries from position ``start``."""
-        return [self.entries[n] for n in self.names[start:start + count]]
-
     def position(self, name: str) -> int:
         """Where ``name`` is, or would be, in the sorted names."""
         return bisect.bisect_left(self.names, name)
 
-    def replace(self, entries: list) -> None:
-        """New entries (after listing the directory again); what is known of changes stays."""
-        self.names = [e.name for e in entries]
-        self.entries = {e.name: e for e in entries}
+    def bound(self, name: str) -> int:
+        """Revisions after this one are known not to have changed ``name`` (unless ``changed`` says so)."""
+        return min(self.bounds.get(name, self.scanned_to), self.scanned_to)
+
+    def replace(self, names: list) -> None:
+        """New names (after listing the directory again); what is known of changes stays."""
+        self.names = names
+        self.entries = {}
 
     def update(self, name: str, entry) -> None:
         """Set one child (``entry`` None: it is gone)."""
-        known = name in self.entries
+        i = bisect.bisect_left(self.names, name)
+        known = i < len(self.names) and self.names[i] == name
         if entry is None:
             if known:
-                del self.entries[name]
-                del self.names[bisect.bisect_left(self.names, name)]
+                del self.names[i]
+            self.entries.pop(name, None)
             return
         self.entries[name] = entry
         if not known:
-            bisect.insort(self.names, name)
+            self.names.insert(i, name)
 
 
 class DirectoryIndex:
     """The listings the UI shows, kept current revision by revision.
 
     Args:
-        master: the ``Master`` (``stat``, ``list``, ``diff``).
+        master: the ``Master`` (``stat``, ``names``, ``list``, ``diff``).
+        diff_scan_max: directories up to this many entries are diffed whole when looking back.
     """
 
-    def __init__(self, master):
+    def __init__(self, master, diff_scan_max: int = DIFF_SCAN_MAX):
         self.master = master
+        self.diff_scan_max = diff_scan_max
         self._listings: OrderedDict = OrderedDict()   # (path, pinned revision or None) -> Listing
         self._lock = threading.Lock()
         self.stats = {"built": 0, "caught_up": 0, "reused": 0}
@@ -132,12 +150,26 @@ class DirectoryIndex:
             self._evict()
             return made
 
+    def entries(self, listing: Listing, start: int, count: int) -> list:
+        """The entries at positions ``start`` to ``start + count``; only those not read yet are read."""
+        with self._lock:
+            names = listing.names[start:start + count]
+            if any(n not in listing.entries for n in names):
+                for entry in self.master.list(listing.path, listing.revision, start, len(names)):
+                    listing.entries[entry.name] = entry
+            return [listing.entries.get(n) or self.master.stat(paths.join(listing.path, n), listing.revision)
+                    for n in names]
+
     def last_changes(self, listing: Listing, names: list) -> dict:
-        """``{name: revision}`` for the given entries; a name left out changed before ``listing.scanned_to``."""
+        """``{name: revision}`` for the given entries; a name left out changed at ``listing.bound(name)`` or before."""
         with self._lock:
             missing = [n for n in names if n not in listing.changed]
             if missing:
-                self._look_back(listing, set(missing))
+                deadline = time.monotonic() + SCAN_BUDGET_SECONDS
+                if len(listing) <= self.diff_scan_max:
+                    self._look_back(listing, set(missing), deadline)
+                else:
+                    self._look_back_names(listing, missing, deadline)
             return {n: listing.changed[n] for n in names if n in listing.changed}
 
     # ------------------------------------------------------------ internals
@@ -147,7 +179,7 @@ class DirectoryIndex:
         if entry.kind not in ("tree", "pointer"):
             raise BadRequest(f"{path} is a {entry.kind}, not a directory")
         self.stats["built"] += 1
-        return Listing(path, revision, entry.kid, self.master.list(path, revision))
+        return Listing(path, revision, entry.kid, self.master.names(path, revision))
 
     def _changed_names(self, path: str, number: int) -> set:
         """The children of ``path`` that revision ``number`` changed (None for ``path`` itself).
@@ -180,7 +212,7 @@ class DirectoryIndex:
             return False
         listing.changed.update(touched)
         if len(touched) > max(1000, len(listing) // REBUILD_FRACTION):
-            listing.replace(self.master.list(listing.path, revision))
+            listing.replace(self.master.names(listing.path, revision))
         else:
             for name in touched:
                 try:
@@ -191,9 +223,8 @@ class DirectoryIndex:
         listing.revision, listing.kid = revision, entry.kid
         return True
 
-    def _look_back(self, listing: Listing, missing: set) -> None:
-        """Read revisions backwards from ``scanned_to``, newest first, until ``missing`` is found or time is up."""
-        deadline = time.monotonic() + SCAN_BUDGET_SECONDS
+    def _look_back(self, listing: Listing, missing: set, deadline: float) -> None:
+        """Diff revisions backwards from ``scanned_to``, newest first, until ``missing`` is found or time is up."""
         while missing and listing.scanned_to > 0 and listing.floor is None:
             number = listing.scanned_to
             try:
@@ -208,6 +239,76 @@ class DirectoryIndex:
             listing.scanned_to = number - 1
             if time.monotonic() > deadline:
                 break
+
+    def _look_back_names(self, listing: Listing, missing: list, deadline: float) -> None:
+        """Look back for ``missing`` alone: a revision that changed the directory costs those names only.
+
+        A name unchanged after its bound holds there what it holds now; its
+        last change is the first revision, going back, whose predecessor
+        holds something else (or nothing).
+        """
+        path = listing.path
+        now = {}
+        for name in missing:
+            entry = listing.entries.get(name)
+            if entry is None:
+                entry = self.master.stat(paths.join(path, name), listing.revision)
+            now[name] = (entry.kid, entry.mode)
+        number, directory = None, None
+        slowest = 0.0   # the longest one revision took: one that changed a big directory reads a big tree
+        try:
+            while listing.floor is None:
+                open_names = [n for n in missing if n not in listing.changed and listing.bound(n) > 0]
+                began = time.monotonic()
+                if not open_names or began + slowest > deadline:
+                    return
+                top = max(listing.bound(n) for n in open_names)
+                if top != number:
+                    number = top
+                    directory = self._state(path, top)
+                before = self._state(path, number - 1)
+                due = [n for n in open_names if listing.bound(n) >= number]
+                for name in due:
+                    if before == directory:
+                        old = now[name]   # the directory is the same, so is everything in it
+                    elif before is None:
+                        old = None        # the directory was created in `number`
+                    else:
+                        old = self._state(paths.join(path, name), number - 1, parent_readable=True)
+                    if old != now[name]:
+                        listing.changed[name] = number
+                    else:
+                        listing.bounds[name] = number - 1
+                number, directory = number - 1, before
+                slowest = max(slowest, time.monotonic() - began)
+        except KegError:
+            listing.floor = number   # e.g. volatile history that was compacted
+
+    def _state(self, path: str, number: int, parent_readable: bool = False):
+        """``(kid, mode)`` of ``path`` at revision ``number``, None where it does not exist.
+
+        Raises:
+            NotFound: it exists but cannot be read (a volatile directory's compacted history).
+        """
+        try:
+            entry = self.master.stat(path, number)
+        except NotFound:
+            if not parent_readable and self._exists(path, number):
+                raise
+            return None
+        return entry.kid, entry.mode
+
+    def _exists(self, path: str, number: int) -> bool:
+        """True when ``path`` is named by its parent at revision ``number`` (it exists, readable or not)."""
+        if path == paths.ROOT or number == 0:
+            return path == paths.ROOT
+        parent = paths.parent_of(path)
+        try:
+            return path.rsplit("/", 1)[1] in self.master.names(parent, number)
+        except BadRequest:
+            return False                          # the parent is a file
+        except NotFound:
+            return self._exists(parent, number)   # an unreadable parent that exists: assume the path does too
 
     def _evict(self) -> None:
         total = sum(len(x) for x in self._listings.values())

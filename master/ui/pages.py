@@ -4,20 +4,24 @@ Some paths get a panel above their value, because people act on them:
 a process status (``/machines/<m>/status/<p>.json``) its state and the
 restart and stop buttons, a process spec the same buttons, an app
 (``/apps/<app>/app.json``) its releases with roll-back buttons, a job
-(``/jobs/<job>.json``) its replica count with a scale form, and a process
-log (``/machines/<m>/status/logs/<p>.log``) a follow switch.
+(``/jobs/<job>.json``) its replica count with a scale form, a process
+log (``/machines/<m>/status/logs/<p>.log``) a follow switch, and a build's
+directory and files (``/builds/<app>/<source KID>/``) the build's state
+(``master/ui/builds.py``), its ``log.txt`` a follow switch too.
 """
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
+import time
 
 from keg import mounts
 from keg.errors import KegError, NotFound
-from master.ui import values
+from master.ui import builds, values
 from master.ui.html import (Page, api_url, breadcrumbs, esc, hidden, human_size, kid_link, link, notice,
-                            path_url, table, timestamp)
+                            path_url, query_url, table, timestamp)
 
 PER_PAGE = 100
 PER_PAGE_CHOICES = (50, 100, 500, 1000)
@@ -26,7 +30,8 @@ PROC_SPEC = re.compile(r"^/machines/([^/]+)/procs/([^/]+)\.json$")
 PROC_LOG = re.compile(r"^/machines/([^/]+)/status/logs/([^/]+)\.log$")
 APP_OBJECT = re.compile(r"^/apps/([^/]+)/app\.json$")
 JOB_OBJECT = re.compile(r"^/jobs/([^/]+)\.json$")
-DASHBOARDS = {"/machines": "/-/machines", "/apps": "/-/apps", "/jobs": "/-/jobs", "/services": "/-/services"}
+DASHBOARDS = {"/machines": "/-/machines", "/apps": "/-/apps", "/jobs": "/-/jobs", "/services": "/-/services",
+              "/builds": "/-/builds"}
 DONE = {"restart": "Restart requested: the spec has a new restart_nonce, so the Mayor replaces the process.",
         "stop": "Stopped: the process spec was deleted; the Mayor stops the process.",
         "rollback": "Rolled back: the app's current release was changed.",
@@ -108,13 +113,16 @@ def path_page(view, path: str) -> Page:
                 + f'<p>{link(path_url(path, view="history"), "History of this path")}</p>')
         return Page(path, body, 404, watch=None if pinned else path, since=rev.number, crumbs=crumbs)
     body = done_notice(view) + summary(view, entry, rev, pinned)
+    build = builds.build_of_path(path)
+    if build is not None and entry.kind == "tree":
+        body += builds.build_panel(view, *build, rev, pinned)
     if entry.kind == "tree":
         body += directory(view, path, rev, pinned)
     elif entry.kind == "pointer":
         body += pointer(view, entry, rev, pinned)
     else:
         body += value(view, entry, rev, pinned)
-    return Page(path, body, watch=None if pinned else path, since=rev.number, crumbs=crumbs,
+    return Page(path, body, watch=None if pinned else builds.watch_prefix(path), since=rev.number, crumbs=crumbs,
                 pinned=f"Revision {rev.number}: not live" if pinned else "")
 
 
@@ -153,7 +161,7 @@ def directory(view, path: str, rev, pinned: bool) -> str:
     total = end - start
     per, page, pages = _page_args(view, total)
     first = start + (page - 1) * per
-    entries = listing.page(first, min(per, end - first))
+    entries = view.ui.index.entries(listing, first, min(per, end - first))
     changed = view.ui.index.last_changes(listing, [e.name for e in entries])
     keep_rev = rev.number if pinned else None
     rows = []
@@ -168,7 +176,7 @@ def directory(view, path: str, rev, pinned: bool) -> str:
             when = (f'<a href="{esc(path_url(e.path, rev=number))}">r{number}</a> '
                     f"{timestamp(revisions[number].time, view.now)}")
         else:
-            when = f'<span class="muted">r{listing.scanned_to} or earlier</span>'
+            when = f'<span class="muted">r{listing.bound(e.name)} or earlier</span>'
         rows.append([link(path_url(e.path, rev=keep_rev), shown_name, "name"),
                      esc(KIND_WORDS.get(e.kind, e.kind) + (" (large)" if e.large else "")), esc(size),
                      kid_link(e.kid), when, link(path_url(e.path, view="history"), "history")])
@@ -197,13 +205,14 @@ def value(view, entry, rev, pinned: bool) -> str:
             parsed = json.loads(data)
         except ValueError:
             parsed = None
-    panel = special_panel(view, path, parsed, rev, pinned)
+    build = builds.build_of_path(path)
+    panel = builds.build_panel(view, *build, rev, pinned) if build else special_panel(view, path, parsed, rev, pinned)
     markup, note = values.render_value(path, data, linker)
     follow = ""
-    if PROC_LOG.match(path):
+    if PROC_LOG.match(path) or (build and path.endswith("/log.txt")):
         follow = ('<p><label class="switch"><input type="checkbox" id="follow" data-keep checked> '
                   "Follow: keep the newest lines in view</label></p>")
-        markup = markup.replace('<pre class="log">', '<pre class="log" data-follow tabindex="0">', 1)
+        markup = re.sub(r'^<pre class="(log|text)">', '<pre class="log" data-follow tabindex="0">', markup, count=1)
     return panel + (notice(esc(note), "warn") if note else "") + follow + markup
 
 
@@ -306,6 +315,25 @@ def spec_panel(view, machine: str, name: str, pinned: bool) -> str:
             f'{link(path_url(f"/machines/{machine}/status/logs/{name}.log"), "Log")}</p>{actions}</section>')
 
 
+def release_time(r: dict):
+    """When a release was made: ``created`` (a Unix time) or ``time`` (ISO 8601 UTC: ``builders.releases``)."""
+    created = r.get("created")
+    if isinstance(created, (int, float)) and not isinstance(created, bool):
+        return created
+    if isinstance(r.get("time"), str):
+        try:
+            return calendar.timegm(time.strptime(r["time"], "%Y-%m-%dT%H:%M:%SZ"))
+        except ValueError:
+            return None
+    return None
+
+
+def release_by(r: dict) -> str:
+    """Who made a release: ``by`` or ``author``."""
+    who = r.get("by", r.get("author"))
+    return str(who) if who not in (None, "") else "—"
+
+
 def releases_panel(view, app: str, path: str, obj: dict, pinned: bool) -> str:
     """An app's releases, newest first, with a roll-back button on each earlier one."""
     releases = [r for r in obj.get("releases") or [] if isinstance(r, dict)]
@@ -325,17 +353,18 @@ def releases_panel(view, app: str, path: str, obj: dict, pinned: bool) -> str:
         rows.append([f"{esc(number)} {mark}", kid_link(image) if isinstance(image, str) else "—",
                      kid_link(r.get("source")) if isinstance(r.get("source"), str) and r["source"].startswith("K-")
                      else esc(r.get("source", "—")),
-                     timestamp(r.get("created"), view.now), esc(r.get("by", "—")), act])
-    builds = ""
-    build_entries = view.entries(f"/builds/{app}")
-    if build_entries:
-        items = "".join(f"<li>{link(path_url(e.path), e.name)}</li>" for e in build_entries[-20:])
-        builds = f"<h3>Builds</h3><ul>{items}</ul>"
+                     timestamp(release_time(r), view.now), esc(release_by(r)), act])
+    made = builds.builds_of(view, app)
+    shown = ""
+    if made:
+        shown = (f'<h3>Builds</h3><p class="meta">{len(made):,} build{"s" if len(made) != 1 else ""}, newest first · '
+                 f'{link(query_url("/-/builds", app=app), f"all builds of {app}")}</p>'
+                 + builds.builds_table(view, made[:20], with_app=False, caption=f"Builds of {app}"))
     body = table(["Release", "Image", "Source", "Created", "By", ""], rows, cls="releases") if rows else \
         '<p class="muted">No releases yet.</p>'
     return (f'<section class="panel" aria-labelledby="rel-h"><h2 id="rel-h">Releases of {esc(app)}</h2>'
             f"<p>Current release: <strong>{esc(current if current is not None else '—')}</strong></p>"
-            f"{body}{builds}</section>")
+            f"{body}{shown}</section>")
 
 
 def job_panel(view, path: str, obj: dict, pinned: bool) -> str:

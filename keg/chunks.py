@@ -27,7 +27,7 @@ import blake3
 import zstandard
 
 from keg.errors import BadRequest, CorruptKeg, NotFound
-from keg.fsio import fsync_dir
+from keg.fsio import fsync_dir, make_dirs
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 ZSTD_LEVEL = 3
@@ -222,7 +222,7 @@ class ChunkStore:
         path = self._path(name) + suffix
         directory = os.path.dirname(path)
         if directory not in self._made:
-            os.makedirs(directory, exist_ok=True)
+            make_dirs(directory, self.durable)  # its name too, or a power cut can take chunks "stored"
             self._made.add(directory)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

@@ -40,3 +40,32 @@ def write_file_atomic(path: str, data: bytes, durable: bool = True, sync_dir: bo
     os.replace(tmp, path)
     if durable and sync_dir:
         fsync_dir(os.path.dirname(path) or ".")
+
+
+def make_dirs(directory: str, durable: bool = True) -> None:
+    """Make ``directory`` and its missing parents; with ``durable``, fsync the parent of each one made.
+
+    Without that, a power cut may take a new directory, with everything fsynced
+    inside it, out of its parent: fsyncing a file does not make its name, or
+    its directory's, durable.
+    """
+    missing, path = [], os.path.abspath(directory)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    if durable:
+        for made in reversed(missing):
+            fsync_dir(os.path.dirname(made))
+
+
+def sync_tree(root: str) -> None:
+    """fsync every file and directory beneath ``root`` (for a tree just made, such as a new keg)."""
+    for base, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(base, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(base)

@@ -44,7 +44,7 @@ from keg.chunks import ChunkStore
 from keg.delta import apply_delta, make_delta
 from keg.errors import (AmbiguousKid, BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, MissingObject,
                         NotFound)
-from keg.fsio import write_file_atomic
+from keg.fsio import make_dirs, sync_tree, write_file_atomic
 from keg.journal import Journal, Record
 from keg.large import DEFAULT_THRESHOLD, MARKER, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
 from keg.records import Entry, Event, Revision  # noqa: F401 - part of keg.store's interface
@@ -108,6 +108,7 @@ def init(path: str, durable: bool = True, exist_ok: bool = False, initial: tuple
         raise BadRequest(f"{path} is already a keg; use it with --keg {path}")
     if os.path.isdir(path) and os.listdir(path):
         raise BadRequest(f"{path} exists and is not empty; give a new or empty directory")
+    make_dirs(path, durable)
     repo = pygit2.init_repository(path, bare=True, initial_head="main")
     repo.config["gc.auto"] = "0"  # Keg packs on its own schedule, under its write lock.
     repo.config["core.logAllRefUpdates"] = "false"
@@ -117,6 +118,8 @@ def init(path: str, durable: bool = True, exist_ok: bool = False, initial: tuple
                       durable=durable)
     store = Store(path, durable=durable)
     store._commit_ops_initial(initial)
+    if durable:
+        sync_tree(path)  # git's skeleton (HEAD, config, objects/, refs/) and keg/: none of it was fsynced
     return store
 
 

@@ -70,7 +70,7 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import TCPNode
 
 from keg.errors import BadRequest, CorruptKeg, KegBusy, KegError, NotFound
-from keg.fsio import write_file_atomic
+from keg.fsio import fsync_dir, write_file_atomic
 from keg.large import Pointer
 from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
 from master.app import HttpError
@@ -654,6 +654,11 @@ class RaftMaster(SingleMaster):
     def _read_snapshot(self, filename: str) -> tuple:
         """pysyncobj's deserializer: bring the keg to the snapshot's commit (git fetch when behind)."""
         with open(filename, "rb") as f:
+            if self.journal.durable:
+                # A snapshot received from the leader was written and renamed by pysyncobj without fsync;
+                # it must be durable before pysyncobj replaces the log by the snapshot's two entries.
+                os.fsync(f.fileno())
+                fsync_dir(os.path.dirname(filename))
             snapshot = json.load(f)
         if snapshot.get("format") != 1:
             raise CorruptKeg(f"{filename}: unknown snapshot format {snapshot.get('format')!r}")
@@ -681,11 +686,16 @@ class RaftMaster(SingleMaster):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_TERMINAL_PROMPT": "0",
                "HOME": self.raft_dir}
         done = subprocess.run(
-            ["git", "-c", f"http.extraHeader=Authorization: Bearer {self.peer_token}", "--git-dir", self.store.path,
+            ["git", "-c", f"http.extraHeader=Authorization: Bearer {self.peer_token}",
+             # Always one pack (never loose objects), fsynced by git, whose name fsync_dir below makes durable.
+             "-c", "fetch.unpackLimit=1", "-c", "core.fsync=pack,pack-metadata", "-c", "core.fsyncMethod=fsync",
+             "--git-dir", self.store.path,
              "fetch", "--quiet", "--no-tags", url, "+refs/heads/main:refs/keg/raft-incoming"],
             capture_output=True, text=True, env=env, timeout=300, check=False)
         if done.returncode != 0:
             raise KegBusy(f"fetching the snapshot from {source} failed: {done.stderr.strip()[-500:]}")
+        if self.journal.durable:
+            fsync_dir(os.path.join(self.store.path, "objects", "pack"))  # before the ref names the commit
         self.store.fast_forward(bytes.fromhex(commit[2:]))
 
     # ------------------------------------------------------------ status, membership

@@ -47,7 +47,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 from pysyncobj.transport import TCPTransport
 
 from keg.errors import CorruptKeg
-from keg.fsio import fsync_dir, write_file_atomic
+from keg.fsio import fsync_dir, make_dirs, write_file_atomic
 
 RECORD = struct.Struct("<IQQI")     # command length, index, term, crc32 of the command
 LOG_NAME = "raft.log"
@@ -63,7 +63,7 @@ class RaftJournal(Journal):
     """
 
     def __init__(self, directory: str, durable: bool = True):
-        os.makedirs(directory, exist_ok=True)
+        make_dirs(directory, durable)  # keg/raft is made on a first start, inside a keg/ nothing else fsyncs
         self.directory = directory
         self.durable = durable
         self.path = os.path.join(directory, LOG_NAME)
@@ -74,7 +74,10 @@ class RaftJournal(Journal):
         self.synced_size = 0           # bytes of the log known to be on disk (tests use it)
         self.syncs = 0
         self._meta = self._read_meta()
+        existed = os.path.exists(self.path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not existed and durable:
+            fsync_dir(directory)  # the name too: fdatasync of the file would not keep it after a power cut
         self._load()
 
     # ---------------------------------------------------------------- files

@@ -10,6 +10,11 @@ namespace (``cluster.client()`` as a context manager, per thread).
 replica, with transaction ids and retries of unknown outcomes, and records
 the history that ``raft_history.check`` verifies; it also keeps every
 acknowledged write, to prove none is lost.
+
+With ``disks=True`` each replica's directory (its keg and its Raft journal)
+is a lazyfs mount (``tests/lazyfs.py``) over ``r<i>.disk``, and
+``Replica.power_cut`` / ``Cluster.power_cut_all`` kill replicas and drop
+everything their disks had not synced.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Replica:
         self.host = host
         self.proc = None
         self.log_path = keg_path.rstrip("/") + ".log"
+        self.disk = None               # a lazyfs.Disk when the cluster has disks
 
     def argv(self) -> list:
         listen = urllib.parse.urlsplit(self.url).netloc
@@ -106,6 +112,17 @@ class Replica:
         if self.proc is not None:
             self.proc.wait()
 
+    def power_cut(self, torn_seed=None) -> dict:
+        """SIGKILL and a power cut of the replica's disk (see ``lazyfs``), then mount it again; not restarted.
+
+        Returns:
+            lazyfs's account of what the cut dropped.
+        """
+        self.kill()
+        dropped = self.disk.power_cut(torn_seed)
+        self.disk.mount()
+        return dropped
+
     def stop(self, signalled: bool = False) -> int:
         """SIGTERM (unless ``signalled`` already) and wait; returns the exit status."""
         if self.alive:
@@ -127,9 +144,10 @@ class Cluster:
         size: number of replicas.
         net: a ``netns.Network`` to put each replica in a namespace of its own; None for loopback.
         extra: more ``keg master serve`` options for every replica.
+        disks: put each replica's directory on a lazyfs mount of its own (see the module's docstring).
     """
 
-    def __init__(self, root: str, size: int = 3, net=None, extra=()):
+    def __init__(self, root: str, size: int = 3, net=None, extra=(), disks: bool = False):
         self.root = root
         self.net = net
         self.extra = list(extra)
@@ -144,6 +162,25 @@ class Cluster:
         for i in range(size):
             self._make_replica(i, first)
         self.peers_arg = ",".join(f"{r.raft}={r.url}" for r in self.replicas)
+        if disks:
+            self._mount_disks()
+
+    def _mount_disks(self) -> None:
+        """Move each replica's directory to ``<dir>.disk`` and mount lazyfs over it at the old place."""
+        from lazyfs import Disk
+        try:
+            for r in self.replicas:
+                os.rename(r.keg_path, r.keg_path + ".disk")
+                r.disk = Disk(r.keg_path + ".disk", r.keg_path).mount()
+        except BaseException:
+            self.close_disks()
+            raise
+
+    def close_disks(self) -> None:
+        """Unmount every replica's lazyfs (a power cut: call it once the replicas are stopped)."""
+        for r in self.replicas:
+            if r.disk is not None:
+                r.disk.close()
 
     def _make_replica(self, i: int, first: str) -> Replica:
         path = os.path.join(self.root, f"r{i}")
@@ -242,6 +279,31 @@ class Cluster:
             r.wait_started()
         self.wait_leader(timeout=leader_timeout)
         return time.monotonic() - started
+
+    def power_cut_all(self, leader_timeout: float = 15.0, torn_seed=None) -> tuple:
+        """SIGKILL every replica and cut the power of every disk at once; restart them all, wait for a leader.
+
+        Args:
+            torn_seed: make the cuts torn (``lazyfs``), with seeds from this one.
+
+        Returns:
+            ``(seconds from the restart to a leader, [what each disk's cut dropped])``.
+        """
+        for r in self.replicas:
+            if r.alive:
+                r.proc.kill()
+        for r in self.replicas:
+            r.proc.wait()
+        dropped = [r.disk.power_cut(None if torn_seed is None else torn_seed + r.index) for r in self.replicas]
+        for r in self.replicas:
+            r.disk.mount()
+        started = time.monotonic()
+        for r in self.replicas:
+            r.start(wait=False)
+        for r in self.replicas:
+            r.wait_started()
+        self.wait_leader(timeout=leader_timeout)
+        return time.monotonic() - started, dropped
 
     def wait_leader(self, timeout: float = 20.0, among=None) -> Replica:
         """The replica that is leader, as soon as one (among ``among``, default the live ones) says so."""

@@ -15,8 +15,8 @@ must reach "serving" (the harness waits at most 30 s).
 Counts are small for CI; ``KEG_RAFT_POWER_CUTS=N`` (one replica at a time,
 default 10) and ``KEG_RAFT_POWER_RESTARTS=M`` (all at once, default 5) raise
 them, and ``KEG_RAFT_POWER_COMPACT=E`` sets ``--raft-compact-entries`` (default
-5000, the server's) so that a small E makes followers install snapshots
-between cuts.  The lazyfs tests at the top show what a cut keeps and drops.
+100, far below the server's 5000, so that followers install snapshots
+between cuts).  The lazyfs tests at the top show what a cut keeps and drops.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from raft_harness import Cluster, Workload, git_heads, revision_kids
 
 POWER_CUTS = int(os.environ.get("KEG_RAFT_POWER_CUTS", "0") or 0) or 10
 POWER_RESTARTS = int(os.environ.get("KEG_RAFT_POWER_RESTARTS", "0") or 0) or 5
-COMPACT_ENTRIES = int(os.environ.get("KEG_RAFT_POWER_COMPACT", "0") or 0) or 5000
+COMPACT_ENTRIES = int(os.environ.get("KEG_RAFT_POWER_COMPACT", "0") or 0) or 100  # small: followers install snapshots between cuts
 LEADER_TIMEOUT = 15.0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import secrets
 import signal
@@ -206,14 +207,37 @@ def _locate(store, proc: str, machine: str | None) -> tuple:
     return found[0], proc
 
 
+def _exit_at_once(*_) -> None:
+    """SIGINT while following: end now, status 130. A KeyboardInterrupt that lands while a finalizer
+    runs (the watch stream being closed when it is reopened) is printed as "ignored" and lost, and the
+    command would follow on; following holds nothing that needs cleaning up."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(130)
+
+
 def _watch_until(store, prefix: str, since: int, deadline=lambda: None):
     """Events under ``prefix`` after revision ``since``, ending once ``deadline()`` (monotonic) has passed.
 
     ``deadline`` is asked again after every event (None: never). A quiet
     watch stream ends only after its own idle timeout, so the stream is
     reopened with a shorter one when the deadline comes nearer; events of a
-    revision seen in part before reopening are not given twice.
+    revision seen in part before reopening are not given twice. Ctrl-C ends
+    the command at once with status 130.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield from _watch_events(store, prefix, since, deadline)
+        return
+    previous = signal.signal(signal.SIGINT, _exit_at_once)
+    try:
+        yield from _watch_events(store, prefix, since, deadline)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _watch_events(store, prefix: str, since: int, deadline):
     seen_rev, seen_paths = since, set()
     while True:
         remaining = None if deadline() is None else deadline() - time.monotonic()

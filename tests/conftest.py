@@ -219,6 +219,18 @@ def debian_layout() -> str:
     return DEBIAN_LAYOUT
 
 
+@pytest.fixture
+def net():
+    """A network of namespaces (tests/netns.py) for the test, removed after; fails (never skips) without
+    root and `ip`: ./install.sh provides iproute2 and CI runs as root."""
+    import netns
+    reason = netns.unavailable()
+    if reason:
+        pytest.fail(f"these tests need network namespaces: {reason}")
+    with netns.Network() as network:
+        yield network
+
+
 @pytest.fixture(scope="session")
 def debian_base():
     """The path of an OCI layout of the Debian base image (bookworm, python3, pip), made once.

@@ -554,6 +554,14 @@ def systemctl_main(argv: list) -> int:
 
 # ------------------------------------------------------------------ the machines
 
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _under_tmp(path: str) -> bool:
+    return _under(os.path.realpath(path), "/tmp")
+
+
 SETUP = r"""
 set -e
 R={root}
@@ -561,16 +569,22 @@ for d in {overlaid}; do
     mkdir -p "$R/$d.up" "$R/$d.wk"
     mount -t overlay overlay -o "lowerdir=/$d,upperdir=$R/$d.up,workdir=$R/$d.wk" "/$d"
 done
-mkdir -p "$R/srv" "$R/var-lib-keg" /var/lib/keg "$R/tmp" /run/keg-docs-work
+mkdir -p "$R/srv" "$R/var-lib-keg" /var/lib/keg "$R/tmp"
 mount --bind "$R/srv" /srv
 mount --bind "$R/var-lib-keg" /var/lib/keg
-# A /tmp of its own, in which the test's directory is still where it was.
+# A /tmp of its own, in which the test's directory (and the repository, when it lies in /tmp, as in a
+# fresh clone there) is still where it was.
 chmod 1777 "$R/tmp"
-mount --bind {work} /run/keg-docs-work
+n=0
+for keep in {keep}; do
+    n=$((n + 1)); mkdir -p "/run/keg-docs-work/$n"; mount --bind "$keep" "/run/keg-docs-work/$n"
+done
 mount --bind "$R/tmp" /tmp
-mkdir -p {work}
-mount --bind /run/keg-docs-work {work}
-umount /run/keg-docs-work && rmdir /run/keg-docs-work
+n=0
+for keep in {keep}; do
+    n=$((n + 1)); mkdir -p "$keep"; mount --bind "/run/keg-docs-work/$n" "$keep"; umount "/run/keg-docs-work/$n"
+done
+rm -rf /run/keg-docs-work
 ln -sfn {repo} /opt/keg
 hostname {name}
 echo {name} > /etc/hostname
@@ -739,8 +753,9 @@ class Machines:
                 live = "/etc/letsencrypt/live/keg.example.org"
                 extra += [f"mkdir -p {live}", f"cp {chain} {live}/fullchain.pem", f"cp {key} {live}/privkey.pem",
                           f"chmod 0600 {live}/privkey.pem"]
-            script = SETUP.format(root=root, work=self.work, overlaid=" ".join(OVERLAID), repo=REPO, name=name, ca=ca,
-                                  extra="\n".join(extra))
+            keep = [self.work] + ([REPO] if _under_tmp(REPO) and not _under(REPO, self.work) else [])
+            script = SETUP.format(root=root, keep=" ".join(keep), overlaid=" ".join(OVERLAID), repo=REPO, name=name,
+                                  ca=ca, extra="\n".join(extra))
             env = {"HOME": "/root", "PATH": f"{self.shims}:{SESSION_PATH}", "LANG": "C.UTF-8",
                    "KEG_DOCS_SIM": self.sim_file, "GIT_CONFIG_NOSYSTEM": "1", "TERM": "dumb"}
             shell = Shell(["nsenter", f"--net=/run/netns/{host.netns}", "--", "unshare", "--mount", "--uts",

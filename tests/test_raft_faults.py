@@ -14,20 +14,10 @@ import time
 
 import pytest
 
-import netns
 from raft_harness import Cluster, Workload, git_heads
 
 CYCLES = int(os.environ.get("KEG_RAFT_CYCLES", "0") or 0)
 FAILOVER_GOAL = 3.0
-
-
-@pytest.fixture
-def net():
-    reason = netns.unavailable()
-    if reason:
-        pytest.fail(f"these tests need network namespaces: {reason}")
-    with netns.Network() as network:
-        yield network
 
 
 @pytest.fixture

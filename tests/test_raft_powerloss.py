@@ -29,7 +29,6 @@ import time
 import pytest
 
 import lazyfs
-import netns
 from raft_harness import Cluster, Workload, git_heads, revision_kids
 
 POWER_CUTS = int(os.environ.get("KEG_RAFT_POWER_CUTS", "0") or 0) or 10
@@ -146,15 +145,6 @@ def test_a_torn_cut_keeps_a_prefix_of_the_unsynced_data_and_a_shutdown_keeps_all
 
 
 # ------------------------------------------------------------------ a cluster on lazyfs
-
-@pytest.fixture
-def net():
-    reason = netns.unavailable()
-    if reason:
-        pytest.fail(f"these tests need network namespaces: {reason}")
-    with netns.Network() as network:
-        yield network
-
 
 @pytest.fixture
 def cluster(fuse_ok, net, tmp_path):

@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python bench/mayor.py [--machines N] [--quick] [--workers W] [--rounds R] [--no-ticks] [--profile]
+    .venv/bin/python bench/mayor.py --acks 30     # the change's commit alone: its acknowledgement, no Mayors
 
 Goal: after one commit that gives every machine a new process spec, all
 1,000 Mayors report the new spec running within 2 s of the commit's
@@ -21,8 +22,10 @@ What runs:
   the parameters ``Mayor.run`` uses.  Each is driven as ``Mayor.run`` drives
   it, through the unchanged ``register()``, ``step()`` and ``tick()``:
   register, step once, then step when its watch shows a change under its
-  ``procs/`` (or exec requests), and tick every ``TICK_SECONDS`` between
-  steps (status and the 10 s heartbeat are published from there).  What the
+  ``procs/`` (or exec requests), again at once after a step that only asked
+  a process to stop (the replacement starts on its exit), and tick every
+  ``TICK_SECONDS`` between steps (status and the 10 s heartbeat are
+  published from there).  What the
   instances of one worker share: the process, and so one CPU at a time: the
   worker's single asyncio loop reads all its watch streams and runs the steps
   and ticks of its Mayors one after the other (a step is blocking HTTP, as in
@@ -55,6 +58,12 @@ With ``--profile`` the master and the first worker run under cProfile (the
 whole run: set-up and rounds; the worker's profile counts CPU time, not wall
 time) and the master's top functions are printed; the raw stats go to
 ``bench/out/mayor-master.pstats`` and ``mayor-worker.pstats``.
+
+With ``--acks N`` no Mayor runs: one watch stream per ``/machines/<n>`` is
+opened (as the Mayors watch) and the change's transaction is sent N times,
+each timed from request to answer, the next once every stream has its
+event; results go to ``bench/out/mayor-acks.json``.  This is the figure a
+change to how watchers are told must not make worse.
 """
 
 from __future__ import annotations
@@ -120,6 +129,34 @@ def watch_target(prefix: str) -> str:
                                                   "heartbeat": WATCH_HEARTBEAT})
 
 
+async def open_watch(port: int, prefix: str, token: str, on_line) -> HttpConnection:
+    """A watch stream as ``RemoteKeg.watch`` opens it; returns once the master answered 200.
+
+    Raises:
+        LoadError: the master refused it.
+    """
+    conn = await connect(port)
+    headers = asyncio.get_running_loop().create_future()
+
+    def on_headers(status, received):
+        if not headers.done():
+            headers.set_result(status)
+
+    conn.stream(request_bytes("GET", watch_target(prefix), token), on_line, on_headers)
+    status = await headers
+    if status != 200:
+        conn.close()
+        raise LoadError(f"the watch of {prefix} answered {status}")
+    return conn
+
+
+def change_request(names: list, generation: int, token: str) -> bytes:
+    """The round's ``POST /v1/tx``: the spec of ``generation`` put for every machine."""
+    body = json.dumps({"ops": [{"op": "put", "path": f"/machines/{n}/procs/{PROCESS}.json", "value": spec(generation)}
+                               for n in names]}).encode()
+    return request_bytes("POST", "/v1/tx", token, body)
+
+
 # ====================================================================== worker
 
 def _counting_keg_class():
@@ -150,14 +187,17 @@ class Worker:
     ``Mayor.run`` (mayor/daemon.py) has a thread follow ``/machines/<name>``
     (``Mayor._watch``): an event under ``procs/`` marks the table to be read
     again, one under ``exec/`` the exec requests, and either wakes the loop,
-    which steps; between steps the loop calls ``tick()`` every
-    ``TICK_SECONDS`` while a process runs (``HEARTBEAT_SECONDS / 2`` when
-    idle), which publishes changed status and the heartbeat.  This plays both
-    parts for each Mayor, with one watch connection each and the same marks
-    (``_watching``, ``_table_dirty``, ``_exec_dirty``, set as ``run`` and
-    ``_watch`` set them); steps and ticks of the Mayors of one worker take
-    turns.  Left out: the ``RESYNC_SECONDS`` (30 s) re-read and back-off
-    wake-ups, which do not come due inside a round.
+    which steps; a step that only asked a process to stop sets
+    ``Mayor.changed``, and ``run`` steps again at once (the replacement starts
+    on the exit, which the no-op runtime reports at once); between steps the
+    loop calls ``tick()`` every ``TICK_SECONDS`` while a process runs
+    (``HEARTBEAT_SECONDS / 2`` when idle), which publishes changed status and
+    the heartbeat.  This plays both parts for each Mayor, with one watch
+    connection each and the same marks (``_watching``, ``_table_dirty``,
+    ``_exec_dirty``, ``changed``, set and cleared as ``run`` and ``_watch``
+    do); steps and ticks of the Mayors of one worker take turns.  Left out:
+    the ``RESYNC_SECONDS`` (30 s) re-read and back-off wake-ups, which do not
+    come due inside a round.
     """
 
     def __init__(self, config: dict, proto):
@@ -220,28 +260,22 @@ class Worker:
         return on_line
 
     async def _open_watch(self, name: str) -> None:
-        conn = await connect(self.port)
-        headers = asyncio.get_running_loop().create_future()
-
-        def on_headers(status, received):
-            if not headers.done():
-                headers.set_result(status)
-
-        conn.stream(request_bytes("GET", watch_target(f"/machines/{name}"), self.tokens[name]),
-                    self._on_line(name), on_headers)
-        status = await headers
-        if status != 200:
-            raise LoadError(f"watch of {name} answered {status}")
-        self.watches.append(conn)
+        self.watches.append(await open_watch(self.port, f"/machines/{name}", self.tokens[name], self._on_line(name)))
 
     def _step(self, name: str) -> None:
+        mayor = self.mayors[name]
+        changed = getattr(mayor, "changed", None)
+        if changed is not None:
+            changed.clear()                        # as Mayor.run does before each step
         start, cpu = time.perf_counter(), time.process_time()
-        self.mayors[name].step()
+        mayor.step()
         self.stats["step_cpu"] += time.process_time() - cpu
         self.stats["step_seconds"] += time.perf_counter() - start
         self.stats["steps"] += 1
         self.stats["steps_by_round"][str(self.round)] += 1
         self.due[name] = time.monotonic() + self.tick_seconds
+        if changed is not None and changed.is_set():
+            self.dirty[name] = None                # the step asked for another at once (a stop it only asked for)
 
     def _tick(self, name: str) -> None:
         mayor = self.mayors[name]
@@ -357,13 +391,8 @@ class Observer:
     async def start(self) -> None:
         """Open the stream; returns once the master has registered it."""
         self.all_in = asyncio.Event()
-        self.conn = await connect(self.port)
+        self.conn = await open_watch(self.port, "/machines", self.token, self._on_line)
         self.reader = await connect(self.port)
-        headers = asyncio.get_running_loop().create_future()
-        self.conn.stream(request_bytes("GET", watch_target("/machines"), self.token), self._on_line,
-                         lambda status, received: headers.done() or headers.set_result(status))
-        if await headers != 200:
-            raise LoadError("the observer's watch was refused")
 
     def begin(self) -> None:
         """Forget the events of earlier rounds; wait for news from every machine."""
@@ -535,9 +564,7 @@ async def one_round(master, fleet: Fleet, observer: Observer, writer: HttpConnec
     await fleet.tell({"round": generation})
     await _settle()
     observer.begin()
-    body = json.dumps({"ops": [{"op": "put", "path": f"/machines/{n}/procs/{PROCESS}.json", "value": spec(generation)}
-                               for n in names]}).encode()
-    request = request_bytes("POST", "/v1/tx", master.token, body)
+    request = change_request(names, generation, master.token)
     before = await fleet.stats()
 
     def cpu_now() -> dict:
@@ -590,6 +617,48 @@ async def idle(master, fleet: Fleet, writer: HttpConnection, seconds: float) -> 
             "requests_per_second": sum(done["requests"].values()) / elapsed}
 
 
+async def acknowledgements(master, names: list, count: int) -> dict:
+    """The change's commit alone (``--acks``): ``count`` transactions of it, every machine's stream open.
+
+    No Mayors: one watch stream per ``/machines/<n>`` (where each Mayor
+    watches, with the admin's token).  Each transaction is timed from its
+    request to its answer; the next is sent once every stream has received
+    its event, and 0.2 s later.
+    """
+    events = Counter()
+
+    def on_line(line: bytes, received: float) -> None:
+        if not json.loads(line).get("heartbeat"):
+            events["in"] += 1
+
+    streams = []
+    writer = await connect(master.port)
+    try:
+        for i in range(0, len(names), CONNECT_BATCH):
+            streams += await asyncio.gather(*(open_watch(master.port, f"/machines/{n}", master.token, on_line)
+                                              for n in names[i:i + CONNECT_BATCH]))
+        seconds, cpu = [], []
+        for generation in range(count):
+            events.clear()
+            cpu_before, sent = cpu_seconds(master.proc.pid), time.perf_counter()
+            status, answer = await writer.request(change_request(names, generation, master.token))
+            seconds.append(time.perf_counter() - sent)
+            if status != 200:
+                raise LoadError(f"the transaction answered {status}: {answer[:300]!r}")
+            deadline = time.perf_counter() + CONVERGE_TIMEOUT
+            while events["in"] < len(names):
+                if time.perf_counter() > deadline:
+                    raise LoadError(f"{len(names) - events['in']} streams did not get their event")
+                await asyncio.sleep(0.005)
+            cpu.append(cpu_seconds(master.proc.pid) - cpu_before)
+            await asyncio.sleep(0.2)
+    finally:
+        writer.close()
+        for conn in streams:
+            conn.close()
+    return {"seconds": seconds, "latency": summarize(seconds), "master_cpu_seconds": cpu}
+
+
 def _delta(before: dict, after: dict) -> dict:
     """What the workers did between two ``_merge``d snapshots (Mayor ticks go on after convergence too)."""
     out = {}
@@ -609,6 +678,15 @@ async def drive(args, master, report: Report, tmp: str) -> dict:
     ops, tokens = _user_ops(names)
     master.tx(ops)
     report.figure(f"{args.machines} machine principals created (one tx)", time.perf_counter() - setup, "s")
+    if args.acks:
+        out = await acknowledgements(master, names, args.acks)
+        ms = sorted(1000 * s for s in out["seconds"])
+        report.figure(f"{args.machines}-put change acknowledged, p50", out["latency"]["p50_ms"], "ms",
+                      f"min {ms[0]:.0f}  p90 {ms[int(0.9 * len(ms))]:.0f}  max {ms[-1]:.0f} ms  "
+                      f"({args.acks} transactions, {args.machines} streams)")
+        report.figure("master CPU per change, its deliveries included (median)", median(out["master_cpu_seconds"]),
+                      "s")
+        return out
 
     fleet = await Fleet.start(f"http://127.0.0.1:{master.port}", tokens, args.workers, tmp,
                               os.path.join(args.out, "mayor-worker.pstats") if args.profile else None,
@@ -681,6 +759,8 @@ def main() -> int:
                         help="after the rounds, measure this many seconds with nothing changing (default 11; 0: skip)")
     parser.add_argument("--no-ticks", action="store_true",
                         help="leave out the Mayors' ticks (status and heartbeat publishing between steps)")
+    parser.add_argument("--acks", type=int, default=0, metavar="N",
+                        help="no Mayors: time the acknowledgement of N changes with every machine's stream open")
     parser.add_argument("--tmp", default=None, help="where the keg and the Mayors' data go (default: the system's)")
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
     args = parser.parse_args()
@@ -691,8 +771,11 @@ def main() -> int:
     args.workers = args.workers or max(2, min(32, args.machines // 30))
     raise_open_files(4 * args.machines + 256)
 
-    report = Report("mayor-converge", {"machines": args.machines, "workers": args.workers, "rounds": args.rounds,
-                                       "ticks": not args.no_ticks, "profile": args.profile})
+    if args.acks:
+        report = Report("mayor-acks", {"machines": args.machines, "transactions": args.acks})
+    else:
+        report = Report("mayor-converge", {"machines": args.machines, "workers": args.workers, "rounds": args.rounds,
+                                           "ticks": not args.no_ticks, "profile": args.profile})
     profile_to = os.path.join(args.out, "mayor-master.pstats") if args.profile else None
     if profile_to:
         os.makedirs(args.out, exist_ok=True)
@@ -702,6 +785,8 @@ def main() -> int:
             measured = asyncio.run(drive(args, master, report, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.acks:
+        return _save(report, measured, args.out, profile_to)
 
     timed = measured["rounds"][1:]
     totals = [r["total_seconds"] for r in timed]
@@ -719,8 +804,12 @@ def main() -> int:
                   f"mean {1000 * w['step_seconds'] / max(1, w['steps']):.2f} ms wall each, in its worker")
     report.goal(f"all {args.machines} converged after one change (median of rounds), s", median(totals), "<=",
                 GOAL_SECONDS, "DESIGN §9")
-    path = os.path.join(args.out, f"{report.name}.json")
-    os.makedirs(args.out, exist_ok=True)
+    return _save(report, measured, args.out, profile_to)
+
+
+def _save(report: Report, measured: dict, out: str, profile_to: str | None) -> int:
+    path = os.path.join(out, f"{report.name}.json")
+    os.makedirs(out, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump({**report.to_json(environment(None)), "measured": measured}, f, indent=2)
         f.write("\n")

@@ -153,8 +153,14 @@ class Master(abc.ABC):
         """
 
     @abc.abstractmethod
-    def subscribe(self, callback) -> None:
-        """Call ``callback(head_number)`` after every new revision."""
+    def subscribe(self, callback, prefix: str = "/") -> None:
+        """Call ``callback(head_number)`` after new revisions that change something under ``prefix``.
+
+        Only a wake-up: the subscriber reads the events with ``events``, which
+        stays the one source of what changed.  The call may come on a later
+        turn of the event loop than the commit, and once for several
+        revisions.  Subscribing a callback again moves it to the new prefix.
+        """
 
     @abc.abstractmethod
     def unsubscribe(self, callback) -> None:

@@ -8,10 +8,23 @@ the next one (group commit), and each request still gets its own result.
 The store is not thread-safe; a lock serialises it so that threaded front ends
 (flup's FastCGI server) can share one master.  In the event-loop server the
 lock is never contended.
+
+Watchers subscribe with the prefix they watch.  After a commit the master
+looks once at what the new revision changed and calls only the subscribers
+of the prefixes it touched (a prefix covers a path when ``paths.is_under``
+says so, and ``/`` covers everything), so a thousand watchers of a thousand
+machines' directories cost a revision a few dictionary look-ups per changed
+path, not a thousand wake-ups.  It also keeps, per watched prefix, the recent
+revisions that touched it, so ``events`` hands a stream that slept through
+many revisions only its own.  In an event loop this happens on the loop's
+next turn, after the answers of the writes the commit acknowledged have gone
+out: a commit of many paths is not answered later for being watched.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import threading
 from collections import OrderedDict
 
@@ -23,6 +36,34 @@ from master.interface import Master, Pending
 
 MAX_GROUP = 512                # transactions per commit: bounds one fsync's latency
 EVENT_CACHE_REVISIONS = 4096   # recent revisions whose events are kept, shared by all watchers
+INDEX_REVISIONS = 4096         # revisions that touched a watched prefix kept in its index, at most
+INDEX_JUMP = EVENT_CACHE_REVISIONS // 2  # more new revisions at once (a snapshot loaded): wake everyone, index none
+
+
+class _Watched:
+    """The subscribers of one prefix, and the recent revisions that changed something under it.
+
+    ``revisions`` (ascending) and ``events`` (each revision's events under the
+    prefix) are complete for every revision after ``since`` up to the
+    master's ``_indexed``: a revision in that range that is not listed
+    changed nothing under the prefix.
+    """
+
+    __slots__ = ("callbacks", "since", "revisions", "events")
+
+    def __init__(self, since: int):
+        self.callbacks: dict = {}   # callback -> None, in subscription order
+        self.since = since
+        self.revisions: list = []
+        self.events: list = []
+
+    def record(self, number: int, events: list) -> None:
+        self.revisions.append(number)
+        self.events.append(events)
+        if len(self.revisions) > INDEX_REVISIONS:
+            drop = INDEX_REVISIONS // 2
+            self.since = self.revisions[drop - 1]
+            del self.revisions[:drop], self.events[:drop]
 
 
 class SingleMaster(Master):
@@ -41,7 +82,10 @@ class SingleMaster(Master):
         self._queue_lock = threading.Lock()
         self._queue: list = []
         self._head_changed = threading.Condition()
-        self._subscribers: list = []
+        self._watched: dict = {}        # prefix -> _Watched
+        self._subscriptions: dict = {}  # callback -> its prefix
+        self._indexed = store.head_revision  # revisions up to this one are in the watch index
+        self._delivery_scheduled = False
         self._events: OrderedDict = OrderedDict()  # revision -> all its events
         self.on_submit = None   # set by an event-loop server: schedules a flush
         self.stats = {"commits": 0, "transactions": 0}
@@ -136,10 +180,71 @@ class SingleMaster(Master):
             self._announce(after)
 
     def _announce(self, head: int) -> None:
+        """Tell waiting threads at once, and the subscribers whose prefixes the new revisions touched.
+
+        In an event loop the subscribers hear of it on the loop's next turn:
+        the answers this commit resolved were scheduled first and go out
+        before the new revisions are looked at.  Several commits before that
+        turn make one delivery.
+        """
         with self._head_changed:
             self._head_changed.notify_all()
-        for callback in list(self._subscribers):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None   # a thread of a threaded server, or a caller in process: deliver now
+        if loop is None:
+            self._deliver()
+        elif not self._delivery_scheduled:
+            self._delivery_scheduled = True
+            loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        self._delivery_scheduled = False
+        with self._lock:
+            head = self.store.head_revision
+            callbacks = self._index(head)
+        for callback in callbacks:
             callback(head)
+
+    def _index(self, head: int) -> list:
+        """Record revisions ``_indexed+1 .. head`` in the watch index; returns the callbacks to call."""
+        start = self._indexed
+        if head <= start:
+            return []
+        self._indexed = head
+        if not self._watched:
+            return []
+        if head - start > INDEX_JUMP:
+            return self._unindexed(head)   # too many to look at now (a replica loaded a snapshot)
+        watched_prefixes = self._watched
+        touched: dict = {}   # prefix -> _Watched, in the order first touched
+        for number in range(start + 1, head + 1):
+            found: dict = {}   # prefix -> this revision's events under it
+            try:
+                changed = self._revision_events(number)
+            except KegError:
+                return self._unindexed(head)
+            for event in changed:
+                path = event.path
+                while True:   # the path and each directory above it, up to /
+                    if path in watched_prefixes:
+                        found.setdefault(path, []).append(event)
+                    if path == paths.ROOT:
+                        break
+                    path = path[:path.rfind("/")] or paths.ROOT
+            for prefix, events in found.items():
+                watched = watched_prefixes[prefix]
+                if number > watched.since:
+                    watched.record(number, events)
+                touched[prefix] = watched
+        return [cb for watched in touched.values() for cb in watched.callbacks]
+
+    def _unindexed(self, head: int) -> list:
+        """Leave the revisions up to ``head`` out of the index: every stream is woken and scans them itself."""
+        for watched in self._watched.values():
+            watched.since = max(watched.since, head)
+        return [cb for watched in self._watched.values() for cb in watched.callbacks]
 
     def compact(self, window: int) -> dict:
         self.flush()
@@ -163,13 +268,27 @@ class SingleMaster(Master):
         return cached
 
     def events(self, prefix: str, since: int, until: int, limit: int = 10_000) -> tuple:
-        prefix = paths.normalize(prefix)
+        watched = self._watched.get(prefix)   # a watched prefix is normalised already
+        if watched is None:
+            prefix = paths.normalize(prefix)
         with self._lock:
             head = self.store.head_revision
             if since < 0 or since > head:
                 raise BadRequest(f"since={since} is outside the keg's revisions 0..{head}")
             until = min(until, head)
             out: list = []
+            watched = self._watched.get(prefix)
+            if watched is not None and watched.since <= since < self._indexed:
+                # The index knows which of these revisions touched the prefix: visit only those.
+                indexed = min(until, self._indexed)
+                revisions = watched.revisions
+                for i in range(bisect.bisect_right(revisions, since), len(revisions)):
+                    if revisions[i] > indexed:
+                        break
+                    out.extend(watched.events[i])
+                    if len(out) >= limit:
+                        return out, revisions[i]
+                since = indexed
             recent = head - EVENT_CACHE_REVISIONS // 2
             number = since
             for number in range(since + 1, until + 1):
@@ -182,14 +301,25 @@ class SingleMaster(Master):
                     break
             return out, max(number, since)
 
-    def subscribe(self, callback) -> None:
-        self._subscribers.append(callback)
+    def subscribe(self, callback, prefix: str = paths.ROOT) -> None:
+        prefix = paths.normalize(prefix)
+        with self._lock:
+            self.unsubscribe(callback)
+            watched = self._watched.get(prefix)
+            if watched is None:
+                watched = self._watched[prefix] = _Watched(self._indexed)
+            watched.callbacks[callback] = None
+            self._subscriptions[callback] = prefix
 
     def unsubscribe(self, callback) -> None:
-        try:
-            self._subscribers.remove(callback)
-        except ValueError:
-            pass
+        with self._lock:
+            prefix = self._subscriptions.pop(callback, None)
+            if prefix is None:
+                return
+            watched = self._watched[prefix]
+            del watched.callbacks[callback]
+            if not watched.callbacks:
+                del self._watched[prefix]
 
     def wait_for_revision(self, after: int, timeout: float) -> int:
         with self._head_changed:

@@ -67,6 +67,7 @@ class WatchStream(AsyncBody):
         self._loop = None
         self._wake = None
         self._timer = None
+        self._timer_due = None
         self._write = None
 
     # ------------------------------------------------------------ shared
@@ -104,7 +105,7 @@ class WatchStream(AsyncBody):
 
     def arm(self, loop, wake) -> None:
         self._loop, self._wake = loop, wake
-        self.master.subscribe(self._on_revision)
+        self.master.subscribe(self._on_revision, self.prefix)
         self._schedule_timer()
 
     def _on_revision(self, head: int) -> None:
@@ -112,11 +113,18 @@ class WatchStream(AsyncBody):
             self._wake()
 
     def _schedule_timer(self) -> None:
+        due = self.deadline if self.fmt == "poll" else self.last_write + self.heartbeat
         if self._timer is not None:
+            if self._timer_due == due:
+                return   # still armed for the same moment: nothing was written since
             self._timer.cancel()
-        delay = max(0.0, (self.deadline if self.fmt == "poll" else self.last_write + self.heartbeat)
-                    - time.monotonic())
-        self._timer = self._loop.call_later(delay + 0.001, self._wake)
+        self._timer_due = due
+        self._timer = self._loop.call_later(max(0.0, due - time.monotonic()) + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._wake is not None:
+            self._wake()
 
     def poll(self) -> tuple:
         out = []

@@ -183,3 +183,47 @@ def test_watch_rejects_bad_arguments(master_server):
     assert c.json("GET", f"/v1/watch?since={head + 5}")[0] == 400
     assert c.json("GET", "/v1/watch?format=xml")[0] == 400
     assert c.json("GET", "/v1/watch?prefix=relative")[0] == 400
+
+
+def _next_lines(response, count: int) -> list:
+    return [json.loads(response.readline()) for _ in range(count)]
+
+
+def test_a_stream_gets_its_prefix_only_and_heartbeats_mark_unrelated_revisions(master_server):
+    c = Client(master_server.url, master_server.token)
+
+    def tx(*ops):
+        status, answer = c.json("POST", "/v1/tx", json.dumps({"ops": list(ops)}))
+        assert status == 200, answer
+        return answer["revision"]
+
+    since = c.head_revision()
+    query = "format=ndjson&heartbeat=0.3&since=" + str(since)
+    _, exact = _stream(master_server.url, master_server.token, "prefix=/p/a&" + query)
+    _, parent = _stream(master_server.url, master_server.token, "prefix=/p&" + query)
+    _, root = _stream(master_server.url, master_server.token, "prefix=/&" + query)
+    # /p/ab shares the characters of /p/a but is not under it; /q is elsewhere.
+    r1 = tx({"op": "put", "path": "/p/ab/x", "value": "1"}, {"op": "put", "path": "/q/y", "value": "1"})
+    r2 = tx({"op": "put", "path": "/p/a/z", "value": "2"}, {"op": "put", "path": "/q/y", "value": "2"})
+    r3 = tx({"op": "delete", "path": "/p/a/z"})
+    unrelated = [tx({"op": "put", "path": f"/q/n{i}", "value": str(i)}) for i in range(20)]
+
+    def changes(lines):
+        return [(e["revision"], e["path"], e["action"]) for e in lines]
+
+    assert changes(_next_lines(exact, 2)) == [(r2, "/p/a/z", "create"), (r3, "/p/a/z", "delete")]
+    assert changes(_next_lines(parent, 3)) == [(r1, "/p/ab/x", "create"), (r2, "/p/a/z", "create"),
+                                               (r3, "/p/a/z", "delete")]
+    assert changes(_next_lines(root, 5 + 20))[:5] == [(r1, "/p/ab/x", "create"), (r1, "/q/y", "create"),
+                                                      (r2, "/p/a/z", "create"), (r2, "/q/y", "update"),
+                                                      (r3, "/p/a/z", "delete")]
+    # Nothing under /p/a changed in the last 20 revisions: the stream says so with a heartbeat that
+    # marks the newest revision, from which a client may resume without missing anything.
+    beat = json.loads(exact.readline())
+    assert beat == {"heartbeat": True, "revision": unrelated[-1]}
+    # A stream resuming from before all this gets the same events, then a new one as it happens.
+    _, resumed = _stream(master_server.url, master_server.token, "prefix=/p/a&" + query)
+    assert changes(_next_lines(resumed, 2)) == [(r2, "/p/a/z", "create"), (r3, "/p/a/z", "delete")]
+    r4 = tx({"op": "put", "path": "/p/a/w", "value": "4"})
+    assert changes(_next_lines(resumed, 1)) == [(r4, "/p/a/w", "create")]
+    assert changes(_next_lines(exact, 1)) == [(r4, "/p/a/w", "create")]

@@ -101,19 +101,8 @@ def faults(root: str, kills: int, restarts: int) -> dict:
             work = Workload(cluster).start()
             failovers = []
             for cycle in range(kills):
-                leader = cluster.wait_leader()
-                others = [r for r in cluster.replicas if r is not leader]
-                leader.kill()
-                killed = time.monotonic()
-                with cluster.client():
-                    for attempt in range(1000):
-                        try:
-                            if cluster.write(others[attempt % 2], f"/probe/{cycle}", "x", timeout=2.0)[0] == 200:
-                                break
-                        except OSError:
-                            pass
-                        time.sleep(0.01)
-                failovers.append(time.monotonic() - killed)
+                seconds, leader = cluster.kill_leader_and_measure(f"/probe/{cycle}")
+                failovers.append(seconds)
                 leader.start()
                 print(f"kill {cycle + 1}/{kills}: writes again after {failovers[-1]:.2f}s", flush=True)
             hangs = 0

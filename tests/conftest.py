@@ -115,11 +115,16 @@ class MasterProcess:
         """SIGTERM, a clean stop."""
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_waiting(self.proc)
+
+
+def stop_waiting(proc, timeout: float = 20.0) -> int:
+    """Wait for a process asked to stop; SIGKILL it after ``timeout`` seconds. Its exit status."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def init_keg_with_token(keg_path: str) -> str:

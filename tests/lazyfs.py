@@ -440,17 +440,23 @@ class LazyFS:
 
     # ------------------------------------------------------------ power
 
-    def sync_all(self) -> None:
-        """Make the whole live tree durable (a clean shutdown's flush)."""
+    def _live_nodes(self):
+        """Every node reachable from the root as processes see the tree, once each (hard links too)."""
         stack, done = [self.root], set()
         while stack:
             node = stack.pop()
             if id(node) in done:
                 continue
             done.add(id(node))
+            yield node
+            if node.kind == stat.S_IFDIR:
+                stack.extend(node.entries.values())
+
+    def sync_all(self) -> None:
+        """Make the whole live tree durable (a clean shutdown's flush)."""
+        for node in self._live_nodes():
             if node.kind == stat.S_IFDIR:
                 node.durable_entries = dict(node.entries)
-                stack.extend(node.entries.values())
             elif node.kind == stat.S_IFREG:
                 node.sync()
         for node in self.handles.values():
@@ -460,17 +466,11 @@ class LazyFS:
     def lost(self) -> dict:
         """What a cut now would drop: unsynced bytes of reachable files, unsynced directory entries."""
         unsynced_bytes, entries, files = 0, 0, set()
-        stack, done = [self.root], set()
-        while stack:
-            node = stack.pop()
-            if id(node) in done:
-                continue
-            done.add(id(node))
+        for node in self._live_nodes():
             if node.kind == stat.S_IFDIR:
                 for name in set(node.entries) | set(node.durable_entries):
                     if node.entries.get(name) is not node.durable_entries.get(name):
                         entries += 1
-                stack.extend(node.entries.values())
             elif node.kind == stat.S_IFREG and node.dirty_from is not None:
                 unsynced_bytes += node.unsynced()
                 files.add(id(node))

@@ -105,7 +105,22 @@ class Host:
     address: str
 
 
-class Network:
+class Started:
+    """A context manager over ``start()`` and ``close()``: what a failed start made is closed again."""
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Network(Started):
     """A bridge in a namespace of its own and hosts attached to it (see the module's docstring).
 
     Args:
@@ -121,17 +136,6 @@ class Network:
         self._made: list = []
 
     # --------------------------------------------------------------- building
-
-    def __enter__(self) -> "Network":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def start(self) -> None:
         """Make the switch namespace with its bridge."""

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.parse
 
-from conftest import init_keg_with_token, keg_command
+from conftest import init_keg_with_token, keg_command, stop_waiting
 from raft_history import Op
 
 RAFT_PORT = 7481
@@ -128,11 +128,7 @@ class Replica:
         if self.alive:
             if not signalled:
                 self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_waiting(self.proc)
         return self.proc.returncode if self.proc is not None else 0
 
 
@@ -266,12 +262,15 @@ class Cluster:
             return None
         return json.loads(body) if code == 200 else None
 
-    def restart_all(self, leader_timeout: float = 15.0) -> float:
-        """SIGKILL every replica at once, start them all again, wait for a leader; returns the seconds it took."""
+    def _kill_all(self) -> None:
         for r in self.replicas:
-            r.proc.kill()
+            if r.alive:
+                r.proc.kill()
         for r in self.replicas:
             r.proc.wait()
+
+    def _start_all(self, leader_timeout: float) -> float:
+        """Start every replica at once and wait for a leader; the seconds it took."""
         started = time.monotonic()
         for r in self.replicas:
             r.start(wait=False)
@@ -279,6 +278,11 @@ class Cluster:
             r.wait_started()
         self.wait_leader(timeout=leader_timeout)
         return time.monotonic() - started
+
+    def restart_all(self, leader_timeout: float = 15.0) -> float:
+        """SIGKILL every replica at once, start them all again, wait for a leader; returns the seconds it took."""
+        self._kill_all()
+        return self._start_all(leader_timeout)
 
     def power_cut_all(self, leader_timeout: float = 15.0, torn_seed=None) -> tuple:
         """SIGKILL every replica and cut the power of every disk at once; restart them all, wait for a leader.
@@ -289,21 +293,35 @@ class Cluster:
         Returns:
             ``(seconds from the restart to a leader, [what each disk's cut dropped])``.
         """
-        for r in self.replicas:
-            if r.alive:
-                r.proc.kill()
-        for r in self.replicas:
-            r.proc.wait()
+        self._kill_all()
         dropped = [r.disk.power_cut(None if torn_seed is None else torn_seed + r.index) for r in self.replicas]
         for r in self.replicas:
             r.disk.mount()
-        started = time.monotonic()
-        for r in self.replicas:
-            r.start(wait=False)
-        for r in self.replicas:
-            r.wait_started()
-        self.wait_leader(timeout=leader_timeout)
-        return time.monotonic() - started, dropped
+        return self._start_all(leader_timeout), dropped
+
+    def kill_leader_and_measure(self, probe_path: str, within: float = 10.0) -> tuple:
+        """Kill -9 the leader; ``(seconds until a write through a surviving replica is acknowledged, the
+        killed replica)``.
+
+        Raises:
+            AssertionError: no write was accepted ``within`` seconds of the leader's death.
+        """
+        leader = self.wait_leader()
+        others = [r for r in self.replicas if r is not leader]
+        leader.kill()
+        killed_at = time.monotonic()
+        with self.client():
+            attempt = 0
+            while time.monotonic() - killed_at < within:
+                try:
+                    status, _ = self.write(others[attempt % len(others)], probe_path, str(attempt), timeout=2.0)
+                except OSError:
+                    status = None
+                if status == 200:
+                    return time.monotonic() - killed_at, leader
+                attempt += 1
+                time.sleep(0.02)
+        raise AssertionError(f"no write was accepted within {within:g} s of the leader's death")
 
     def wait_leader(self, timeout: float = 20.0, among=None) -> Replica:
         """The replica that is leader, as soon as one (among ``among``, default the live ones) says so."""

@@ -61,6 +61,7 @@ import time
 from dataclasses import dataclass
 
 from conftest import REPO
+from netns import Started
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 OPERATIONS_DOCS = ("docs/operations.md", "docs/operations-raft.md", "docs/operations-mayor.md")
@@ -682,7 +683,7 @@ class Machine:
         return self.shell.run(script, where, timeout)[0]
 
 
-class Machines:
+class Machines(Started):
     """The example cluster of docs/operations.md, simulated (see the module's docstring)."""
 
     def __init__(self, work: str, names: dict):
@@ -693,17 +694,6 @@ class Machines:
         self.machines: dict = {}
         self.sim_file = os.path.join(work, "sim.json")
         self.shims = os.path.join(work, "shims")
-
-    def __enter__(self) -> "Machines":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _write_shims(self) -> None:
         os.makedirs(self.shims)

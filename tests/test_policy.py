@@ -32,7 +32,7 @@ import pytest
 
 import netns
 from busybox import import_busybox, tar_entry, why_no_containers
-from conftest import init_keg_with_token, keg_command, read_text, wait_until
+from conftest import init_keg_with_token, keg_command, read_text, stop_waiting, wait_until
 from keg.errors import KegError, NotFound
 from master import auth
 from master.client import RemoteKeg
@@ -142,11 +142,7 @@ class Cluster:
                 if proc.poll() is None:
                     proc.terminate()
             for proc in self.mayors.values():
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_waiting(proc, timeout=30)
             for m in MACHINES:  # the containers outlive their Mayor: remove them as an operator would
                 if os.path.isdir(self.data(m)):
                     rt = RuncRuntime(Away(), self.data(m), m)

@@ -35,31 +35,12 @@ def _assert_identical(cluster):
     assert set(git_heads([r.keg_path for r in cluster.replicas])) == {head[2:]}
 
 
-def kill_leader_and_measure(cluster, probe_path: str) -> float:
-    """Kill -9 the leader; seconds until a write through a surviving replica is acknowledged."""
-    leader = cluster.wait_leader()
-    others = [r for r in cluster.replicas if r is not leader]
-    leader.kill()
-    killed_at = time.monotonic()
-    with cluster.client():
-        for attempt in range(400):
-            target = others[attempt % 2]
-            try:
-                status, _ = cluster.write(target, probe_path, str(attempt), timeout=2.0)
-            except OSError:
-                status = None
-            if status == 200:
-                return time.monotonic() - killed_at, leader
-            time.sleep(0.02)
-    raise AssertionError("no write was accepted within 8 s of the leader's death")
-
-
 def test_leader_killed_again_and_again_loses_nothing_and_fails_over_fast(cluster):
     cycles = CYCLES or 8
     work = Workload(cluster).start()
     failovers = []
     for cycle in range(cycles):
-        seconds, dead = kill_leader_and_measure(cluster, f"/probe/{cycle}")
+        seconds, dead = cluster.kill_leader_and_measure(f"/probe/{cycle}")
         failovers.append(seconds)
         dead.start()
     time.sleep(1.0)

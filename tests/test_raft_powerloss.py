@@ -29,11 +29,13 @@ import time
 import pytest
 
 import lazyfs
+from keg.fsio import fsync_dir
 from raft_harness import Cluster, Workload, git_heads, revision_kids
 
 POWER_CUTS = int(os.environ.get("KEG_RAFT_POWER_CUTS", "0") or 0) or 10
 POWER_RESTARTS = int(os.environ.get("KEG_RAFT_POWER_RESTARTS", "0") or 0) or 5
-COMPACT_ENTRIES = int(os.environ.get("KEG_RAFT_POWER_COMPACT", "0") or 0) or 100  # small: followers install snapshots between cuts
+# Small: followers install snapshots between cuts.
+COMPACT_ENTRIES = int(os.environ.get("KEG_RAFT_POWER_COMPACT", "0") or 0) or 100
 LEADER_TIMEOUT = 15.0
 
 
@@ -52,14 +54,6 @@ def _write(path: str, data: bytes, sync: bool = False, mode: str = "wb") -> None
         f.flush()
         if sync:
             os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tree(root: str) -> dict:
@@ -85,13 +79,13 @@ def test_a_cut_keeps_exactly_what_was_synced(disk):
     _write(f"{m}/never-synced", b"lost")                           # data never synced; name synced below
     _write(f"{m}/atomic.tmp", b"new", sync=True)                  # the careful way: file, rename, directory
     os.rename(f"{m}/atomic.tmp", f"{m}/atomic")
-    _fsync_dir(m)
+    fsync_dir(m)
     _write(f"{m}/file-synced-only", b"data", sync=True)           # data synced, its name never
     _write(f"{m}/atomic", b" appended", mode="ab")                # after the last fsync of the file
     os.unlink(f"{m}/old/kept")                                    # its directory never synced again
     os.mkdir(f"{m}/newdir")                                       # synced inside, but not in its parent
     _write(f"{m}/newdir/x", b"x", sync=True)
-    _fsync_dir(f"{m}/newdir")
+    fsync_dir(f"{m}/newdir")
     os.rename(f"{m}/atomic", f"{m}/renamed")                      # a rename nobody synced
     assert sorted(os.listdir(m)) == ["file-synced-only", "never-synced", "newdir", "old", "renamed"]
     before = disk.stats()
@@ -130,7 +124,7 @@ def test_a_large_value_acknowledged_on_a_new_keg_survives_a_power_cut(disk):
 def test_a_torn_cut_keeps_a_prefix_of_the_unsynced_data_and_a_shutdown_keeps_all(disk):
     m = disk.mountpoint
     _write(f"{m}/log", b"synced|", sync=True)
-    _fsync_dir(m)
+    fsync_dir(m)
     _write(f"{m}/log", b"0123456789" * 100, mode="ab")
     disk.power_cut(torn_seed=7)
     kept = _tree(disk.backing)["log"]
@@ -191,6 +185,22 @@ def _dropped(cuts: list) -> dict:
     return total
 
 
+def _finish(cluster, work, cuts: list, what: str, began: float, waited: str, times: list) -> None:
+    """Stop the workload and check what every power-loss run must show; print its figures."""
+    time.sleep(1.0)
+    work.stop()
+    work.verify()
+    history, snapshots = _assert_identical_and_durable(cluster)
+    dropped = _dropped(cuts)
+    times = sorted(times)
+    print(f"{what} in {time.monotonic() - began:.0f}s, "
+          f"{len(work.acked)} acknowledged CAS of {len(work.history)} ops, {len(history)} revisions, "
+          f"snapshots since each replica's last start {snapshots}, dropped {dropped}, "
+          f"{waited} median {times[len(times) // 2]:.2f}s max {times[-1]:.2f}s")
+    assert len(work.acked) > 5 * len(times)
+    assert dropped["unsynced_bytes"] + dropped["unsynced_entries"] > 0, "no cut dropped anything: not a test"
+
+
 def test_one_replica_after_another_loses_power_and_no_acknowledged_write_is_lost(cluster):
     work = Workload(cluster).start()
     cuts, starts = [], []
@@ -206,18 +216,7 @@ def test_one_replica_after_another_loses_power_and_no_acknowledged_write_is_lost
         print(f"cut {cycle}: r{victim.index} ({'leader' if victim is leader else 'follower'}), "
               f"{'torn, ' if cycle % 4 >= 2 else ''}dropped {cuts[-1]['unsynced_bytes']} bytes "
               f"{cuts[-1]['unsynced_entries']} entries, serving after {starts[-1]:.2f}s")
-    time.sleep(1.0)
-    work.stop()
-    work.verify()
-    history, snapshots = _assert_identical_and_durable(cluster)
-    dropped = _dropped(cuts)
-    starts.sort()
-    print(f"power cuts of one replica: {POWER_CUTS} in {time.monotonic() - began:.0f}s, "
-          f"{len(work.acked)} acknowledged CAS of {len(work.history)} ops, {len(history)} revisions, "
-          f"snapshots since each replica's last start {snapshots}, dropped {dropped}, "
-          f"restart to serving median {starts[len(starts) // 2]:.2f}s max {starts[-1]:.2f}s")
-    assert len(work.acked) > 5 * POWER_CUTS
-    assert dropped["unsynced_bytes"] + dropped["unsynced_entries"] > 0, "no cut dropped anything: not a test"
+    _finish(cluster, work, cuts, f"power cuts of one replica: {POWER_CUTS}", began, "restart to serving", starts)
 
 
 def test_all_replicas_lose_power_at_once_under_writes_and_come_back(cluster):
@@ -230,15 +229,5 @@ def test_all_replicas_lose_power_at_once_under_writes_and_come_back(cluster):
                                                  torn_seed=100 * cycle if cycle % 2 else None)
         leaders.append(seconds)
         cuts.extend(dropped)
-    time.sleep(1.0)
-    work.stop()
-    work.verify()
-    history, snapshots = _assert_identical_and_durable(cluster)
-    dropped = _dropped(cuts)
-    leaders.sort()
-    print(f"all 3 replicas cut at once: {POWER_RESTARTS} times in {time.monotonic() - began:.0f}s, "
-          f"{len(work.acked)} acknowledged CAS of {len(work.history)} ops, {len(history)} revisions, "
-          f"snapshots since each replica's last start {snapshots}, dropped {dropped}, "
-          f"restart to leader median {leaders[len(leaders) // 2]:.2f}s max {leaders[-1]:.2f}s")
-    assert len(work.acked) > 5 * POWER_RESTARTS
-    assert dropped["unsynced_bytes"] + dropped["unsynced_entries"] > 0, "no cut dropped anything: not a test"
+    _finish(cluster, work, cuts, f"all 3 replicas cut at once: {POWER_RESTARTS} times", began, "restart to leader",
+            leaders)

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import keg
-from conftest import MasterProcess, init_keg_with_token, keg_command, read_text, wait_until
+from conftest import MasterProcess, init_keg_with_token, keg_command, read_text, stop_waiting, wait_until
 from keg.errors import NotFound
 from master import auth
 from master.client import RemoteKeg
@@ -82,11 +82,7 @@ class Cluster:
                 proc.terminate()
         for proc in [self.scheduler, *self.mayors.values()]:
             if proc is not None:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_waiting(proc)
         self.admin.close()
         self.master.stop()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from keg import paths
 from keg.errors import KegError
-from master.ui.html import Page, age, esc, kid_link, link, notice, path_url, query_url, table, timestamp
+from master.ui.html import Page, age, esc, filter_select, kid_link, link, notice, path_url, query_url, table, timestamp
 
 BUILDS = "/builds"
 SOURCES = "/src"
@@ -198,13 +198,9 @@ def builds_page(view) -> Page:
     apps = sorted(set(app_names(view)) | ({app_filter} - {""}))
     if state_filter:
         builds = [b for b in builds if b.state == state_filter]
-    a_opts = "".join(f'<option value="{esc(a)}"{" selected" if a == app_filter else ""}>{esc(a)}</option>'
-                     for a in apps)
-    s_opts = "".join(f'<option value="{esc(s)}"{" selected" if s == state_filter else ""}>{esc(s)}</option>'
-                     for s in STATES)
-    filters = (f'<form method="get" class="filters" action="/-/builds" role="search">'
-               f'<label>App <select name="app"><option value="">all</option>{a_opts}</select></label> '
-               f'<label>State <select name="state"><option value="">all</option>{s_opts}</select></label> '
+    filters = ('<form method="get" class="filters" action="/-/builds" role="search">'
+               + filter_select("App", "app", apps, app_filter)
+               + filter_select("State", "state", STATES, state_filter) +
                f'<button type="submit">Filter</button> {link("/-/builds", "Clear")}</form>')
     running = sum(1 for b in builds if b.state == "running")
     more = notice(f"Showing the newest {RECENT:,} of {len(builds):,}.", "warn") if len(builds) > RECENT else ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from keg.errors import KegError
 from master.ui import builds, values
-from master.ui.html import (Page, age, esc, human_size, kid_link, link, notice, path_url, query_url,
+from master.ui.html import (Page, age, esc, filter_select, human_size, kid_link, link, notice, path_url, query_url,
                             table, timestamp)
 from master.ui.pages import done_notice, release_by, release_time, state_badge
 
@@ -116,13 +116,9 @@ def processes_page(view) -> Page:
     machine_filter, state_filter, text = q.get("machine", ""), q.get("state", ""), q.get("q", "")
     rows, total = _process_rows(view, machine_filter, state_filter, text)
     machines = [m.name for m in _machines(view)]
-    m_opts = "".join(f'<option value="{esc(n)}"{" selected" if n == machine_filter else ""}>{esc(n)}</option>'
-                     for n in machines)
-    s_opts = "".join(f'<option value="{esc(s)}"{" selected" if s == state_filter else ""}>{esc(s)}</option>'
-                     for s in STATES)
-    filters = (f'<form method="get" class="filters" action="/-/processes" role="search">'
-               f'<label>Machine <select name="machine"><option value="">all</option>{m_opts}</select></label> '
-               f'<label>State <select name="state"><option value="">all</option>{s_opts}</select></label> '
+    filters = ('<form method="get" class="filters" action="/-/processes" role="search">'
+               + filter_select("Machine", "machine", machines, machine_filter)
+               + filter_select("State", "state", STATES, state_filter) +
                f'<label>Name or image <input type="search" name="q" value="{esc(text)}"></label> '
                f'<button type="submit">Filter</button> {link("/-/processes", "Clear")}</form>')
     more = notice(f"Showing {MAX_ROWS:,} of {total:,}.", "warn") if total > len(rows) else ""

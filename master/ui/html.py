@@ -115,6 +115,13 @@ def table(headers, rows, cls: str = "", caption: str = "", sortable: bool = Fals
             f"<tbody>{body}</tbody></table></div>")
 
 
+def filter_select(label: str, name: str, values, selected: str) -> str:
+    """A labelled ``<select>`` of a filter form: "all" (empty) first, then ``values``."""
+    options = "".join(f'<option value="{esc(v)}"{" selected" if v == selected else ""}>{esc(v)}</option>'
+                      for v in values)
+    return f'<label>{esc(label)} <select name="{esc(name)}"><option value="">all</option>{options}</select></label> '
+
+
 def hidden(name: str, value) -> str:
     """A hidden form field."""
     return f'<input type="hidden" name="{esc(name)}" value="{esc(value)}">'

@@ -275,7 +275,7 @@ class Mayor:
                     if step.force:
                         self.runtime.stop(step.container, grace=0)
                     else:
-                        self.runtime.stop(step.container, wait=False)  # its exit wakes the loop
+                        self.runtime.stop(step.container, wait=False, drain=True)  # its exit wakes the loop
                         self.changed.set()  # a runtime may have stopped it already: look again now
                 elif step.kind == "remove":
                     self._remember_ended(step.name, step.container)

@@ -24,7 +24,7 @@ is running::
         health.json             {status, failures, checked, output} (the shim)
         exit.json               {exit_code, signal, exited, oom, reason} once it exited (the shim, or the
                                 runtime when the shim died: exit_code null, reason "supervisor lost")
-        stop-requested          written by stop(): {at, kill_at}; the exit's reason is "stopped"
+        stop-requested          written by stop(): {at, term_at, kill_at}; the exit's reason is "stopped"
         shim.log, runc.log      the shim's own complaints and runc's JSON log
 
 The supervising shim (``mayor.shim``) is started in a session of its own and
@@ -563,7 +563,7 @@ class RuncRuntime(Runtime):
                        {"id": cid, "name": name, "runc": self.runc_path, "root": self.runc.root,
                         "logs": os.path.join(self.logs, name), "log_file_bytes": self.log_file_bytes,
                         "log_files": self.log_files, "events": self._events, "health": spec["health"],
-                        "stop_grace": spec["stop_grace"]})
+                        "stop_grace": spec["stop_grace"], "stop_drain": spec["stop_drain"]})
             self._launch(name, bundle)
         except BaseException as err:
             try:
@@ -693,12 +693,14 @@ class RuncRuntime(Runtime):
         running = read_json(os.path.join(bundle, "running.json")) or {}
         return _wait_exit(running.get("pid"), running.get("pid_start"), timeout) if running.get("pid") else True
 
-    def stop(self, container, grace=None, wait=True) -> None:
+    def stop(self, container, grace=None, wait=True, drain=False) -> None:
         """SIGTERM the container's init, SIGKILL after ``grace`` seconds; returns once it exited.
 
         ``grace`` None means the spec's ``stop_grace`` (10 s unless it says otherwise). With ``wait``
         False a running container with its shim is only asked: the shim sends the SIGKILL when the
         grace is over, ``actual()`` says ``stopping_until``, and ``wait()`` returns on its exit.
+        ``drain`` (with ``wait`` False) puts the spec's ``stop_drain`` before the SIGTERM: the process
+        keeps serving what routers still send it while they learn it is gone.
 
         Raises:
             ContainerError: it would not die, even of SIGKILL.
@@ -707,25 +709,30 @@ class RuncRuntime(Runtime):
         bundle = self._bundle(name)
         if not os.path.isdir(bundle):
             return
+        conf = read_json(os.path.join(bundle, "shim.json")) or {}
         if grace is None:
-            grace = (read_json(os.path.join(bundle, "shim.json")) or {}).get("stop_grace", runtime_spec.STOP_GRACE)
+            grace = conf.get("stop_grace", runtime_spec.STOP_GRACE)
         have = self._observe(name)
         if have.state == "exited":
             return
+        shim_pid, shim_start = _read_shim_pid(bundle)
+        asking = not wait and have.state == "running" and _alive(shim_pid, shim_start)
+        now = time.time()
+        term_at = now + (conf.get("stop_drain", 0.0) if asking and drain else 0.0)
         asked = read_json(os.path.join(bundle, "stop-requested"))
-        if not (isinstance(asked, dict) and asked.get("kill_at", 0) <= time.time() + grace):
-            write_json(os.path.join(bundle, "stop-requested"), {"at": time.time(), "kill_at": time.time() + grace})
+        if not (isinstance(asked, dict) and asked.get("kill_at", 0) <= term_at + grace):
+            write_json(os.path.join(bundle, "stop-requested"), {"at": now, "term_at": term_at, "kill_at": term_at + grace})
         if have.state == "created":
             self._kill_shim(bundle)
             self.runc.delete(container, force=True)
             return
-        shim_pid, shim_start = _read_shim_pid(bundle)
-        if not wait and have.state == "running" and _alive(shim_pid, shim_start):
-            try:
-                self.runc.kill(container, "TERM")
-            except RuncError:
-                pass  # it exited meanwhile: the shim reports it
-            os.kill(shim_pid, signal.SIGUSR1)  # the shim reads stop-requested: SIGKILL at kill_at
+        if asking:
+            if term_at <= now:
+                try:
+                    self.runc.kill(container, "TERM")
+                except RuncError:
+                    pass  # it exited meanwhile: the shim reports it
+            os.kill(shim_pid, signal.SIGUSR1)  # the shim reads stop-requested: SIGTERM at term_at, SIGKILL at kill_at
             return
         for signo, wait in (("TERM", grace), ("KILL", KILL_WAIT)):
             try:

@@ -51,11 +51,13 @@ class Runtime(abc.ABC):
         """
 
     @abc.abstractmethod
-    def stop(self, container: str, grace: float | None = None, wait: bool = True) -> None:
+    def stop(self, container: str, grace: float | None = None, wait: bool = True, drain: bool = False) -> None:
         """Stop a container (SIGTERM, SIGKILL after ``grace`` seconds; None: the spec's stop grace).
 
         With ``wait`` False it only asks: the runtime sees to the SIGKILL, ``actual()`` reports the
         container running with ``stopping_until`` set, and ``wait()`` returns when it exits.
+        ``drain`` (with ``wait`` False) first lets the spec's ``stop_drain`` seconds pass, for
+        routers to stop sending the process requests.
         """
 
     @abc.abstractmethod
@@ -131,7 +133,7 @@ class NoopRuntime(Runtime):
             self._exited = True
             self._changed.notify_all()
 
-    def stop(self, container, grace=None, wait=True) -> None:
+    def stop(self, container, grace=None, wait=True, drain=False) -> None:
         with self._changed:
             for name, have in self._records.items():
                 if have.container == container and have.state != "exited":

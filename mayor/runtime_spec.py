@@ -54,6 +54,7 @@ MAX_SYMLINKS = 40
 HEALTH_DEFAULTS = {"interval": 10.0, "timeout": 5.0, "threshold": 3, "start_period": 0.0, "restart_on_failure": True}
 HEALTH_KEYS = ("exec", "http", *HEALTH_DEFAULTS)
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+STOP_DRAIN = 2.0   # seconds a process with a port keeps serving after it left the table, before its SIGTERM
 INIT_PATH = "/dev/init"  # where a container sees the init the machine gives it (as Docker's --init)
 MAX_SECONDS = 7 * 24 * 3600.0  # no interval, timeout or grace is believed beyond a week
 
@@ -393,8 +394,8 @@ def validate_spec(spec, capacity=None) -> dict:
             (``private``/``none``/``host``), ``readonly_rootfs``, ``mounts``
             [{source, destination, readonly=True}], ``health`` ({exec: [args]} or
             {http: {port, path}}, with interval, timeout, threshold,
-            start_period, restart_on_failure), ``backoff`` {start, max} and
-            ``stop_grace`` (seconds); other keys are kept as they are.
+            start_period, restart_on_failure), ``backoff`` {start, max},
+            ``stop_grace`` and ``stop_drain`` (seconds); other keys are kept as they are.
         capacity: the machine's capacity ({cpus, memory}) to check limits
             against, or None to skip that check.
 
@@ -405,7 +406,8 @@ def validate_spec(spec, capacity=None) -> dict:
         ``always``), ``network`` (default ``private``), ``readonly_rootfs``
         (default False), ``mounts`` a list, ``health`` with every field
         filled in (or None), ``backoff`` {start, max} (or None for the
-        Mayor's defaults), ``stop_grace`` in seconds (default 10).
+        Mayor's defaults), ``stop_grace`` in seconds (default 10), ``stop_drain``
+        in seconds (default 2 with a ``port``, else 0).
 
     Raises:
         SpecError: what is wrong, in words a person can act on.
@@ -445,6 +447,10 @@ def validate_spec(spec, capacity=None) -> dict:
     out["backoff"] = _check_backoff(spec.get("backoff"))
     grace = spec.get("stop_grace")
     out["stop_grace"] = STOP_GRACE if grace is None else _seconds(grace, "stop_grace", zero_ok=True)
+    drain = spec.get("stop_drain")
+    if drain is None:
+        drain = STOP_DRAIN if out["port"] is not None else 0.0
+    out["stop_drain"] = _seconds(drain, "stop_drain", zero_ok=True)
     init = spec.get("init", True)
     if not isinstance(init, bool):
         raise SpecError(f"init must be true or false, not {init!r}")

@@ -333,6 +333,7 @@ class Shim:
         self.init_status = None
         self.exited = None
         self.reason = None
+        self.term_at = None  # a stop asked with a drain: SIGTERM then (routers stop sending to it first)
         self.kill_at = None
         self.health = None
         self.oom_counter = None
@@ -460,9 +461,14 @@ class Shim:
         self._finish(poller, output_open)
 
     def _stop_asked(self) -> None:
-        """The runtime asked for a stop (SIGUSR1 after writing stop-requested): SIGKILL at its kill_at."""
+        """The runtime asked for a stop (SIGUSR1 after writing stop-requested): SIGTERM at its term_at when
+        it has one (the runtime sent it already otherwise), SIGKILL at its kill_at."""
         asked = read_json(self._path("stop-requested"))
-        kill_at = asked.get("kill_at") if isinstance(asked, dict) else None
+        if not isinstance(asked, dict):
+            return
+        term_at, kill_at = asked.get("term_at"), asked.get("kill_at")
+        if isinstance(term_at, (int, float)) and (self.term_at is None or term_at < self.term_at):
+            self.term_at = term_at
         if isinstance(kill_at, (int, float)) and (self.kill_at is None or kill_at < self.kill_at):
             self.kill_at = kill_at
 
@@ -470,8 +476,9 @@ class Shim:
         waits = []
         if self.health is not None and self.kill_at is None:
             waits.append(self.health.timeout(now))
-        if self.kill_at is not None:
-            waits.append(max(0.0, self.kill_at - now))
+        for at in (self.term_at, self.kill_at):
+            if at is not None:
+                waits.append(max(0.0, at - now))
         return min(waits) if waits else None
 
     def _reap(self) -> None:
@@ -489,6 +496,9 @@ class Shim:
                 self._health_result(os.waitstatus_to_exitcode(status) == 0, time.time())
 
     def _tick(self, now: float) -> None:
+        if self.term_at is not None and now >= self.term_at:
+            self.term_at = None
+            self._signal_init(signal.SIGTERM)
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
             os.kill(self.init_pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its

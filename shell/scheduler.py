@@ -45,7 +45,7 @@ LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 # The fields of a job that are a process's (copied into every replica's spec); a change to any is a new
 # release of the replicas (a rolling update).
 PROCESS_FIELDS = ("image", "args", "env", "cwd", "user", "resources", "restart", "network", "health",
-                  "mounts", "readonly_rootfs", "stop_grace", "backoff", "init")
+                  "mounts", "readonly_rootfs", "stop_grace", "stop_drain", "backoff", "init")
 JOB_FIELDS = frozenset(PROCESS_FIELDS) | {"name", "app", "type", "release", "replicas", "constraints", "spread",
                                           "port", "service", "update"}
 UPDATE_STRATEGIES = ("rolling",)

@@ -193,6 +193,8 @@ def test_parse_memory():
         ({"port": 70000}, "port must be a TCP port number"),
         ({"port": "80"}, "port must be a TCP port number"),
         ({"health": {"http": {"path": "/"}}}, "health.http.port is missing"),
+        ({"stop_drain": -1}, "stop_drain"),
+        ({"stop_drain": "2s"}, "stop_drain"),
     ],
 )
 def test_validate_spec_refuses(spec, message):
@@ -208,6 +210,9 @@ def test_validate_spec_normalises():
     assert validate_spec({"env": ["A=1", "B=2", "A=3"]})["env"] == {"B": "2", "A": "3"}
     checked = validate_spec({"port": 20001, "health": {"http": {"path": "/ok"}}})
     assert checked["health"]["http"] == {"port": 20001, "path": "/ok"}   # the process's own port by default
+    # A process with a port keeps serving 2 s after it is told to go (routers learn it left), others stop at once.
+    assert (checked["stop_drain"], spec["stop_drain"]) == (2.0, 0.0)
+    assert validate_spec({"port": 20001, "stop_drain": 0})["stop_drain"] == 0.0
 
 
 @pytest.fixture

@@ -204,6 +204,31 @@ def test_a_stop_without_waiting_is_finished_by_the_shim(host, images):
     assert (found["stubborn"].exit_code, found["stubborn"].reason) == (137, "stopped")
 
 
+def test_a_stop_with_a_drain_keeps_the_process_serving_before_its_sigterm(host, images):
+    """``stop(wait=False, drain=True)`` lets the spec's ``stop_drain`` pass before the shim sends SIGTERM (what
+    routers still send the process is served meanwhile); the grace counts from the SIGTERM. Without ``drain``
+    (a Mayor's shutdown, say) the SIGTERM goes at once."""
+    _, busybox, _ = images
+    rt = host.runtime()
+    polite = "trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.1; done"
+    rt.start("drained", "K-1", spec(busybox, ["/bin/sh", "-c", polite], stop_drain=1.5, stop_grace=5))
+    rt.start("hurried", "K-1", spec(busybox, ["/bin/sh", "-c", polite], stop_drain=30))
+    wait_for_log(rt, "drained", b"up\n")
+    wait_for_log(rt, "hurried", b"up\n")
+    began = time.monotonic()
+    rt.stop("t1.drained", wait=False, drain=True)
+    rt.stop("t1.hurried", wait=False)
+    now = rt.actual()["drained"]
+    assert now.state == "running" and time.time() + 1.5 + 5 <= now.stopping_until < time.time() + 1.5 + 5 + 11
+    time.sleep(1.0)
+    assert rt.actual()["drained"].state == "running" and rt.log_tail("drained", 100)[1] == b"up\n"
+    found = wait_until(rt, lambda a: a["drained"].state == "exited", timeout=10)
+    assert 1.5 <= time.monotonic() - began < 4.5
+    assert (found["drained"].exit_code, found["drained"].reason) == (0, "stopped")
+    assert rt.log_tail("drained", 100)[1] == b"up\nbye\n"
+    assert (found["hurried"].state, found["hurried"].exit_code) == ("exited", 0)  # long before the drained one
+
+
 def test_the_init_makes_sigterm_stop_a_process_that_does_not_handle_it(host, images):
     """Under the machine's init (tini at /dev/init, PID 1) the process is an ordinary process: SIGTERM
     ends it at once, and the orphans it leaves are reaped. With ``"init": false`` it is PID 1 itself,

@@ -210,10 +210,12 @@ def _locate(store, proc: str, machine: str | None) -> tuple:
 def _exit_at_once(*_) -> None:
     """SIGINT while following: end now, status 130. A KeyboardInterrupt that lands while a finalizer
     runs (the watch stream being closed when it is reopened) is printed as "ignored" and lost, and the
-    command would follow on; following holds nothing that needs cleaning up."""
+    command would follow on; following holds nothing that needs cleaning up. The signal may come while
+    the command is writing to stdout: then the flush is refused ("reentrant call") and what the write
+    had not finished is dropped."""
     try:
         sys.stdout.flush()
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):
         pass
     os._exit(130)
 

@@ -499,7 +499,8 @@ def test_daemon_logs(cluster):
     mayor.step()
     assert proc.stdout.readline() == "world\n"
     proc.send_signal(signal.SIGINT)
-    assert finish(proc)[0] == 130
+    done = finish(proc)
+    assert done[0] == 130, done
 
 
 def test_daemon_exec(cluster):

@@ -223,23 +223,29 @@ class Mayor:
     # ------------------------------------------------------------------- step
 
     def step(self) -> Actions:
-        """One turn: read, plan, apply, report. Returns the plan it carried out."""
-        now = self.clock()
+        """One turn: read, plan, apply, report. Returns the plan it carried out.
+
+        A stop the runtime finished at once (no process left to wait for) is followed in the same turn by
+        the plan it allows (the replacement's start), so a changed spec costs one turn and one report.
+        """
         desired = self.read_desired()
-        actual = {n: dataclasses.replace(a, failures=self.failures.get(n, 0))
-                  for n, a in self.runtime.actual().items()}
-        for name, have in actual.items():
-            if have.state == "exited" and have.container not in self._counted:
-                self._counted.add(have.container)
-                self.failures[name] = failures_after_exit(self.failures.get(name, 0), have.started, have.exited or now)
-                actual[name] = dataclasses.replace(have, failures=self.failures[name])
-        actions = self._hold_failed_starts(plan({n: d for n, (d, _) in desired.items()}, actual, now), desired, now)
-        for line in actions.describe():
-            _log(line)
+        wanted = {n: d for n, (d, _) in desired.items()}
         self.specs = {n: s for n, (_, s) in desired.items()}
-        self.apply(actions, self.specs)
+        done = []
+        for turn in range(2):
+            now = self.clock()
+            actions = self._hold_failed_starts(plan(wanted, self._actual(now), now), desired, now)
+            for line in actions.describe():
+                _log(line)
+            self.apply(actions, self.specs)
+            done.extend(actions.steps)
+            if not self._stopped_at_once(actions):
+                break
+            if turn == 1:
+                self.changed.set()  # look again at once
+        actions = Actions(tuple(done), actions.wake_at, actions.holding)
         self.last_actions = actions
-        self.last_desired = {n: d for n, (d, _) in desired.items()}
+        self.last_desired = wanted
         self.report(self.last_desired, actions)
         self.publish()  # the processes' status first: exec requests must not delay it
         if not self._watching or self._exec_dirty.is_set() or self.execs or not self._execs_read:
@@ -248,6 +254,25 @@ class Mayor:
             self.poll_execs()
             self.publish()
         return actions
+
+    def _actual(self, now: float) -> dict:
+        """The runtime's containers by name, with the failure counts this Mayor keeps (an exit is counted once)."""
+        actual = {n: dataclasses.replace(a, failures=self.failures.get(n, 0))
+                  for n, a in self.runtime.actual().items()}
+        for name, have in actual.items():
+            if have.state == "exited" and have.container not in self._counted:
+                self._counted.add(have.container)
+                self.failures[name] = failures_after_exit(self.failures.get(name, 0), have.started, have.exited or now)
+                actual[name] = dataclasses.replace(have, failures=self.failures[name])
+        return actual
+
+    def _stopped_at_once(self, actions: Actions) -> bool:
+        """Whether a stop that only asked found its container already gone (a quick exit, a runtime
+        without processes): then the next plan can go on at once."""
+        asked = {s.container for s in actions.steps if s.kind == "stop" and not s.force}
+        if not asked:
+            return False
+        return any(a.container in asked and a.state == "exited" for a in self.runtime.actual().values())
 
     def _hold_failed_starts(self, actions: Actions, desired: dict, now: float) -> Actions:
         """Hold back a start that failed for the same spec until its back-off ends (a bad image is not
@@ -276,7 +301,6 @@ class Mayor:
                         self.runtime.stop(step.container, grace=0)
                     else:
                         self.runtime.stop(step.container, wait=False, drain=True)  # its exit wakes the loop
-                        self.changed.set()  # a runtime may have stopped it already: look again now
                 elif step.kind == "remove":
                     self._remember_ended(step.name, step.container)
                     self.runtime.remove(step.container)

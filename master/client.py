@@ -23,6 +23,7 @@ from keg.chunks import chunk_hash
 from keg.large import DEFAULT_THRESHOLD, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
 from keg.records import Entry, Event, Revision
 from keg.transaction import Transaction, TxResult, put, put_large, transaction_to_json
+from master import wire
 from master.auth import Forbidden, Unauthenticated
 
 TIMEOUT = 60.0
@@ -122,7 +123,7 @@ class RemoteKeg:
 
     def _connect(self, index: int, timeout: float):
         parsed = urllib.parse.urlsplit(self.urls[index])
-        return http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=timeout)
+        return wire.Connection(parsed.hostname, parsed.port or 80, timeout)
 
     def _headers(self, extra=None) -> dict:
         headers = {"Accept": "application/json"}
@@ -145,9 +146,8 @@ class RemoteKeg:
                     self.close()
                     self._conn = self._connect(index, self.timeout)
                     self._current = index
-                self._conn.request(method, target, body=body, headers=self._headers(headers))
-                response = self._conn.getresponse()
-                data = response.read()
+                response = self._conn.request(method, target, body, self._headers(headers))
+                data = response.body
             except (OSError, http.client.HTTPException) as err:
                 last = err
                 self.close()
@@ -369,7 +369,8 @@ class RemoteKeg:
 
         A heartbeat's revision (NDJSON carries one) comes as an int before its ``None``.
         """
-        conn = self._connect(self._current, heartbeat * 3 + 5)
+        parsed = urllib.parse.urlsplit(self.urls[self._current])
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=heartbeat * 3 + 5)
         try:
             conn.request("GET", self._target("/v1/watch", prefix=prefix, since=since, format="ndjson",
                                              heartbeat=heartbeat), headers=self._headers())

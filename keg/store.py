@@ -61,6 +61,7 @@ REVISION_TRAILER = "Keg-Revision: "
 COMMITTER = Person("keg", "keg@localhost")
 TREE_CACHE_ENTRIES = 1_000_000  # total entries of cached trees, whatever their widths
 MAX_DELTA_DEPTH = 50
+LIST_VALUE_MAX = 64 << 10  # list_values (and ?values=1 over HTTP) carries the bytes of files up to this size
 PACKS_BEFORE_REPACK = 24
 ROOT_CACHE_ENTRIES = 65536
 POINTER_CACHE_ENTRIES = 65536
@@ -568,6 +569,21 @@ class Store:
             BadRequest: ``path`` is a file.
         """
         return _names_of(self._directory(paths.normalize(path), rev))
+
+    def list_values(self, path: str = "/", rev=None) -> list:
+        """``(Entry, bytes or None)`` for each entry of the directory at ``path``: the bytes of every file
+        of at most ``LIST_VALUE_MAX`` (64 KiB) that is not a large value, None for the rest.
+
+        What a program that reads a whole small directory (a Mayor its process table) asks a master in
+        one request instead of a listing and a read per file.
+
+        Raises:
+            NotFound: nothing is at ``path``.
+            BadRequest: ``path`` is a file.
+        """
+        number = self._revision_number(rev)
+        return [(e, self.read(e.path, number) if e.kind == "file" and not e.large and e.size <= LIST_VALUE_MAX
+                 else None) for e in self.list(path, number)]
 
     def list(self, path: str = "/", rev=None, offset: int = 0, limit: int | None = None) -> list:
         """The entries of the directory at ``path``, in name order.

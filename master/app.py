@@ -20,6 +20,7 @@ Errors are JSON: ``{"error": "what was wrong", "error_type": …, "status": …}
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -31,6 +32,7 @@ import urllib.parse
 from keg import paths
 from keg.chunks import check_hash
 from keg.errors import BadRequest, CompareFailed, KegBusy, KegError, NotFound, PathConflict
+from keg.store import LIST_VALUE_MAX
 from keg.transaction import Transaction, compare, delete, link, parse_transaction, put  # noqa: F401
 from master import git_http
 from master.auth import ANONYMOUS, Authority, AuthError, Forbidden, Unauthenticated
@@ -321,6 +323,8 @@ class KegApp:
         if entry.kind in ("tree", "pointer"):  # a pointer lists the tree of the commit it names
             listing = {"path": path, "kind": entry.kind, "kid": entry.kid, "revision": revision.number,
                        "entries": [e.to_json() for e in self.master.list(path, revision.number)]}
+            if req.query.get("values") in ("1", "true", "yes"):
+                self._add_values(listing["entries"], revision.number)
             body = (json.dumps(listing) + "\n").encode()
             content_type = "application/json"
         elif entry.large and req.query.get("pointer") in ("1", "true", "yes"):
@@ -344,6 +348,21 @@ class KegApp:
         headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         start_response(_status_line(200), headers)
         return [] if req.method == "HEAD" else [body]
+
+    def _add_values(self, entries: list, rev: int) -> None:
+        """Put each small file's bytes in its listing entry: ``value`` (UTF-8 text) or ``value_base64``.
+
+        A reader of a directory may read everything in it (read rights are by prefix), so a listing with
+        values answers in one request what a listing and a read per file would.
+        """
+        for entry in entries:
+            if entry["kind"] != "file" or entry.get("large") or entry["size"] > LIST_VALUE_MAX:
+                continue
+            data = self.master.read(entry["path"], rev)
+            try:
+                entry["value"] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                entry["value_base64"] = base64.b64encode(data).decode("ascii")
 
     def _write(self, req, start_response, principal, path):
         compares = []

@@ -9,6 +9,7 @@ codes as on a local keg.  Several URLs, comma-separated, are tried in turn.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
@@ -230,6 +231,22 @@ class RemoteKeg:
         if response.getheader("Keg-Kind") not in ("tree", "pointer"):
             raise BadRequest(f"{path} is a file, not a directory")
         return [_entry(e) for e in json.loads(data)["entries"]]
+
+    def list_values(self, path: str = "/", rev=None) -> list:
+        """As ``Store.list_values``, in one request (``?values=1``)."""
+        path = paths.normalize(path)
+        _, response, data = self.request("GET", self._keg_target(path, rev=rev, values=1))
+        if response.getheader("Keg-Kind") not in ("tree", "pointer"):
+            raise BadRequest(f"{path} is a file, not a directory")
+        out = []
+        for obj in json.loads(data)["entries"]:
+            value = obj.get("value")
+            if value is not None:
+                value = value.encode("utf-8")
+            elif obj.get("value_base64") is not None:
+                value = base64.b64decode(obj["value_base64"])
+            out.append((_entry(obj), value))
+        return out
 
     def revision(self, spec=None) -> Revision:
         """As ``Store.revision`` (the head, or the revision of a log entry)."""

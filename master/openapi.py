@@ -40,7 +40,9 @@ def spec() -> dict:
         "get": {"summary": "Read a path: a file's bytes, or a directory as JSON. ETag is the KID. A large value "
                            "(header Keg-Large: 1) is streamed chunk by chunk, each chunk verified.",
                 "parameters": [REV, {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
-                               _query("pointer", "1: for a large value, its chunk list as JSON instead of its bytes")],
+                               _query("pointer", "1: for a large value, its chunk list as JSON instead of its bytes"),
+                               _query("values", "1: a directory's listing carries the bytes of each file of at most "
+                                                "64 KiB that is not a large value: value (UTF-8 text) or value_base64")],
                 "responses": {"200": {"description": "the value; headers Keg-Kind, Keg-Size, Keg-Revision",
                                       "content": {"application/octet-stream": {}, "application/json": {
                                           "schema": {"$ref": "#/components/schemas/Listing"}}}},

@@ -38,6 +38,7 @@ import kid as kidlib
 from keg import paths
 from keg.errors import CompareFailed, KegError, NotFound
 from keg.fsio import write_file_atomic
+from keg.store import LIST_VALUE_MAX
 from keg.transaction import Delete, Transaction, compare, delete, put
 from mayor.plan import Actions, Desired, RESTART_POLICIES, backoff, failures_after_exit, plan
 
@@ -176,23 +177,24 @@ class Mayor:
         return {n: (self._desired(n, v["kid"], v["spec"]), dict(v["spec"])) for n, v in table.items()}
 
     def _read_table(self) -> dict:
+        """The process table in one request: the listing of ``procs/`` with each spec's bytes."""
         try:
-            entries = self.keg.list(self.procs)
+            entries = self.keg.list_values(self.procs)
         except NotFound:
             return {}
         table, specs = {}, {}
-        for entry in entries:
+        for entry, data in entries:
             if entry.kind != "file" or not entry.name.endswith(".json"):
                 continue
             name = entry.name[:-len(".json")]
-            spec = self._spec_cache.get(entry.kid)  # a KID names its bytes: a spec read once is not read again
+            spec = self._spec_cache.get(entry.kid)  # a KID names its bytes: a spec parsed once is not parsed again
             if spec is None:
                 try:
-                    spec = json.loads(self.keg.read(entry.path))
+                    if data is None:
+                        raise ValueError(f"larger than {LIST_VALUE_MAX} bytes")
+                    spec = json.loads(data)
                     if not isinstance(spec, dict):
                         raise ValueError("a process spec is a JSON object")
-                except NotFound:
-                    continue  # removed since the listing
                 except (ValueError, UnicodeDecodeError) as err:
                     self.errors[name] = f"{entry.path} is not a valid spec: {err}"
                     continue

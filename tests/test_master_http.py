@@ -54,6 +54,31 @@ def test_put_get_etag_is_kid_and_listing(master_server):
     assert status == 404 and err["error_type"] == "NotFound"
 
 
+def test_a_listing_with_values_carries_small_files_in_one_request(master_server):
+    """``?values=1``: each small file's bytes in its entry (text, or base64 when not UTF-8), none for a
+    directory or a file over 64 KiB; ``RemoteKeg.list_values`` gives what ``Store.list_values`` gives."""
+    from master.client import RemoteKeg
+    c = Client(master_server.url, master_server.token)
+    big = b"x" * (64 * 1024 + 1)
+    for path, data in (("/t/a.json", b'{"a": 1}'), ("/t/bin", b"\xff\x00\x01"), ("/t/big", big),
+                       ("/t/sub/x", b"deep")):
+        assert c.call("PUT", f"/v1/keg{path}", data)[0] == 200
+    status, listing = c.json("GET", "/v1/keg/t?values=1")
+    assert status == 200
+    entries = {e["name"]: e for e in listing["entries"]}
+    assert entries["a.json"]["value"] == '{"a": 1}' and entries["bin"]["value_base64"] == "/wAB"
+    assert "value" not in entries["big"] and "value_base64" not in entries["big"]
+    assert "value" not in entries["sub"] and entries["sub"]["kind"] == "tree"
+    assert "value" not in c.json("GET", "/v1/keg/t")[1]["entries"][0]  # only when asked
+    remote = RemoteKeg(master_server.url, master_server.token)
+    got = {e.name: (e.kind, value) for e, value in remote.list_values("/t")}
+    assert got == {"a.json": ("file", b'{"a": 1}'), "bin": ("file", b"\xff\x00\x01"), "big": ("file", None),
+                   "sub": ("tree", None)}
+    with pytest.raises(keg.BadRequest, match="is a file"):
+        remote.list_values("/t/a.json")
+    remote.close()
+
+
 def test_cas_conflicts_return_412_and_change_nothing(master_server):
     c = Client(master_server.url, master_server.token)
     status, answer = c.json("PUT", "/v1/keg/counter", "0")

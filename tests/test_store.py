@@ -37,6 +37,18 @@ def test_stat_and_list_report_kind_size_and_kid(store):
     assert [e.path for e in store.list("/")] == ["/d"]
 
 
+def test_list_values_gives_small_files_bytes_at_one_revision(store):
+    first = store.apply(tx(put("/d/x.json", '{"a": 1}'), put("/d/sub/y", "yy"), put("/d/big", b"z" * (64 * 1024 + 1))))
+    store.apply(tx(put("/d/x.json", '{"a": 2}')))
+    now = {e.name: (e.kind, v) for e, v in store.list_values("/d")}
+    assert now == {"x.json": ("file", b'{"a": 2}'), "sub": ("tree", None), "big": ("file", None)}
+    assert dict((e.name, v) for e, v in store.list_values("/d", rev=first.revision))["x.json"] == b'{"a": 1}'
+    with pytest.raises(BadRequest):
+        store.list_values("/d/x.json")
+    with pytest.raises(NotFound):
+        store.list_values("/nothing")
+
+
 def test_time_travel_by_number_and_by_revision_kid(store):
     first = store.apply(tx(put("/v", "one")))
     store.apply(tx(put("/v", "two")))

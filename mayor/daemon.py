@@ -6,12 +6,14 @@ master's watch stream), whenever a container exits, when a back-off ends,
 and on a timer as a safety net.
 
 Integrity on its own: the last process table read is kept in
-``DATA/desired.json``, so with the master unreachable (or after a restart
+``DATA/state.json``, so with the master unreachable (or after a restart
 while it is) the Mayor keeps supervising what it was told; status changes
 wait in ``DATA/outbox.json`` and are published, newest value per path, when
 the master answers again.  Counters that must outlive a restart of the
 Mayor (failures for back-off, incarnations for process KIDs, the last ended
-incarnation of each process) are kept in ``DATA/state.json``.
+incarnation of each process) are kept in the same file, written once per
+step and only when it changed (``DATA/desired.json`` of earlier versions is
+read when ``state.json`` has no table).
 
 What it writes, all under ``/machines/<name>/status/`` (volatile):
 
@@ -99,6 +101,8 @@ class Mayor:
         self._listed_status = False
         self._spec_cache: dict = {}         # spec KID -> spec, of the specs in the last table read
         self._table = None                  # the last table read: {name: {"kid", "spec"}}
+        self._kept_table: dict = {}         # … or, before the first read, the one kept in DATA/state.json
+        self._saved = b""                   # what DATA/state.json holds
         self._table_read_at = 0.0
         self._table_dirty = threading.Event()  # the watch saw a change under procs/
         self._exec_dirty = threading.Event()   # … under exec/
@@ -151,9 +155,6 @@ class Mayor:
 
     # ---------------------------------------------------------------- desired
 
-    def _cache_path(self) -> str:
-        return os.path.join(self.data_dir, "desired.json")
-
     def read_desired(self) -> dict:
         """``{name: (Desired, spec)}`` from the process table; from the local copy when the master is away.
 
@@ -171,9 +172,7 @@ class Mayor:
             except KegError as err:
                 self._table_dirty.set()
                 return self._cached_desired(err)
-            if table != self._table:
-                write_file_atomic(self._cache_path(), json.dumps(table).encode(), durable=False)
-            self._table, self._table_read_at = table, time.monotonic()
+            self._table, self._kept_table, self._table_read_at = table, table, time.monotonic()
         return {n: (self._desired(n, v["kid"], v["spec"]), dict(v["spec"])) for n, v in table.items()}
 
     def _read_table(self) -> dict:
@@ -206,11 +205,7 @@ class Mayor:
         return table
 
     def _cached_desired(self, why) -> dict:
-        try:
-            with open(self._cache_path(), encoding="utf-8") as f:
-                table = json.load(f)
-        except FileNotFoundError:
-            table = {}
+        table = self._kept_table
         _log(f"master unreachable ({why}); supervising the {len(table)} processes last read")
         return {n: (self._desired(n, v["kid"], v["spec"]), v["spec"]) for n, v in table.items()}
 
@@ -249,6 +244,7 @@ class Mayor:
         self.last_actions = actions
         self.last_desired = wanted
         self.report(self.last_desired, actions)
+        self._save_state()
         self.publish()  # the processes' status first: exec requests must not delay it
         if not self._watching or self._exec_dirty.is_set() or self.execs or not self._execs_read:
             self._exec_dirty.clear()
@@ -321,7 +317,6 @@ class Mayor:
                     last = self.start_failures.get(step.name)
                     count = last[1] + 1 if last and last[0] == step.spec_kid else 1
                     self.start_failures[step.name] = [step.spec_kid, count, self.clock()]
-        self._save_state()
 
     def _next_incarnation(self, name: str, spec_kid: str) -> tuple:
         """``(spec KID, incarnation)`` of the next start: 0 for a new spec, one more for the same one."""
@@ -349,6 +344,13 @@ class Mayor:
                 saved = json.load(f)
         except (FileNotFoundError, ValueError):
             saved = {}
+        self._kept_table = saved.get("desired")
+        if self._kept_table is None:  # kept apart by earlier versions
+            try:
+                with open(os.path.join(self.data_dir, "desired.json"), encoding="utf-8") as f:
+                    self._kept_table = json.load(f)
+            except (FileNotFoundError, ValueError):
+                self._kept_table = {}
         self.failures.update(saved.get("failures", {}))
         self.incarnations.update(saved.get("incarnations", {}))
         self.previous.update(saved.get("previous", {}))
@@ -358,9 +360,14 @@ class Mayor:
                 self.incarnations[name] = [have.spec_kid, have.incarnation]
 
     def _save_state(self) -> None:
-        state = {"failures": self.failures, "incarnations": self.incarnations, "previous": self.previous,
-                 "counted": sorted(self._counted)}
-        write_file_atomic(self._state_path(), json.dumps(state, sort_keys=True).encode(), durable=False)
+        """Write DATA/state.json when what it holds changed (a file written is a file created and renamed:
+        with many Mayors on one machine that was a third of a step's CPU)."""
+        state = {"desired": self._kept_table, "failures": self.failures, "incarnations": self.incarnations,
+                 "previous": self.previous, "counted": sorted(self._counted)}
+        data = json.dumps(state, sort_keys=True).encode()
+        if data != self._saved:
+            write_file_atomic(self._state_path(), data, durable=False)
+            self._saved = data
 
     # ----------------------------------------------------------------- status
 

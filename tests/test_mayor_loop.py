@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -81,6 +82,30 @@ def test_a_changed_spec_is_replaced_in_one_step_and_one_status_write(cluster):
     assert now["kid"] != first["kid"] and now["previous"]["kid"] == first["kid"]
     assert admin.revision().number == head + 1
     assert not mayor.step()
+
+
+def test_a_mayor_restarted_while_the_master_is_away_runs_the_table_it_kept(cluster, tmp_path):
+    """The last table read is kept in DATA/state.json: a Mayor started again (on a machine whose containers
+    are gone) with the master down starts what it was told. A data directory of an earlier version, with the
+    table in DATA/desired.json, is read too."""
+    server, admin, mayor, runtime, clock = cluster
+    mayor.register()
+    admin.apply(Transaction((put("/machines/m1/procs/web.json", '{"image": "K-1", "args": ["serve"]}'),)))
+    mayor.step()
+    kid = admin.kid("/machines/m1/procs/web.json")
+    server.stop()
+    data = mayor.data_dir
+    kept = json.loads(open(os.path.join(data, "state.json"), encoding="utf-8").read())["desired"]
+    assert kept == {"web": {"kid": kid, "spec": {"image": "K-1", "args": ["serve"]}}}
+    for where in (data, str(tmp_path / "old")):
+        if where != data:  # as an earlier version left it
+            os.makedirs(where)
+            with open(os.path.join(where, "desired.json"), "w", encoding="utf-8") as f:
+                json.dump(kept, f)
+        again = Mayor(RemoteKeg(mayor.keg.urls[0], mayor.keg.token, timeout=1), "m1", NoopRuntime(), where,
+                      clock=clock)
+        assert [(s.kind, s.name, s.spec_kid) for s in again.step().steps] == [("start", "web", kid)]
+        assert again.runtime.actual()["web"].state == "running"
 
 
 def test_registration_keeps_what_others_wrote_and_processes_with_a_port_publish_an_endpoint(cluster, tmp_path):

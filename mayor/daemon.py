@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import threading
 import time
 
@@ -97,6 +98,8 @@ class Mayor:
         self.start_failures: dict = {} # name -> [spec KID, failed starts in a row, time of the last]
         self.specs: dict = {}          # name -> the validated-enough spec of the last read
         self.last_heartbeat = 0.0
+        self._heartbeat_due = 0.0           # when the next periodic heartbeat is due (0: at once)
+        self._heartbeat_body: dict = {}     # the last mayor.json queued, without its heartbeat time
         self.last_desired: dict = {}
         self._listed_status = False
         self._spec_cache: dict = {}         # spec KID -> spec, of the specs in the last table read
@@ -414,7 +417,7 @@ class Mayor:
         self.heartbeat(actual)
 
     def heartbeat(self, actual=None, force: bool = False) -> None:
-        """Queue ``mayor.json`` when it changed or ``heartbeat_seconds`` have passed since the last one."""
+        """Queue ``mayor.json`` when it changed or its periodic beat is due (every ``heartbeat_seconds``)."""
         actual = self.runtime.actual() if actual is None else actual
         running = {n: a for n, a in actual.items() if a.state == "running"}
         in_use = {"cpu": 0.0, "memory": 0, "processes": len(running)}
@@ -431,15 +434,17 @@ class Mayor:
                 "in_use": in_use}
         path = f"{self.status}/mayor.json"
         now = self.clock()
-        old = self.published.get(path)
-        if not force and old is not None and now - self.last_heartbeat < self.heartbeat_seconds:
-            try:
-                previous = json.loads(old)
-                previous.pop("heartbeat", None)
-                if previous == body:
-                    return
-            except ValueError:
-                pass
+        due = now >= self._heartbeat_due
+        if not force and not due and path in self.published and body == self._heartbeat_body:
+            return
+        self._heartbeat_body = dict(body)
+        if due or force:
+            # The beat keeps its own phase: a send for a change (which carries a fresh heartbeat too) does
+            # not move it, so machines given one change together do not all beat together afterwards,
+            # and the first is put off by a share of the interval of the machine's own.
+            first = self._heartbeat_due == 0.0
+            self._heartbeat_due = now + self.heartbeat_seconds * (0.5 + random.Random(self.name).random() / 2
+                                                                  if first else 1.0)
         body["heartbeat"] = now
         self.last_heartbeat = now
         self.queue(path, body)

@@ -197,6 +197,30 @@ def test_incarnations_and_failures_survive_a_restart_of_the_mayor(cluster, tmp_p
         str(kidlib.process_kid(kidlib.machine_kid("m1"), "job", admin.stat("/machines/m1/procs/job.json").kid, 1))[2:])
 
 
+def test_the_heartbeat_keeps_its_phase_when_a_change_is_sent_between_beats(cluster):
+    """mayor.json goes out on a change (with a fresh heartbeat) and every heartbeat interval; a change does not
+    move the periodic beat, so machines changed together do not beat together ever after."""
+    server, admin, mayor, runtime, clock = cluster
+    start = clock.now
+    mayor.register()
+    mayor.step()
+    beats = []
+    for second in range(1, 41):
+        clock.now = start + second
+        if second == 13:  # a process with resources: in_use changes, mayor.json is sent at once
+            admin.apply(Transaction((put("/machines/m1/procs/web.json",
+                                         '{"image": "K-1", "resources": {"cpu": 0.5}}'),)))
+            mayor._table_dirty.set()
+            mayor.step()
+        mayor.tick()
+        sent = json.loads(admin.read("/machines/m1/status/mayor.json"))["heartbeat"] - start
+        if not beats or sent != beats[-1]:
+            beats.append(sent)
+    assert 13 in beats, beats
+    periodic = [b for b in beats if b != 13]
+    assert 5 <= periodic[1] <= 10 and [b - a for a, b in zip(periodic[1:], periodic[2:])] == [10] * (len(periodic) - 2), beats
+
+
 def test_an_idle_step_writes_nothing(cluster):
     server, admin, mayor, runtime, clock = cluster
     admin.apply(Transaction((put("/machines/m1/procs/web.json", '{"image": "K-1"}'),)))

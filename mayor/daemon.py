@@ -44,6 +44,7 @@ from keg.fsio import write_file_atomic
 from keg.store import LIST_VALUE_MAX
 from keg.transaction import Delete, Transaction, compare, delete, put
 from mayor.plan import Actions, Desired, RESTART_POLICIES, backoff, failures_after_exit, plan
+from mayor.statefile import StateFile
 
 RESYNC_SECONDS = 30.0     # full re-read of the process table, whatever the watch stream says
 HEARTBEAT_SECONDS = 10.0  # the heartbeat in status/mayor.json is refreshed at least this often
@@ -342,11 +343,8 @@ class Mayor:
         return os.path.join(self.data_dir, "state.json")
 
     def _load_state(self) -> None:
-        try:
-            with open(self._state_path(), encoding="utf-8") as f:
-                saved = json.load(f)
-        except (FileNotFoundError, ValueError):
-            saved = {}
+        self._state_file = StateFile(self._state_path())
+        saved = self._state_file.load()
         self._kept_table = saved.get("desired")
         if self._kept_table is None:  # kept apart by earlier versions
             try:
@@ -363,13 +361,12 @@ class Mayor:
                 self.incarnations[name] = [have.spec_kid, have.incarnation]
 
     def _save_state(self) -> None:
-        """Write DATA/state.json when what it holds changed (a file written is a file created and renamed:
-        with many Mayors on one machine that was a third of a step's CPU)."""
+        """Add to DATA/state.json when what it holds changed (``mayor.statefile``)."""
         state = {"desired": self._kept_table, "failures": self.failures, "incarnations": self.incarnations,
                  "previous": self.previous, "counted": sorted(self._counted)}
         data = json.dumps(state, sort_keys=True).encode()
         if data != self._saved:
-            write_file_atomic(self._state_path(), data, durable=False)
+            self._state_file.save(data)
             self._saved = data
 
     # ----------------------------------------------------------------- status

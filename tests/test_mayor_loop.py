@@ -15,6 +15,7 @@ from master import auth
 from master.client import RemoteKeg
 from mayor.daemon import Mayor
 from mayor.runtime import NoopRuntime
+from mayor.statefile import StateFile
 
 
 class Clock:
@@ -95,7 +96,7 @@ def test_a_mayor_restarted_while_the_master_is_away_runs_the_table_it_kept(clust
     kid = admin.kid("/machines/m1/procs/web.json")
     server.stop()
     data = mayor.data_dir
-    kept = json.loads(open(os.path.join(data, "state.json"), encoding="utf-8").read())["desired"]
+    kept = StateFile(os.path.join(data, "state.json")).load()["desired"]
     assert kept == {"web": {"kid": kid, "spec": {"image": "K-1", "args": ["serve"]}}}
     for where in (data, str(tmp_path / "old")):
         if where != data:  # as an earlier version left it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from dataclasses import dataclass
+from itertools import accumulate
 
 OBJ_COMMIT = 1
 OBJ_TREE = 2
@@ -60,17 +61,26 @@ class Tree:
     """An immutable git tree: entries kept sorted as git sorts them.
 
     Two parallel sorted lists (sort keys and encoded entries) and no dict: an
-    update copies two lists of pointers, which is what keeps a commit into a
-    5,000-entry directory cheap.  Updates return a new ``Tree``
+    insert or removal copies two lists of pointers, which is what keeps a
+    commit into a 5,000-entry directory cheap.  Updates return a new ``Tree``
     (copy-on-write), so a transaction that fails midway is simply dropped.
+
+    The common update replaces an entry by one of the same name, kind and
+    encoded length (a new object id): the entries keep their byte offsets, so
+    the new tree shares the sort keys and the offsets with the old one and its
+    encoding is the old encoding with the new entry copied over, a memcpy
+    rather than a join of every entry.
     """
 
-    __slots__ = ("_keys", "_encoded", "_raw")
+    __slots__ = ("_keys", "_encoded", "_raw", "_offsets")
 
-    def __init__(self, keys=None, encoded=None, raw=None):
+    def __init__(self, keys=None, encoded=None, raw=None, offsets=None):
         self._keys: list[bytes] = keys if keys is not None else []
         self._encoded: list[bytes] = encoded if encoded is not None else []
         self._raw: bytes | None = raw
+        # Byte offset of each entry in the encoding, then the total length; computed
+        # when first needed and shared by every version with the same entry lengths.
+        self._offsets: list[int] | None = offsets
 
     @classmethod
     def parse(cls, data: bytes) -> "Tree":
@@ -123,6 +133,9 @@ class Tree:
 
     def with_changes(self, changes: dict) -> "Tree":
         """A new tree with ``changes`` applied: name -> ``(mode, oid)``, or ``None`` to remove."""
+        replaced = self._with_replacements(changes)
+        if replaced is not None:
+            return replaced
         keys = list(self._keys)
         encoded = list(self._encoded)
         for name, new in changes.items():
@@ -139,6 +152,49 @@ class Tree:
                 keys.insert(i, key)
                 encoded.insert(i, _encode_entry(name, mode, oid))
         return Tree(keys, encoded)
+
+    def _with_replacements(self, changes: dict):
+        """``with_changes`` when every change keeps its entry's place and length, else ``None``.
+
+        Such a change leaves the sort keys and the byte offsets as they are, so
+        the new tree shares them with this one; only the list of encoded
+        entries is copied, and the encoding is this one's with the new entries
+        copied over their old bytes.
+        """
+        encoded, spliced = self._encoded, set()
+        for name, new in changes.items():
+            if new is None:
+                return None
+            i = self._find(name)
+            if i < 0:
+                return None
+            mode, oid = new
+            entry = _encode_entry(name, mode, oid)
+            # The first match is the one the general path would replace (a file
+            # before a same-named directory), and it must keep its sort key.
+            if self._keys[i] != _sort_key(name, mode) or len(entry) != len(encoded[i]):
+                return None
+            if encoded is self._encoded:
+                encoded = list(encoded)  # the new tree's own; this tree's list is never touched
+            encoded[i] = entry
+            spliced.add(i)
+        if not spliced:  # no changes at all
+            return Tree(self._keys, encoded, self._raw, self._offsets)
+        if self._raw is None:
+            return Tree(self._keys, encoded, None, self._offsets)
+        offsets = self._entry_offsets()
+        # One copy of the old bytes: memoryview slices are views, and the join copies each piece once.
+        old, pieces, pos = memoryview(self._raw), [], 0
+        for i in sorted(spliced):
+            pieces += (old[pos:offsets[i]], encoded[i])
+            pos = offsets[i + 1]
+        pieces.append(old[pos:])
+        return Tree(self._keys, encoded, b"".join(pieces), offsets)
+
+    def _entry_offsets(self) -> list[int]:
+        if self._offsets is None:
+            self._offsets = list(accumulate(map(len, self._encoded), initial=0))
+        return self._offsets
 
     def encode(self) -> bytes:
         """The git tree bytes (computed once)."""

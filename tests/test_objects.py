@@ -80,3 +80,94 @@ def test_updating_a_parsed_tree_gives_the_same_bytes_and_names_as_building_it_an
         else:
             expected[n] = k
     assert sorted(name.decode() for name, _, _ in spliced.items()) == sorted(expected)
+
+
+MODES = {"file": MODE_BLOB, "exec": MODE_EXEC, "link": 0o120000, "tree": MODE_TREE}
+
+
+def _git_order_bytes(entries: dict) -> bytes:
+    """A tree's bytes built from scratch, as git builds them: ``entries`` is name -> (mode, oid)."""
+    def key(name):
+        return name + b"/" if entries[name][0] == MODE_TREE else name
+    return b"".join(b"%o %s\x00%s" % (entries[n][0], n, entries[n][1]) for n in sorted(entries, key=key))
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.dictionaries(names, st.sampled_from(sorted(MODES)), max_size=8), st.booleans(), st.data())
+def test_a_sequence_of_updates_gives_git_s_bytes_and_leaves_earlier_versions_alone(tmp_path_factory, start, parse,
+                                                                                   data):
+    repo = pygit2.init_repository(str(tmp_path_factory.mktemp("r")), bare=True)
+    objects = {}
+
+    def oid(kind, version):  # real objects, so that libgit2 accepts the entries
+        if (kind, version) not in objects:
+            blob = repo.create_blob(b"v%d" % version)
+            if kind == "tree":
+                sub = repo.TreeBuilder()
+                sub.insert("f", blob, pygit2.GIT_FILEMODE_BLOB)
+                objects[kind, version] = sub.write()
+            else:
+                objects[kind, version] = blob
+        return objects[kind, version]
+
+    def expected_bytes(model):
+        return _git_order_bytes({n.encode(): (MODES[k], bytes.fromhex(str(oid(k, v)))) for n, (k, v) in model.items()})
+
+    def libgit2_tree(model):
+        builder = repo.TreeBuilder()
+        for n, (k, v) in model.items():
+            builder.insert(n, oid(k, v), MODES[k])
+        return builder.write()
+
+    model = {n: (k, 0) for n, k in start.items()}
+    tree = Tree().with_changes({n.encode(): (MODES[k], bytes.fromhex(str(oid(k, 0)))) for n, (k, _) in model.items()})
+    if parse:
+        tree = Tree.parse(tree.encode())
+    versions = [(tree, dict(model))]
+    for version in range(1, data.draw(st.integers(1, 10), label="steps") + 1):
+        changes = {}
+        for _ in range(data.draw(st.integers(1, 3), label="changes in this step")):
+            op = data.draw(st.sampled_from(["replace", "replace", "retype", "insert", "delete"]), label="op")
+            existing = sorted(set(model) - {n.decode() for n in changes})
+            if op in ("replace", "retype", "delete") and existing:
+                name = data.draw(st.sampled_from(existing), label="name")
+            else:
+                name = data.draw(names, label="name")
+            kind = model.get(name, ("file", 0))[0]
+            if op == "retype" or name not in model:
+                kind = data.draw(st.sampled_from(sorted(MODES)), label="kind")
+            changes[name.encode()] = None if op == "delete" else (MODES[kind], bytes.fromhex(str(oid(kind, version))))
+            if op == "delete":
+                model.pop(name, None)
+            else:
+                model[name] = (kind, version)
+        tree = tree.with_changes(changes)
+        if data.draw(st.booleans(), label="encode now"):
+            tree.encode()
+        versions.append((tree, dict(model)))
+        assert tree.encode() == expected_bytes(model)
+        theirs = libgit2_tree(model)
+        assert object_id(OBJ_TREE, tree.encode()).hex() == str(theirs)
+        assert tree.encode() == repo[theirs].read_raw()
+    for earlier, earlier_model in versions:
+        assert earlier.encode() == expected_bytes(earlier_model)
+        assert {n.decode(): m for n, m, _ in earlier.items()} == {n: MODES[k] for n, (k, _) in earlier_model.items()}
+        for n, (k, v) in earlier_model.items():
+            assert earlier.get(n.encode()) == (MODES[k], bytes.fromhex(str(oid(k, v))))
+
+
+def test_replacing_an_entry_in_place_shares_the_layout_and_splices_the_bytes():
+    # The cost of a commit into a wide directory rests on this path (bench/run.py scale).
+    entries = {b"m%04d" % i: (MODE_TREE, bytes([i % 256]) * 20) for i in range(300)}
+    entries[b"readme"] = (MODE_BLOB, b"\x07" * 20)
+    base = Tree.parse(_git_order_bytes(entries))
+    before = base.encode()
+    changed = base.with_changes({b"m0150": (MODE_TREE, b"\xaa" * 20), b"readme": (MODE_EXEC, b"\xbb" * 20)})
+    entries.update({b"m0150": (MODE_TREE, b"\xaa" * 20), b"readme": (MODE_EXEC, b"\xbb" * 20)})
+    assert changed.encode() == _git_order_bytes(entries)
+    assert changed._keys is base._keys and changed._offsets is base._offsets
+    assert base.encode() == before and base.get(b"m0150") == (MODE_TREE, bytes([150]) * 20)
+    grown = changed.with_changes({b"m0150": (MODE_BLOB, b"\xcc" * 20)})  # directory -> file: it moves
+    entries[b"m0150"] = (MODE_BLOB, b"\xcc" * 20)
+    assert grown.encode() == _git_order_bytes(entries) and grown._keys is not changed._keys
+    assert changed.get(b"m0150") == (MODE_TREE, b"\xaa" * 20)

@@ -163,7 +163,7 @@ class Store:
         self._roots: dict = {}             # commit oid -> root tree oid (commits never change)
         self._tree_cache_entries = 0
         self._listeners: list = []
-        self.stats = {"tree_reads": 0, "checkpoints": 0}
+        self.stats = {"tree_reads": 0, "tree_parses": 0, "checkpoints": 0}
         self.last_checkpoint_error: OSError | None = None
         self._load_head()
 
@@ -345,6 +345,7 @@ class Store:
         obj_type, data = self._object(oid)
         if obj_type != OBJ_TREE:
             raise CorruptKeg(f"{oid.hex()} should be a tree")
+        self.stats["tree_parses"] += 1
         tree = Tree.parse(data)
         self._cache_tree(oid, tree)
         return tree
@@ -713,6 +714,11 @@ class Store:
         """A ``store_object`` callback for ``Staging.build`` that also caches the parsed trees."""
         def collect(oid, obj_type, data, tree, base=None):
             self._cache_tree(oid, tree)
+            if base is not None and base[0] in self._trees:
+                # The version this tree replaces is wanted only for history now: first to go. Otherwise
+                # each commit's new copy of a wide directory (5,000 entries of /machines) pushes a
+                # 30-entry directory out of the cache, to be read and parsed again on its next change.
+                self._trees.move_to_end(base[0], last=False)
             base_entry = self._pending.get(base[0]) if base is not None else None
             if base_entry is not None:  # the base goes into the same pack: store the change only
                 depth = base_entry[4] + 1 if base_entry[1] is None else 1

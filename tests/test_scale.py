@@ -56,3 +56,20 @@ def test_one_path_commit_rebuilds_only_the_trees_on_its_path(big):
     before = big.stats["tree_reads"]
     big.apply(Transaction((put("/machines/m0042/procs/p01.json", "{}"),)))
     assert big.stats["tree_reads"] - before <= DEPTH
+
+
+def test_new_versions_of_a_wide_directory_do_not_push_narrow_ones_out_of_the_cache(big, monkeypatch):
+    """Each commit under /machines makes a new 1,000-entry /machines tree; the version it replaces goes out
+    of the tree cache first, so the machines' own small directories stay parsed (with 150,000 entries,
+    re-reading them was an eighth of a commit)."""
+    from keg import store as store_module
+    monkeypatch.setattr(store_module, "TREE_CACHE_ENTRIES", 30_000)  # all the narrow trees, and a few wide ones
+    big.drop_caches()
+    for m in range(MACHINES):
+        big.list(f"/machines/m{m:04d}/procs")
+    for n in range(60):  # 60 new versions of /machines: 60,000 entries, twice the cache
+        big.apply(Transaction((put("/machines/m0000/procs/p00.json", f'{{"n": {n}}}'),)))
+    before = big.stats["tree_parses"]
+    for m in range(MACHINES):
+        big.list(f"/machines/m{m:04d}/procs")
+    assert big.stats["tree_parses"] - before == 0

@@ -210,6 +210,18 @@ def _comm(pid: int):
         return None
 
 
+def _runs_sleep(pid: int) -> bool:
+    """The init is ``sleep``, or (under the machine's init, /dev/init) one of its children is."""
+    if _comm(pid) == b"sleep":
+        return True
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            children = f.read().split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(_comm(int(child)) == b"sleep" for child in children)
+
+
 def wait_running(state_path: str, deadline: float, runc_pid: int | None = None) -> dict:
     """Poll until the init named by runc's ``state_path`` has exec'd ``sleep`` (and ``runc_pid`` has exited).
 
@@ -228,7 +240,7 @@ def wait_running(state_path: str, deadline: float, runc_pid: int | None = None) 
             state = _read_json(state_path)
             if state is not None:
                 pid = state.get("init_process_pid")
-        if pid is not None and t_run is None and _comm(pid) == b"sleep":
+        if pid is not None and t_run is None and _runs_sleep(pid):
             t_run = time.time()
         if t_run is not None and (runc_pid is None or t_exit is not None):
             return {"running": t_run, "pid": pid, "runc_exit": t_exit}

@@ -69,3 +69,71 @@ def sync_tree(root: str) -> None:
             finally:
                 os.close(fd)
         fsync_dir(base)
+
+
+# File systems whose syncfs(2) writes back every dirty file and directory of
+# the file system and flushes the disk's cache before it returns.  A FUSE file
+# system is not among them: the kernel does not pass syncfs on to its daemon.
+SYNCFS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
+_fs_types: dict = {}
+_ctypes_libc = None  # (ctypes, libc), loaded on first use: importing ctypes would slow every keg command's start
+
+
+def filesystem_type(path: str) -> str | None:
+    """The type of the file system holding ``path`` (``ext4``, ``fuse.lazyfs``…), from /proc/self/mountinfo.
+
+    None when no mount of that device is listed (a btrfs subvolume, say).
+    """
+    dev = os.stat(path).st_dev
+    if dev not in _fs_types:
+        want, found = f"{os.major(dev)}:{os.minor(dev)}", None
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 2 and fields[2] == want and "-" in fields:
+                        found = fields[fields.index("-") + 1]
+                        break
+        except OSError:
+            pass
+        _fs_types[dev] = found
+    return _fs_types[dev]
+
+
+def _kernel_reports_syncfs_errors() -> bool:
+    """syncfs(2) returns writeback errors since Linux 5.8; before, it could say 0 after a failed write."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+def syncfs(path: str) -> bool:
+    """Make everything written to the file system holding ``path`` durable with one syncfs(2).
+
+    What ostree does at the end of a commit: one call instead of an fsync per
+    file, so the kernel writes thousands of small files in one pass.  It also
+    writes back other programs' dirty data on that file system, so it is for
+    batches of many files.  Returns False, having done nothing, where syncfs
+    cannot be trusted (a FUSE file system, an old kernel): the caller then
+    fsyncs each file.
+
+    Raises:
+        OSError: the file system reported a failed write.
+    """
+    global _ctypes_libc
+    if filesystem_type(path) not in SYNCFS_TYPES or not _kernel_reports_syncfs_errors():
+        return False
+    if _ctypes_libc is None:
+        import ctypes
+        _ctypes_libc = ctypes, ctypes.CDLL(None, use_errno=True)
+    ctypes, libc = _ctypes_libc
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs of the file system holding {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return True

@@ -7,13 +7,17 @@ import io
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
 
 import keg
 from conftest import git, keg_command
+from keg.chunks import chunk_hash
 from keg.errors import BadRequest, CorruptKeg, NotFound
+from keg import chunkworker, large
+from keg.chunkworker import WorkerFailed
 from keg.large import MARKER, Pointer, ingest
 from keg.mounts import mount
 from keg.transaction import Transaction, delete, parse_transaction, put, put_large, transaction_to_json
@@ -54,7 +58,7 @@ def test_a_large_value_is_chunks_and_a_small_pointer_blob(store, data):
         assert f.read() == data[100:]
     store.checkpoint()
     blob_size = int(git(store.path, "cat-file", "-s", entry.kid[2:]).stdout)
-    assert blob_size < 2048  # git holds the pointer, not the bytes
+    assert blob_size < len(data) // 200  # git holds the pointer (a line per chunk), not the bytes
     pointer = store.pointer("/img/a.bin")
     assert pointer.size == len(data) and len(pointer.chunks) >= 3
     assert len(chunk_files(store.path)) == len(set(name for name, _ in pointer.chunks))
@@ -99,6 +103,78 @@ def test_put_stream_cuts_as_it_reads(store, data):
     assert store.read("/s") == data
     small = store.put_stream("/small", io.BytesIO(b"tiny"))
     assert not small.large and small.data == b"tiny"
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    """Values past 1 MiB go to a chunk worker process (groups of 512 KiB); yields the workers started."""
+    monkeypatch.setattr(large, "WORKER_AT", MiB)
+    monkeypatch.setattr(large, "GROUP_BYTES", 512 << 10)
+    started = []
+    popen = chunkworker.subprocess.Popen
+
+    def recording(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+    monkeypatch.setattr(chunkworker.subprocess, "Popen", recording)
+    return started
+
+
+def test_a_worker_process_stores_the_chunks_of_a_large_value_as_this_one_would(store, tmp_path, data, workers):
+    op = store.put_stream("/w.bin", io.BytesIO(data))
+    assert len(workers) == 1 and workers[0].returncode == 0
+    assert store.apply(Transaction((op,))).ok
+    assert store.read("/w.bin") == data
+    with keg.init(str(tmp_path / "alone"), durable=False) as alone:
+        large.WORKER_AT = 1 << 60  # the same value cut and stored in this process only
+        assert alone.put_stream("/w.bin", io.BytesIO(data)) == op
+        assert sorted(os.path.basename(f) for f in chunk_files(alone.path)) == \
+            sorted(os.path.basename(f) for f in chunk_files(store.path))
+    assert len(workers) == 1
+
+
+def test_an_import_that_fails_stops_its_worker_and_commits_nothing(store, data, workers):
+    class Breaks(io.RawIOBase):
+        def __init__(self):
+            self.left = 3 * MiB
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            if self.left <= 0:
+                raise OSError("the disk being imported went away")
+            n = min(len(b), self.left)
+            b[:n] = data[:n]
+            self.left -= n
+            return n
+
+    head = store.head_revision
+    with pytest.raises(OSError, match="went away"):
+        store.put_stream("/broken.bin", Breaks())
+    assert len(workers) == 1 and workers[0].poll() is not None  # killed and reaped, not left running
+    assert store.head_revision == head
+
+
+def test_a_worker_that_dies_is_an_error_that_says_so(store, data, workers):
+    class KillsTheWorker(io.RawIOBase):
+        def __init__(self):
+            self.sent = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            if workers and workers[0].poll() is None:
+                workers[0].kill()
+                workers[0].wait()
+            n = min(len(b), len(data) - self.sent)
+            b[:n] = data[self.sent:self.sent + n]
+            self.sent += n
+            return n
+
+    with pytest.raises(WorkerFailed, match="chunk worker"):
+        store.put_stream("/dies.bin", KillsTheWorker())
 
 
 def test_a_damaged_chunk_is_named_on_read(store, keg_dir, data):
@@ -206,6 +282,33 @@ def test_large_values_through_a_master(master_server, tmp_path, data):
                           capture_output=True, check=False)
     assert done.returncode == 0 and done.stdout == data
     assert remote.pointer("/img/big.bin").size == len(data)
+
+
+def test_a_group_of_chunks_is_stored_in_one_request_and_a_bad_group_changes_nothing(master_server):
+    url, token = master_server.url, master_server.token
+    remote = RemoteKeg(url, token)
+    a, b = noise(100_000, 7), noise(50_000, 8)
+    names = [chunk_hash(a), chunk_hash(b)]
+    with pytest.raises(BadRequest, match="hashes to"):
+        remote.chunk_put_many([(names[0], a), (names[1], b[:-1])])
+    assert remote.chunk_missing(names) == names  # not even the good one was stored
+
+    def post(body, headers):
+        request = urllib.request.Request(url + "/v1/chunks", data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(request) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+    whole = chunkworker.encode_group([(names[0], a)])
+    status, answer = post(whole[:-10], {"Authorization": f"Bearer {token}"})
+    assert status == 400 and "not a group of chunks" in answer["error"]
+    assert post(whole, {})[0] == 401
+    assert remote.chunk_missing(names) == names
+
+    assert remote.chunk_put_many([(names[0], a), (names[1], b)]) == 2
+    assert remote.chunk_put_many([(names[0], a)]) == 0
+    assert remote.chunk_missing(names) == [] and remote.chunk_get(names[1]) == b
 
 
 # ---------------------------------------------------------------- mounts

@@ -8,7 +8,7 @@ One application for every server: the standalone event-loop server
 ``POST /v1/tx``               a transaction (the JSON form of ``keg tx``)
 ``GET /v1/head``              the newest revision
 ``GET /v1/log``, ``/v1/diff``, ``/v1/kid/<KID>``, ``/v1/watch``
-``GET|HEAD|PUT /v1/chunks/<blake3>``
+``GET|HEAD|PUT /v1/chunks/<blake3>``, ``POST /v1/chunks`` (a group of chunks, one sync)
 ``POST /v1/compact``          drop old volatile history (needs write on /)
 ``GET /v1/whoami``            the principal a token names
 ``GET /v1/openapi.json``      this table, as OpenAPI 3.1 (no token needed)
@@ -25,12 +25,14 @@ import io
 import json
 import os
 import secrets
+import struct
 import sys
 import time
 import urllib.parse
 
 from keg import paths
 from keg.chunks import check_hash
+from keg.chunkworker import read_group
 from keg.errors import BadRequest, CompareFailed, KegBusy, KegError, NotFound, PathConflict
 from keg.store import LIST_VALUE_MAX
 from keg.transaction import Transaction, compare, delete, link, parse_transaction, put  # noqa: F401
@@ -248,6 +250,8 @@ class KegApp:
             return self._keg(req, start_response, principal, path[len("/v1/keg"):] or "/")
         if path.startswith("/git/"):
             return self._git(req, start_response, principal)
+        if path == "/v1/chunks":
+            return self._chunk_group(req, start_response, principal)
         if path.startswith("/v1/chunks/"):
             return self._chunk(req, start_response, principal, path[len("/v1/chunks/"):])
         if path.startswith("/v1/kid/"):
@@ -491,6 +495,22 @@ class KegApp:
         return WatchStream(start_response, self.master, prefix, since, fmt, heartbeat)
 
     # -------------------------------------------------------------- chunks
+
+    def _chunk_group(self, req, start_response, principal):
+        """``POST /v1/chunks``: chunks framed as ``keg.chunkworker.encode_group`` makes them, stored with one sync."""
+        self._allow(req, "POST")
+        if principal.kind == "anonymous":
+            raise Unauthenticated("storing chunks needs a token")
+        body = io.BytesIO(req.body())
+        try:
+            items = read_group(body)
+        except (EOFError, struct.error) as err:
+            raise BadRequest(f"the body is not a group of chunks ({err}): a 4-byte big-endian count, then per "
+                             "chunk its 32-byte blake3 digest, a 4-byte length and its bytes") from err
+        if body.read(1):
+            raise BadRequest("the body goes on past its group of chunks; send one group per request")
+        created = self.master.chunk_put_many(items)
+        return self._json(start_response, {"chunks": len(items), "created": sum(1 for c in created if c)})
 
     def _chunk(self, req, start_response, principal, name):
         if name == "missing":

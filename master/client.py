@@ -21,6 +21,7 @@ import urllib.parse
 from keg import paths
 from keg.errors import BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, NotFound, PathConflict
 from keg.chunks import chunk_hash
+from keg.chunkworker import encode_group
 from keg.large import DEFAULT_THRESHOLD, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
 from keg.records import Entry, Event, Revision
 from keg.transaction import Transaction, TxResult, put, put_large, transaction_to_json
@@ -62,27 +63,35 @@ class _ChunkUploader:
     """Where ``keg.large.ingest`` puts chunks when the keg is remote: only the missing ones are sent.
 
     One question per group of chunks (``POST /v1/chunks/missing``), then one
-    request per missing chunk, on the caller's connection.
+    request with the missing ones (``POST /v1/chunks``; one per chunk to a
+    master without that route), on the caller's connection.
     """
 
     def __init__(self, remote: "RemoteKeg"):
         self.remote = remote
         self.sent = 0
+        self._grouped = True
 
     def put(self, name: str, data, verified: bool = False) -> bool:
         return self.put_many([(name, data)], verified)[0]
 
     def put_many(self, items: list, verified: bool = False) -> list:
         missing = set(self.remote.chunk_missing([name for name, _ in items]))
-        stored = []
+        stored, send = [], []
         for name, data in items:
+            stored.append(name in missing)
             if name in missing:
-                self.remote.chunk_put(name, data)
+                send.append((name, data))
                 missing.discard(name)  # a chunk twice in one group is sent once
-                self.sent += 1
-                stored.append(True)
-            else:
-                stored.append(False)
+        if send and self._grouped:
+            try:
+                self.remote.chunk_put_many(send)
+                send, self.sent = [], self.sent + len(send)
+            except NotFound:
+                self._grouped = False  # an older master: one request per chunk
+        for name, data in send:
+            self.remote.chunk_put(name, data)
+            self.sent += 1
         return stored
 
 
@@ -291,6 +300,12 @@ class RemoteKeg:
         status = self.request("PUT", "/v1/chunks/" + name, bytes(data),
                               {"Content-Type": "application/octet-stream"})[0]
         return status == 201
+
+    def chunk_put_many(self, items: list) -> int:
+        """Store ``(name, data)`` chunks in one request (``POST /v1/chunks``); returns how many were new."""
+        body = encode_group(items)
+        return json.loads(self.request("POST", "/v1/chunks", body,
+                                       {"Content-Type": "application/x-keg-chunks"})[2])["created"]
 
     def chunk_missing(self, names: list) -> list:
         """Which of ``names`` the master lacks."""

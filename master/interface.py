@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import abc
 
-from keg.errors import KegError
+from keg.chunks import check_hash, chunk_hash
+from keg.errors import BadRequest, KegError
 from keg.transaction import TxResult
 
 
@@ -178,6 +179,18 @@ class Master(abc.ABC):
     @abc.abstractmethod
     def chunk_put(self, name: str, data: bytes) -> bool:
         """Store a chunk durably; False when it was already there."""
+
+    def chunk_put_many(self, items: list) -> list:
+        """Store ``(name, data)`` chunks durably; for each, False when it was there already.
+
+        Raises:
+            BadRequest: a chunk's bytes do not hash to its name (nothing of the group is stored).
+        """
+        for name, data in items:
+            check_hash(name)
+            if chunk_hash(data) != name:
+                raise BadRequest(f"chunk body hashes to {chunk_hash(data)}, not to {name}; nothing was stored")
+        return [self.chunk_put(name, data) for name, data in items]
 
     @abc.abstractmethod
     def chunk_missing(self, names: list) -> list:

@@ -108,6 +108,12 @@ def spec() -> dict:
             "put": {"summary": "Store a chunk; refused if the body does not hash to the name.",
                     "responses": {"200": _answer("already stored"), "201": _answer("stored"),
                                   **_errors(400, 401, 413)}}},
+        "/v1/chunks": {"post": {"summary": "Store a group of chunks with one sync (body application/x-keg-chunks: "
+                                           "a 4-byte big-endian count, then per chunk its 32-byte blake3 digest, "
+                                           "a 4-byte length and its bytes); each is checked against its digest "
+                                           "and none is stored if one fails.",
+                                "responses": {"200": _answer("{\"chunks\": n, \"created\": new ones}"),
+                                              **_errors(400, 401, 413)}}},
         "/v1/gc": {"post": {"summary": "Delete chunks no retained revision points at, untouched for ?grace= "
                                        "seconds (default 3600; needs write on /).",
                             "responses": {"200": {"description": "revisions examined, chunks kept and removed, "

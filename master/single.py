@@ -334,6 +334,12 @@ class SingleMaster(Master):
     def chunk_put(self, name, data):
         return self.chunks.put(name, data)
 
+    def chunk_put_many(self, items):
+        batch = self.chunks.batch()  # one sync for the group (keg.chunks.Batch)
+        created = batch.put_many(items)
+        batch.sync()
+        return created
+
     def chunk_missing(self, names):
         return self.chunks.missing(names)
 

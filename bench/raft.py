@@ -14,7 +14,11 @@ In one run, on this machine:
    restart it; a CAS workload runs throughout and its history is checked for
    linearizability and lost acknowledged writes at the end;
 3. ``--restarts`` times: kill -9 all replicas at once and restart them under
-   the same workload; every restart must elect a leader (none hangs).
+   the same workload; every restart must elect a leader (none hangs).  Each
+   line says how long each replica took to say it serves; one that takes more
+   than 5 s gets the stacks of its threads written into its log (faulthandler,
+   ``Cluster(stacks=True)``), and a failed run keeps the logs (``--keep DIR``
+   keeps them in any case; ``--no-rates`` runs the fault loops alone).
 
 Needs root (network namespaces) and the installed ``keg``.  Reuses the test
 harness (tests/raft_harness.py).
@@ -26,6 +30,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -96,7 +101,8 @@ def rates(root: str, seconds: float) -> dict:
 def faults(root: str, kills: int, restarts: int) -> dict:
     out = {}
     with netns.Network() as net:
-        cluster = Cluster(os.path.join(root, "faults"), 3, net=net).start()
+        # stacks: a replica slow to start writes its threads' stacks into its log (kept with --keep)
+        cluster = Cluster(os.path.join(root, "faults"), 3, net=net, stacks=True).start()
         try:
             work = Workload(cluster).start()
             failovers = []
@@ -106,12 +112,16 @@ def faults(root: str, kills: int, restarts: int) -> dict:
                 leader.start()
                 print(f"kill {cycle + 1}/{kills}: writes again after {failovers[-1]:.2f}s", flush=True)
             hangs = 0
+            restart_starts = []
             for cycle in range(restarts):
                 time.sleep(0.5)
                 took = cluster.restart_all(leader_timeout=30)
                 if took > 15:
                     hangs += 1
-                print(f"restart {cycle + 1}/{restarts}: leader after {took:.2f}s", flush=True)
+                starts = [r.start_seconds for r in cluster.replicas]
+                restart_starts.extend(starts)
+                print(f"restart {cycle + 1}/{restarts}: leader after {took:.2f}s "
+                      f"(replicas serving after {', '.join(f'{s:.2f}' for s in starts)} s)", flush=True)
             time.sleep(1.0)
             work.stop()
             work.verify()  # raises on a lost acknowledged write or a non-linearizable history
@@ -126,6 +136,9 @@ def faults(root: str, kills: int, restarts: int) -> dict:
                 "acknowledged_cas": len(work.acked), "history_ops": len(work.history),
                 "lost_acknowledged_writes": 0, "linearizable": True, "replicas_identical": identical,
                 "restart_hangs": hangs,
+                "start_max_s": max(cluster.start_seconds),
+                "restart_start_median_s": statistics.median(restart_starts) if restart_starts else None,
+                "restart_start_max_s": max(restart_starts) if restart_starts else None,
             })
         finally:
             cluster.close()
@@ -137,14 +150,30 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per write-rate measurement")
     parser.add_argument("--leader-kills", type=int, default=20, help="leader kills in a row")
     parser.add_argument("--restarts", type=int, default=10, help="all-replicas-at-once restarts")
+    parser.add_argument("--no-rates", action="store_true", help="skip the write rates (only the fault loops)")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="work in DIR (new or empty) and keep it: the kegs and each replica's log, faults/r<i>.log")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
     reason = netns.unavailable()
     if reason:
         raise SystemExit(f"bench/raft.py needs network namespaces: {reason}")
-    with tempfile.TemporaryDirectory(prefix="keg-bench-raft-") as root:
-        figures = {"rates_per_s": rates(root, args.seconds)}
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+        if os.listdir(args.keep):
+            raise SystemExit(f"--keep {args.keep}: the directory is not empty")
+        root = os.path.abspath(args.keep)
+    else:
+        root = tempfile.mkdtemp(prefix="keg-bench-raft-")
+    try:
+        figures = {"rates_per_s": rates(root, args.seconds)} if not args.no_rates else {}
         figures["faults"] = faults(root, args.leader_kills, args.restarts)
+    except BaseException:
+        # The replicas' logs are what explains a failure: never delete them with it.
+        print(f"bench/raft.py failed; the kegs and the replicas' logs are kept in {root}", file=sys.stderr)
+        raise
+    if not args.keep:
+        shutil.rmtree(root)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.out:

@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -40,6 +41,10 @@ from raft_history import Op
 RAFT_PORT = 7481
 HTTP_PORT = 7480
 START_TIMEOUT = 30.0
+SLOW_START = 5.0        # a start slower than this gets its threads' stacks dumped into its log (``stacks``)
+# ``keg`` with faulthandler on SIGUSR1: the stacks of a replica that is slow to start go to its log.
+STACKS_MAIN = ("import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+               "sys.argv[0] = 'keg'; from shell.cli import entry_point; sys.exit(entry_point())")
 
 
 def free_port() -> int:
@@ -67,17 +72,24 @@ class Replica:
         self.proc = None
         self.log_path = keg_path.rstrip("/") + ".log"
         self.disk = None               # a lazyfs.Disk when the cluster has disks
+        self.started_at = None         # monotonic time of the last start
+        self._next_dump = None         # when a slow start gets its stacks dumped next (``poll_started``)
+        self.start_seconds = None      # how long the last start took until the replica said it serves
 
     def argv(self) -> list:
         listen = urllib.parse.urlsplit(self.url).netloc
-        return [*keg_command(), "master", "serve", "--keg", self.keg_path, "--listen", listen,
+        command = [sys.executable, "-c", STACKS_MAIN] if self.cluster.stacks else keg_command()
+        return [*command, "master", "serve", "--keg", self.keg_path, "--listen", listen,
                 "--raft-self", self.raft, "--raft-peers", self.cluster.peers_arg,
                 "--raft-password-file", self.cluster.password_file, *self.cluster.extra]
 
     def start(self, wait: bool = True) -> None:
         """Start the process; with ``wait``, return once it listens."""
-        with open(self.log_path, "a") as log:
-            self.log_start = log.tell()
+        with open(self.log_path, "ab") as log:
+            self.log_start = log.tell()  # a byte offset: see ``log_since_start``
+            self.start_seconds = None
+            self.started_at = time.monotonic()
+            self._next_dump = self.started_at + SLOW_START
             if self.host is not None:
                 self.proc = self.cluster.net.popen(self.host, self.argv(), stdout=subprocess.DEVNULL, stderr=log)
             else:
@@ -87,19 +99,59 @@ class Replica:
 
     def wait_started(self) -> None:
         """Wait until the process printed that it serves (or fail with its log)."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if "as Raft replica" in self.log()[self.log_start:]:
-                return
-            if self.proc.poll() is not None:
-                break
+        while not self.poll_started():
             time.sleep(0.02)
-        raise AssertionError(f"replica {self.index} did not start:\n{self.log()[self.log_start:][-3000:]}")
+
+    def poll_started(self) -> bool:
+        """True once the process printed that it serves; raises when it died or did not within ``START_TIMEOUT``.
+
+        With the cluster's ``stacks``, a start slower than ``SLOW_START``
+        gets the stacks of the replica's threads written into its log, again
+        every ``SLOW_START`` seconds, so the failure says where it waited.
+        """
+        if self.start_seconds is not None:
+            return True
+        if "as Raft replica" in self.log_since_start():
+            self.start_seconds = time.monotonic() - self.started_at
+            self.cluster.start_seconds.append(self.start_seconds)
+            return True
+        now = time.monotonic()
+        if self.proc.poll() is None and now < self.started_at + START_TIMEOUT:
+            if self.cluster.stacks and now > self._next_dump:
+                self._next_dump += SLOW_START
+                if self._catches(signal.SIGUSR1):  # else still in ip netns exec or Python's start: it would die
+                    self.proc.send_signal(signal.SIGUSR1)  # faulthandler writes every thread's stack to the log
+                else:
+                    with open(self.log_path, "ab") as log:
+                        log.write(b"raft_harness: slow start, and the process does not catch SIGUSR1 yet\n")
+            return False
+        raise AssertionError(f"replica {self.index} did not start within {now - self.started_at:.1f} s "
+                             f"(exit status {self.proc.poll()}), log {self.log_path}:\n"
+                             f"{self.log_since_start()[-6000:]}")
+
+    def _catches(self, signo: int) -> bool:
+        """Whether the process has a handler for ``signo`` now (its ``SigCgt`` in /proc)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            return False
+        return bool(caught & (1 << (signo - 1)))
 
     def log(self) -> str:
         """Everything the replica wrote to stderr so far."""
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def log_since_start(self) -> str:
+        """What the replica wrote to stderr since its last start.
+
+        The start offset is in bytes: slicing the decoded text there would skip
+        one character of the new output per multi-byte character before it.
+        """
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     @property
     def alive(self) -> bool:
@@ -141,12 +193,15 @@ class Cluster:
         net: a ``netns.Network`` to put each replica in a namespace of its own; None for loopback.
         extra: more ``keg master serve`` options for every replica.
         disks: put each replica's directory on a lazyfs mount of its own (see the module's docstring).
+        stacks: run the replicas with faulthandler on SIGUSR1 and dump the stacks of one slow to start.
     """
 
-    def __init__(self, root: str, size: int = 3, net=None, extra=(), disks: bool = False):
+    def __init__(self, root: str, size: int = 3, net=None, extra=(), disks: bool = False, stacks: bool = False):
         self.root = root
         self.net = net
         self.extra = list(extra)
+        self.stacks = stacks
+        self.start_seconds: list = []  # every start's time until the replica said it serves, in order
         os.makedirs(root, exist_ok=True)
         self.password_file = os.path.join(root, "password")
         with open(self.password_file, "w") as f:
@@ -212,10 +267,17 @@ class Cluster:
         """Start every replica and wait for a leader."""
         for r in self.replicas:
             r.start(wait=False)
-        for r in self.replicas:
-            r.wait_started()
+        self.wait_started()
         self.wait_leader()
         return self
+
+    def wait_started(self, replicas=None) -> None:
+        """Wait until every replica (or each of ``replicas``) printed that it serves, watching all at once."""
+        waiting = list(replicas or self.replicas)
+        while waiting:
+            waiting = [r for r in waiting if not r.poll_started()]
+            if waiting:
+                time.sleep(0.02)
 
     def close(self) -> None:
         """Stop every replica (the network, if any, is closed by its owner)."""
@@ -274,8 +336,7 @@ class Cluster:
         started = time.monotonic()
         for r in self.replicas:
             r.start(wait=False)
-        for r in self.replicas:
-            r.wait_started()
+        self.wait_started()
         self.wait_leader(timeout=leader_timeout)
         return time.monotonic() - started
 

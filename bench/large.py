@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/large.py [--size 1G] [--quick] [--mode all|import|copies|memory|chunk-size]
-                                    [--rounds N] [--data image|random] [--keg-avg 64K,256K] [--no-remote]
+                                    [--rounds N] [--data image|random] [--keg-avg 256K,1M] [--no-remote]
 
 Modes (figures and goals in docs/benchmarks.md, "Large values"):
 
@@ -346,23 +346,30 @@ class KegInProcess:
     """``Store.put_stream`` on a durable local keg, then ``apply`` and a checkpoint.
 
     ``avg`` other than the default runs the same code with FastCDC's average
-    (min avg/4, max avg*4) changed for the import (a side row).
+    (min avg/4, max avg*4) changed for the import (a side row); ``worker``
+    False keeps all the work in this process (no ``keg.chunkworker``, a side row).
     """
 
     pids = ()
 
-    def __init__(self, work, avg=None):
-        self.avg = avg
+    def __init__(self, work, avg=None, worker=True):
+        self.avg, self.worker = avg, worker
         suffix = f", avg chunk {human(avg)} (not the default)" if avg and avg != large.AVG_CHUNK else ""
-        self.name = "Keg put_stream" + (f" avg {human(avg)}" if suffix else "")
+        suffix += "" if worker else ", no chunk worker process (not the default)"
+        self.name = "Keg put_stream" + (f" avg {human(avg)}" if avg and avg != large.AVG_CHUNK else "") + \
+            ("" if worker else " one process")
         self.form = "in process: Store.put_stream + apply + checkpoint, durable keg" + suffix
         self.repo = os.path.join(work, "keg")
         self.store = keg.init(self.repo)
 
     def put(self, data_path):
-        with chunk_size(self.avg):
-            with open(data_path, "rb") as f:
+        saved = large.WORKER_AT
+        large.WORKER_AT = saved if self.worker else 1 << 62
+        try:
+            with chunk_size(self.avg), open(data_path, "rb") as f:
                 op = self.store.put_stream("/image", f)
+        finally:
+            large.WORKER_AT = saved
         result = self.store.apply(Transaction((op,)))
         assert result.ok, result.error
         self.store.checkpoint()
@@ -619,6 +626,7 @@ def bench_import(args, space) -> Report:
     systems = [keg_default] + systems
     systems += [(f"keg avg {human(a)}", lambda w, a=a: KegInProcess(w, a)) for a in args.keg_avg
                 if a != large.AVG_CHUNK]
+    systems.append(("keg one process", lambda w: KegInProcess(w, worker=False)))
     systems.append(("keg cli", lambda w: KegCli(w)))
     if not args.no_remote:
         systems.append(("keg remote", lambda w: KegRemote(w)))
@@ -867,7 +875,7 @@ def main(argv=None) -> int:
     parser.add_argument("--copies", type=int, default=None, help="copies in the copies mode (default 1000, quick 100)")
     parser.add_argument("--keg-avg", default=None,
                         help="extra Keg rows in the import mode with these FastCDC averages, comma-separated "
-                        "(default 64K,256K; quick none; '' for none)")
+                        "(default 256K,1M; quick none; '' for none)")
     parser.add_argument("--no-remote", action="store_true", help="skip the master (keg put/cat --url)")
     parser.add_argument("--data-dir", default="/tmp/keg-large-bench", help="where the generated data is cached")
     parser.add_argument("--remove-data", action="store_true", help="delete the cached data files at the end")
@@ -881,7 +889,7 @@ def main(argv=None) -> int:
     args.size = parse_size(args.size or ("128M" if args.quick else "1G"))
     args.copies = args.copies or (100 if args.quick else 1000)
     if args.keg_avg is None:
-        args.keg_avg = "" if args.quick else "64K,256K"
+        args.keg_avg = "" if args.quick else "256K,1M"
     args.keg_avg = [parse_size(a) for a in args.keg_avg.split(",") if a.strip()]
     signal.signal(signal.SIGTERM, _terminate)
     env = environment(None)

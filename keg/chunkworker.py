@@ -6,7 +6,9 @@ two kinds of work of about the same size: cutting it and hashing the chunks
 chunks (zstd on its own threads, then a file each).  Done one after the other
 they keep one of two CPUs idle for most of an import; a :class:`WorkerBatch`
 hands each group of chunks to a child process running this module, so the
-two overlap.
+two overlap.  ``keg.large`` starts two of them and gives them groups in
+turn: with one, the child did the larger half alone and the import was no
+faster.
 
 The protocol, over the child's stdin: a group is ``GROUP`` (4 bytes: the
 number of chunks, big-endian), then per chunk its 32-byte blake3 digest, its

@@ -48,6 +48,7 @@ MIN_CHUNK = AVG_CHUNK // 4
 MAX_CHUNK = AVG_CHUNK * 4
 MAX_POINTER = 64 << 20  # a pointer blob larger than this is refused as damaged
 GROUP_BYTES = 8 << 20  # chunks hashed, checked and compressed together (zstd spreads a group over CPUs)
+WORKERS = 2  # chunk worker processes, given groups in turn
 WORKER_AT = 16 << 20  # past this much of a value, a second process compresses and writes (keg.chunkworker)
 _LINE = re.compile(rb"^([0-9a-f]{64}) ([0-9]+)$")
 
@@ -220,10 +221,12 @@ def ingest(store_or_batch, stream, progress=None) -> Pointer:
 
 
 def _store_group(batches: list, group: list, to_worker: bool) -> None:
-    """Hand ``group`` to the last of ``batches``, first starting a worker process if ``to_worker``."""
+    """Hand ``group`` to a batch: the caller's own, or in turn each of ``WORKERS`` worker processes."""
     if to_worker and len(batches) == 1:
         from keg.chunkworker import WorkerBatch
-        batches.append(WorkerBatch(batches[0].store))
+        batches.extend(WorkerBatch(batches[0].store) for _ in range(WORKERS))
+    if len(batches) > 1:
+        batches.append(batches.pop(1))  # the next worker in turn
     batch = batches[-1]
     put_many = getattr(batch, "put_many", None)
     if put_many is not None:

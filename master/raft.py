@@ -572,6 +572,13 @@ class RaftMaster(SingleMaster):
         self._replicate_chunks([name])
         return created
 
+    def chunk_put_many(self, items):
+        batch = self.chunks.batch()  # one sync here for the group, then one round to the peers
+        created = batch.put_many(items)
+        batch.sync()
+        self._replicate_chunks(sorted({name for name, _ in items}))
+        return created
+
     def put_stream(self, path, stream, mode=0o100644):
         op = self.store.put_stream(path, stream, mode)
         if op.large:

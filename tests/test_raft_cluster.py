@@ -16,6 +16,7 @@ import blake3
 import pytest
 
 from conftest import keg_command, wait_until
+from keg.chunkworker import encode_group
 from raft_harness import Cluster, git_heads, revision_kids
 
 
@@ -103,6 +104,11 @@ def test_a_chunk_put_on_a_follower_is_on_a_majority_before_the_answer(cluster):
     holders = [r for r in cluster.replicas
                if os.path.exists(os.path.join(r.keg_path, "keg", "chunks", name[:2], name))]
     assert len(holders) >= 2, holders
+    group = [(blake3.blake3(d).hexdigest(), d) for d in (os.urandom(70_000), os.urandom(30_000))]
+    status, _, answer = cluster.call(follower, "POST", "/v1/chunks", encode_group(group))
+    assert status == 200 and json.loads(answer)["created"] == 2, answer
+    for n, _ in group:
+        assert sum(os.path.exists(os.path.join(r.keg_path, "keg", "chunks", n[:2], n)) for r in cluster.replicas) >= 2
     # A large value written through a follower: every replica ends up able to read it.
     big = os.urandom(3 << 20)
     status, answer = cluster.call(follower, "PUT", "/v1/keg/big.bin", big)[::2]

@@ -82,7 +82,8 @@ class WorkerBatch:
         """
         if not verified:
             raise ValueError("a WorkerBatch takes only chunks whose hashes the caller computed from their bytes")
-        self._send(encode_group(items))
+        if items:  # an empty group is the end mark
+            self._send(encode_group(items))
         return [None] * len(items)
 
     def _send(self, data: bytes) -> None:

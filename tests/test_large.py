@@ -133,6 +133,15 @@ def test_a_worker_process_stores_the_chunks_of_a_large_value_as_this_one_would(s
     assert len(workers) == large.WORKERS
 
 
+def test_an_empty_group_does_not_end_a_workers_stream(store, workers):
+    batch = chunkworker.WorkerBatch(store.chunks)
+    value = noise(70_000, 3)
+    batch.put_many([], verified=True)  # what ingest hands over when a value ends on a group's edge
+    batch.put_many([(chunk_hash(value), value)], verified=True)
+    batch.sync()
+    assert workers[0].returncode == 0 and store.chunks.get(chunk_hash(value)) == value
+
+
 def test_an_import_that_fails_stops_its_worker_and_commits_nothing(store, data, workers):
     class Breaks(io.RawIOBase):
         def __init__(self):

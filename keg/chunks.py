@@ -30,7 +30,9 @@ from keg.errors import BadRequest, CorruptKeg, NotFound
 from keg.fsio import fsync_dir, make_dirs, syncfs
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-ZSTD_LEVEL = 3
+# zstd level 1: against level 3, a 1 GiB image imports about 16% faster (199-201 vs 170-177 MiB/s,
+# interleaved, with the chunk workers) for about 4% more disk (452 vs 435 MiB).
+ZSTD_LEVEL = 1
 COMPRESSED = ".zst"
 PAYS = 7 / 8  # keep the compressed form when it is at most this share of the raw size
 # zstd compresses a group of chunks on threads of its own (multi_compress_to_buffer): the library's way of

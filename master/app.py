@@ -8,7 +8,8 @@ One application for every server: the standalone event-loop server
 ``POST /v1/tx``               a transaction (the JSON form of ``keg tx``)
 ``GET /v1/head``              the newest revision
 ``GET /v1/log``, ``/v1/diff``, ``/v1/kid/<KID>``, ``/v1/watch``
-``GET|HEAD|PUT /v1/chunks/<blake3>``, ``POST /v1/chunks`` (a group of chunks, one sync)
+``GET|HEAD|PUT /v1/chunks/<blake3>``, ``POST /v1/chunks`` (a group of chunks, one sync),
+``POST /v1/chunks/read`` (the chunks named, in one answer)
 ``POST /v1/compact``          drop old volatile history (needs write on /)
 ``GET /v1/whoami``            the principal a token names
 ``GET /v1/openapi.json``      this table, as OpenAPI 3.1 (no token needed)
@@ -32,7 +33,7 @@ import urllib.parse
 
 from keg import paths
 from keg.chunks import check_hash
-from keg.chunkworker import read_group
+from keg.chunkworker import encode_group, read_group
 from keg.errors import BadRequest, CompareFailed, KegBusy, KegError, NotFound, PathConflict
 from keg.store import LIST_VALUE_MAX
 from keg.transaction import Transaction, compare, delete, link, parse_transaction, put  # noqa: F401
@@ -44,6 +45,7 @@ from master.ui import WebUi
 from master.watch import FORMATS, WatchStream
 
 MAX_BODY = 64 << 20
+CHUNKS_PER_READ = 1024  # names one POST /v1/chunks/read may ask for
 DEFAULT_HEARTBEAT = 15.0
 MAX_PUSH = 32 << 20           # largest pack a git push may send to an app
 PUSH_GRANT_SECONDS = 3600.0   # how long the pre-receive hook of one push may act for the pusher
@@ -512,6 +514,25 @@ class KegApp:
         created = self.master.chunk_put_many(items)
         return self._json(start_response, {"chunks": len(items), "created": sum(1 for c in created if c)})
 
+    def _chunk_read(self, req, start_response, principal):
+        """``POST /v1/chunks/read``: the chunks named in ``{"chunks": [...]}``, framed as ``POST /v1/chunks`` takes them."""
+        self._allow(req, "POST")
+        self.authority.check(principal, "/", "r")
+        names = req.json_body().get("chunks") if isinstance(req.json_body(), dict) else None
+        if not isinstance(names, list) or not 0 < len(names) <= CHUNKS_PER_READ:
+            raise BadRequest(f"the body must be {{\"chunks\": [blake3, …]}} with 1 to {CHUNKS_PER_READ} names")
+        items, size = [], 0
+        for name in names:
+            data = self.master.chunk_get(check_hash(name))
+            size += len(data)
+            if size > self.max_body:
+                raise HttpError(413, f"the chunks asked for pass {self.max_body} bytes; ask for fewer at a time")
+            items.append((name, data))
+        body = encode_group(items)
+        start_response(_status_line(200), [("Content-Type", "application/x-keg-chunks"),
+                                           ("Content-Length", str(len(body)))])
+        return [body]
+
     def _chunk(self, req, start_response, principal, name):
         if name == "missing":
             self._allow(req, "POST")
@@ -521,6 +542,8 @@ class KegApp:
             if not isinstance(names, list) or len(names) > 100_000:
                 raise BadRequest("the body must be {\"chunks\": [blake3, …]} with at most 100000 names")
             return self._json(start_response, {"missing": self.master.chunk_missing([check_hash(n) for n in names])})
+        if name == "read":
+            return self._chunk_read(req, start_response, principal)
         check_hash(name)
         if req.method in ("GET", "HEAD"):
             self.authority.check(principal, "/", "r")

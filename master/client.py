@@ -21,7 +21,7 @@ import urllib.parse
 from keg import paths
 from keg.errors import BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, NotFound, PathConflict
 from keg.chunks import chunk_hash
-from keg.chunkworker import encode_group
+from keg.chunkworker import encode_group, read_group
 from keg.large import DEFAULT_THRESHOLD, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
 from keg.records import Entry, Event, Revision
 from keg.transaction import Transaction, TxResult, put, put_large, transaction_to_json
@@ -59,6 +59,10 @@ def _entry(obj: dict) -> Entry:
     return Entry(obj["path"], obj["kind"], obj["kid"], obj["size"], int(obj["mode"], 8), bool(obj.get("large")))
 
 
+READ_AHEAD = 4 << 20  # bytes of a large value's chunks asked for in one request
+READ_NAMES = 1024     # at most this many chunks per request
+
+
 class _ChunkUploader:
     """Where ``keg.large.ingest`` puts chunks when the keg is remote: only the missing ones are sent.
 
@@ -93,6 +97,35 @@ class _ChunkUploader:
             self.remote.chunk_put(name, data)
             self.sent += 1
         return stored
+
+
+class _ChunkReader:
+    """A large value's chunks fetched from a master ``READ_AHEAD`` bytes per request, in the pointer's order.
+
+    ``LargeReader`` asks for each chunk once, in order; a request
+    (``POST /v1/chunks/read``) brings the next few MiB of them, and only that
+    group is held.
+    """
+
+    def __init__(self, remote: "RemoteKeg", pointer: Pointer):
+        self.remote, self.chunks = remote, pointer.chunks
+        self.pos = 0
+        self.ready: dict = {}
+
+    def __call__(self, name: str, where: str = "") -> bytes:
+        start, self.pos = self.pos, self.pos + 1
+        if name not in self.ready:
+            names, size = [], 0
+            for n, length in self.chunks[start:]:
+                if n not in names:
+                    names.append(n)
+                size += length
+                if size >= READ_AHEAD or len(names) >= READ_NAMES:
+                    break
+            if name not in names:  # asked out of order: just this one
+                names = [name]
+            self.ready = dict(zip(names, self.remote.chunk_get_many(names, where)))
+        return self.ready[name]
 
 
 class RemoteKeg:
@@ -225,7 +258,8 @@ class RemoteKeg:
         if kind == "pointer":
             raise BadRequest(f"{path} is a pointer to another keg ({response.getheader('ETag').strip(chr(34))})")
         if response.getheader("Keg-Large") == "1":
-            return LargeReader(Pointer.from_json(json.loads(data)["large"]), self.chunk_get, path)
+            pointer = Pointer.from_json(json.loads(data)["large"])
+            return LargeReader(pointer, _ChunkReader(self, pointer), path)
         return io.BytesIO(data)
 
     def pointer(self, path: str, rev=None):
@@ -294,6 +328,30 @@ class RemoteKeg:
             raise CorruptKeg(f"chunk {name}{' of ' + where if where else ''} arrived damaged "
                              f"(its bytes hash to {chunk_hash(data)})")
         return data
+
+    def chunk_get_many(self, names: list, where: str = "") -> list:
+        """The bytes of ``names`` in one request (``POST /v1/chunks/read``), each checked here against its name.
+
+        Against a master without that route, one request per chunk.
+        """
+        body = json.dumps({"chunks": list(names)}).encode()
+        try:
+            data = self.request("POST", "/v1/chunks/read", body, {"Content-Type": "application/json"})[2]
+        except BadRequest as err:
+            if "not a chunk name" not in str(err):
+                raise
+            return [self.chunk_get(n, where) for n in names]  # an older master: one request per chunk
+        try:
+            items = read_group(io.BytesIO(data))
+        except (EOFError, ValueError) as err:
+            raise CorruptKeg(f"chunks{' of ' + where if where else ''} arrived cut short ({err})") from err
+        if [n for n, _ in items] != list(names):
+            raise CorruptKeg(f"the master sent other chunks than the {len(names)} asked for")
+        for n, d in items:
+            if chunk_hash(d) != n:
+                raise CorruptKeg(f"chunk {n}{' of ' + where if where else ''} arrived damaged "
+                                 f"(its bytes hash to {chunk_hash(d)})")
+        return [d for _, d in items]
 
     def chunk_put(self, name: str, data) -> bool:
         """Store a chunk; False when the master had it already."""

@@ -114,6 +114,11 @@ def spec() -> dict:
                                            "and none is stored if one fails.",
                                 "responses": {"200": _answer("{\"chunks\": n, \"created\": new ones}"),
                                               **_errors(400, 401, 413)}}},
+        "/v1/chunks/read": {"post": {"summary": "The chunks named in {\"chunks\": [...]} (1 to 1024), each "
+                                                "verified, in one answer framed as POST /v1/chunks takes them "
+                                                "(application/x-keg-chunks).",
+                                     "responses": {"200": {"description": "the chunks, in the order asked"},
+                                                   **_errors(400, 401, 403, 404, 413)}}},
         "/v1/gc": {"post": {"summary": "Delete chunks no retained revision points at, untouched for ?grace= "
                                        "seconds (default 3600; needs write on /).",
                             "responses": {"200": {"description": "revisions examined, chunks kept and removed, "

@@ -319,6 +319,14 @@ def test_a_group_of_chunks_is_stored_in_one_request_and_a_bad_group_changes_noth
     assert remote.chunk_put_many([(names[0], a)]) == 0
     assert remote.chunk_missing(names) == [] and remote.chunk_get(names[1]) == b
 
+    # Reading a group back: one request, in the order asked, each verified by the client.
+    assert remote.chunk_get_many([names[1], names[0]]) == [b, a]
+    absent = chunk_hash(b"never stored")
+    with pytest.raises(NotFound, match=absent):
+        remote.chunk_get_many([names[0], absent])
+    with pytest.raises(BadRequest, match="1 to 1024 names"):
+        remote.chunk_get_many([names[0]] * 1025)
+
 
 # ---------------------------------------------------------------- mounts
 

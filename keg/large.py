@@ -49,7 +49,8 @@ MAX_CHUNK = AVG_CHUNK * 4
 MAX_POINTER = 64 << 20  # a pointer blob larger than this is refused as damaged
 GROUP_BYTES = 8 << 20  # chunks hashed, checked and compressed together (zstd spreads a group over CPUs)
 WORKERS = 2  # chunk worker processes, given groups in turn
-WORKER_AT = 16 << 20  # past this much of a value, a second process compresses and writes (keg.chunkworker)
+WORKER_AT = 16 << 20  # past this much of a value, worker processes compress and write (keg.chunkworker)
+_workers_fail = False  # starting a worker failed once: not tried again
 _LINE = re.compile(rb"^([0-9a-f]{64}) ([0-9]+)$")
 
 
@@ -222,9 +223,17 @@ def ingest(store_or_batch, stream, progress=None) -> Pointer:
 
 def _store_group(batches: list, group: list, to_worker: bool) -> None:
     """Hand ``group`` to a batch: the caller's own, or in turn each of ``WORKERS`` worker processes."""
-    if to_worker and len(batches) == 1:
+    global _workers_fail
+    if to_worker and len(batches) == 1 and not _workers_fail:
         from keg.chunkworker import WorkerBatch
-        batches.extend(WorkerBatch(batches[0].store) for _ in range(WORKERS))
+        try:
+            for _ in range(WORKERS):
+                batches.append(WorkerBatch(batches[0].store))
+        except OSError:  # no Python to start (an embedded interpreter): this process does it all
+            for worker in batches[1:]:
+                worker.abort()
+            del batches[1:]
+            _workers_fail = True
     if len(batches) > 1:
         batches.append(batches.pop(1))  # the next worker in turn
     batch = batches[-1]

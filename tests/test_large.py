@@ -133,6 +133,19 @@ def test_a_worker_process_stores_the_chunks_of_a_large_value_as_this_one_would(s
     assert len(workers) == large.WORKERS
 
 
+def test_without_a_python_to_start_the_import_runs_in_this_process(store, data, monkeypatch):
+    monkeypatch.setattr(large, "WORKER_AT", MiB)
+    monkeypatch.setattr(large, "GROUP_BYTES", 512 << 10)
+    monkeypatch.setattr(large, "_workers_fail", False)
+
+    def no_python(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", args[0][0])
+    monkeypatch.setattr(chunkworker.subprocess, "Popen", no_python)
+    op = store.put_stream("/alone.bin", io.BytesIO(data))
+    assert store.apply(Transaction((op,))).ok and store.read("/alone.bin") == data
+    assert large._workers_fail
+
+
 def test_an_empty_group_does_not_end_a_workers_stream(store, workers):
     batch = chunkworker.WorkerBatch(store.chunks)
     value = noise(70_000, 3)

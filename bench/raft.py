@@ -5,10 +5,14 @@
 
 In one run, on this machine:
 
-1. durable single-key writes over HTTP (PUT, distinct keys) for ``--seconds``
-   with 1 and with 32 client threads, against a single-node master and
-   against a 3-replica Raft master (clients spread over the replicas) on
-   loopback; the ratio is the DESIGN §9 goal (>= 50%);
+1. durable single-key writes over HTTP (PUT of 100 bytes, new keys) with 1
+   and with 32 keep-alive connections (the asyncio client of
+   bench/http_load.py, the one the etcd comparison uses), against a
+   single-node master and a 3-replica Raft master on loopback, both running,
+   in ``--rounds`` rounds that alternate which goes first; the ratio (median
+   of the per-round ratios) is the DESIGN §9 goal (>= 50%).  Raft is
+   measured with every connection to the leader, and spread over the
+   replicas (followers forward to the leader);
 2. ``--leader-kills`` times: kill -9 the leader of a 3-replica cluster (each
    replica in a network namespace), time until a write is accepted again,
    restart it; a CAS workload runs throughout and its history is checked for
@@ -27,14 +31,13 @@ harness (tests/raft_harness.py).
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 
@@ -42,59 +45,94 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import netns  # noqa: E402
+from http_load import KegApi, check_put, concurrent_puts, connect  # noqa: E402
 from conftest import MasterProcess, init_keg_with_token  # noqa: E402
 from raft_harness import Cluster, Workload, git_heads  # noqa: E402
 
 
-def write_rate(urls: list, token: str, clients: int, seconds: float) -> float:
-    """Acknowledged PUTs per second from ``clients`` threads, each on its own keep-alive connection."""
-    counts = [0] * clients
-    stop = time.monotonic() + seconds
-
-    def run(n):
-        url = urllib.parse.urlsplit(urls[n % len(urls)])
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-        i = 0
-        while time.monotonic() < stop:
-            conn.request("PUT", f"/v1/keg/bench/c{n}/k{i}", b"x" * 100, {"Authorization": f"Bearer {token}"})
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise SystemExit(f"write failed: {response.status}")
-            counts[n] += 1
-            i += 1
-        conn.close()
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(clients)]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.monotonic() - started)
+def _port(url: str) -> int:
+    return urllib.parse.urlsplit(url).port
 
 
-def rates(root: str, seconds: float) -> dict:
-    out = {}
+def write_rate(urls: list, token: str, clients: int, puts: int, tag: str) -> dict:
+    """Durable PUTs of 100 bytes to new keys from ``clients`` keep-alive connections (bench/http_load.py).
+
+    The connections go round the ``urls`` (one URL: all to it).  Returns
+    ``rate`` (acknowledged puts/s) and ``p50_ms``.
+    """
+    work = [(i, f"/bench/{tag}/k{i}") for i in range(puts)]
+    value = b"x" * 100
+    if len(urls) == 1:
+        result = concurrent_puts(KegApi(_port(urls[0]), token), work, lambda i: value, clients)
+    else:
+        result = spread_puts([KegApi(_port(u), token) for u in urls], work, value, clients)
+    latencies = sorted(result["latencies"])
+    return {"rate": result["rate"], "p50_ms": 1000 * latencies[len(latencies) // 2]}
+
+
+def spread_puts(apis: list, work: list, value: bytes, clients: int) -> dict:
+    """As ``concurrent_puts``, with connection ``n`` to ``apis[n % len(apis)]``."""
+    async def run():
+        conns = [(apis[n % len(apis)], await connect(apis[n % len(apis)].port)) for n in range(clients)]
+        todo, latencies = list(reversed(work)), []
+
+        async def loop(api, conn):
+            while todo:
+                i, key = todo.pop()
+                start = time.perf_counter()
+                status, body = await conn.request(api.put(key, value))
+                latencies.append(time.perf_counter() - start)
+                check_put(api, status, body)
+        try:
+            start = time.perf_counter()
+            await asyncio.gather(*(loop(api, conn) for api, conn in conns))
+            return {"rate": len(work) / (time.perf_counter() - start), "latencies": latencies}
+        finally:
+            for _, conn in conns:
+                conn.close()
+    return asyncio.run(run())
+
+
+def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
+    """Write rates of a single node and a 3-replica cluster, both running, in alternating rounds.
+
+    Each round measures both with 1 client and with 32, the order of the two
+    systems alternating from round to round (``sync`` and a short pause
+    before each measurement); a ratio is the median of its per-round ratios.
+    """
     keg_dir = os.path.join(root, "single")
     single = MasterProcess(keg_dir, init_keg_with_token(keg_dir))
-    try:
-        for clients in (1, 32):
-            out[f"single_{clients}"] = write_rate([single.url], single.token, clients, seconds)
-    finally:
-        single.stop()
     cluster = Cluster(os.path.join(root, "raft"), 3).start()
     try:
         leader = cluster.wait_leader()
-        for clients in (1, 32):
-            out[f"raft_leader_{clients}"] = write_rate([leader.url], cluster.token, clients, seconds)
-            out[f"raft_spread_{clients}"] = write_rate([r.url for r in cluster.replicas], cluster.token, clients,
-                                                       seconds)
+        systems = {"single": ([single.url], single.token), "raft_leader": ([leader.url], cluster.token),
+                   "raft_spread": ([r.url for r in cluster.replicas], cluster.token)}
+        for name, (urls, token) in systems.items():  # warm up: connections, caches, the first groups
+            write_rate(urls, token, 4, 200, f"warm-{name}")
+        runs = {(name, clients): [] for name in systems for clients in (1, 32)}
+        for n in range(rounds):
+            order = list(systems) if n % 2 == 0 else list(reversed(systems))
+            for clients, puts in ((1, puts_one), (32, puts_many)):
+                for name in order:
+                    os.sync()
+                    time.sleep(0.3)
+                    urls, token = systems[name]
+                    runs[name, clients].append(write_rate(urls, token, clients, puts, f"r{n}-{name}-{clients}"))
+                    print(f"round {n + 1}/{rounds}, {clients} client(s), {name}: "
+                          f"{runs[name, clients][-1]['rate']:.0f} puts/s", flush=True)
     finally:
         cluster.close()
+        single.stop()
+    out = {}
+    for (name, clients), results in runs.items():
+        out[f"{name}_{clients}"] = statistics.median(r["rate"] for r in results)
+        out[f"{name}_{clients}_rounds"] = [round(r["rate"]) for r in results]
+        out[f"{name}_{clients}_p50_ms"] = statistics.median(r["p50_ms"] for r in results)
     for clients in (1, 32):
-        out[f"ratio_leader_{clients}"] = out[f"raft_leader_{clients}"] / out[f"single_{clients}"]
-        out[f"ratio_spread_{clients}"] = out[f"raft_spread_{clients}"] / out[f"single_{clients}"]
+        for name in ("raft_leader", "raft_spread"):
+            ratios = [r["rate"] / s["rate"] for r, s in zip(runs[name, clients], runs["single", clients])]
+            out[f"ratio_{name[5:]}_{clients}"] = statistics.median(ratios)
+            out[f"ratio_{name[5:]}_{clients}_rounds"] = [round(x, 3) for x in ratios]
     return out
 
 
@@ -147,10 +185,13 @@ def faults(root: str, kills: int, restarts: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per write-rate measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="write-rate rounds (each: both systems, 1 and 32 clients)")
+    parser.add_argument("--puts", type=int, default=1000, help="puts per measurement with 1 client")
+    parser.add_argument("--puts-concurrent", type=int, default=8000, help="puts per measurement with 32 clients")
     parser.add_argument("--leader-kills", type=int, default=20, help="leader kills in a row")
     parser.add_argument("--restarts", type=int, default=10, help="all-replicas-at-once restarts")
     parser.add_argument("--no-rates", action="store_true", help="skip the write rates (only the fault loops)")
+    parser.add_argument("--no-faults", action="store_true", help="skip the fault loops (only the write rates)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR (new or empty) and keep it: the kegs and each replica's log, faults/r<i>.log")
     parser.add_argument("--out", help="also write the figures as JSON here")
@@ -166,8 +207,9 @@ def main() -> None:
     else:
         root = tempfile.mkdtemp(prefix="keg-bench-raft-")
     try:
-        figures = {"rates_per_s": rates(root, args.seconds)} if not args.no_rates else {}
-        figures["faults"] = faults(root, args.leader_kills, args.restarts)
+        figures = {"rates_per_s": rates(root, args.rounds, args.puts, args.puts_concurrent)} if not args.no_rates else {}
+        if not args.no_faults:
+            figures["faults"] = faults(root, args.leader_kills, args.restarts)
     except BaseException:
         # The replicas' logs are what explains a failure: never delete them with it.
         print(f"bench/raft.py failed; the kegs and the replicas' logs are kept in {root}", file=sys.stderr)

@@ -79,10 +79,12 @@ from master.raft_journal import EpollPoller, RaftJournal, SyncingTransport, seam
 from master.single import SingleMaster
 
 GROUP_FORMAT = 1
+GROUP_OVERHEAD = 40              # bytes of a group entry around its transactions (time, format), at most
 MAX_ENTRY = 4 << 20              # bytes of one log entry; a bigger transaction is refused (413)
 PROPOSE_TIMEOUT = 10.0           # a proposal not applied by then is answered "outcome unknown"
 IDEMPOTENCY_WINDOW = 100_000     # revisions within which a repeated transaction id is recognised
 TICK = 0.02                      # timer tick for Raft's timeouts and heartbeats
+COMMIT_NOTICE = 0.005            # a commit index no entry carries is sent on its own after this long
 PEER_TIMEOUT = 2.0               # one HTTP call to another replica
 PEER_BACKOFF = 2.0               # a replica that did not answer is not asked again for this long
 RAFT_INDEX_TRAILER = "Keg-Raft-Index: "
@@ -165,18 +167,25 @@ def peer_token(password: str) -> str:
 
 def encode_group(transactions, when: int) -> bytes:
     """A group of transactions as one log entry: exact bytes, no pickle, no loss (large puts keep their pointer)."""
-    txs = []
-    for tx in transactions:
-        ops = []
-        for op in tx.ops:
-            if isinstance(op, Delete):
-                ops.append(["delete", op.path, bool(op.recursive)])
-            else:
-                ops.append(["put", op.path, op.mode, base64.b64encode(op.data).decode("ascii"), bool(op.large)])
-        txs.append({"ops": ops, "compare": [[c.path, c.kid] for c in tx.compares],
-                    "author": [tx.author.name, tx.author.email], "id": tx.id})
-    return json.dumps({"v": GROUP_FORMAT, "time": int(when), "txs": txs},
+    return join_group([encode_tx(tx) for tx in transactions], when)
+
+
+def encode_tx(tx) -> bytes:
+    """One transaction as it appears inside a group (``join_group`` puts groups together from these)."""
+    ops = []
+    for op in tx.ops:
+        if isinstance(op, Delete):
+            ops.append(["delete", op.path, bool(op.recursive)])
+        else:
+            ops.append(["put", op.path, op.mode, base64.b64encode(op.data).decode("ascii"), bool(op.large)])
+    return json.dumps({"ops": ops, "compare": [[c.path, c.kid] for c in tx.compares],
+                       "author": [tx.author.name, tx.author.email], "id": tx.id},
                       separators=(",", ":"), sort_keys=True).encode()
+
+
+def join_group(encoded: list, when: int) -> bytes:
+    """The group of ``encode_tx`` results: the bytes ``json.dumps`` with sorted keys would make of it."""
+    return b'{"time":%d,"txs":[%b],"v":%d}' % (int(when), b",".join(encoded), GROUP_FORMAT)
 
 
 def decode_group(payload: bytes) -> tuple:
@@ -206,8 +215,35 @@ class ReplicatedLog(SyncObj):
                  journal: RaftJournal, poller: EpollPoller):
         self.keg_master = master
         self.keg_journal = journal
+        self.forwarded = False         # an apply_command from a follower arrived since the master last looked
         with seams(journal, poller):
             super().__init__(self_raft, others, conf, transportClass=SyncingTransport)
+
+    def send_entries(self) -> None:
+        """As leader, send every follower what it lacks and the commit index, now (see ``RaftMaster._tick``)."""
+        if self._isLeader():
+            self._SyncObj__sendAppendEntries()
+
+    def positions(self) -> tuple:
+        """(last log index, commit index): what a send would carry, to compare with the last one sent."""
+        return self._SyncObj__raftLog[-1][1], self.raftCommitIndex
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        kind = message.get("type")
+        if kind == "apply_command":
+            self.forwarded = True  # a follower waits to apply its command: tell it the commit index at once
+        # pysyncobj sets a follower's next index to what the follower's answer names, even when entries
+        # sent after the one it answers are on the way: the next send repeats them and the follower,
+        # which deletes everything after prevLogIdx before appending, truncates and rewrites its log
+        # (and says "truncating already-applied log entries").  An answer that succeeded moves the next
+        # index forward only; one that failed (reset) still moves it back.
+        if kind == "next_node_idx" and message.get("success") and not message.get("reset"):
+            ahead = self._SyncObj__raftNextIndex.get(node)
+            super()._SyncObj__onMessageReceived(node, message)
+            if ahead is not None and self._SyncObj__raftNextIndex.get(node, 0) < ahead:
+                self._SyncObj__raftNextIndex[node] = ahead
+            return
+        super()._SyncObj__onMessageReceived(node, message)
 
     @replicated
     def apply_group(self, payload):
@@ -282,13 +318,16 @@ class RaftMaster(SingleMaster):
         self.applied_index = 0          # the log index the keg's head reflects
         self._load_applied()
         self._proposals: list = []      # (deadline, [RaftPending])
+        self._sent = (0, 0)             # (last log index, commit index) of the last send made by _send
+        self._notice = None             # the scheduled send of a commit index (asyncio handle)
+        self._notify_upto = 0           # forwarded commands up to this log index wait for their commit
         self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
         self._wanted: set = set()       # chunks of committed values this replica lacks
         self._loop = None
         self._closed = False
         self.stats.update({"groups": 0, "snapshots_sent": 0, "snapshots_loaded": 0, "replayed_ids": 0})
         conf = SyncObjConf(
-            password=password, autoTick=False, useFork=False, appendEntriesUseBatch=False,
+            password=password, autoTick=False, useFork=False, appendEntriesUseBatch=True,
             dynamicMembershipChange=True, commandsWaitLeader=True,
             bindAddress=self.self_raft, maxBindRetries=3, bindRetryTime=0.2,
             raftMinTimeout=0.4, raftMaxTimeout=1.0, appendEntriesPeriod=0.1, connectionTimeout=3.5,
@@ -359,11 +398,50 @@ class RaftMaster(SingleMaster):
         # pysyncobj handles the messages a tick receives at the end of that tick (its poll), and acts on
         # them (commit index, apply, replies) at the start of the next: a second tick right away saves
         # a round of the timer on every message.
+        #
+        # The leader counts itself towards a majority at the start of a tick, so its log is synced
+        # before every tick; the entries it appends are sent first and synced after (SyncingTransport
+        # lets a leader's append_entries go unsynced), so its fdatasync runs while the followers
+        # write theirs.  pysyncobj runs in batch mode (it sends on its heartbeat timer only); the
+        # sends are made here (``_send``).
         try:
+            self.journal.sync()
             self.raft.doTick(wait)
+            self._send()
+            self.journal.sync()
             self.raft.doTick(0.0)
+            self._send()
+            self.journal.sync()
         except Exception:  # logged; the loop goes on and the next tick retries, as pysyncobj's thread would
             log.exception("raft tick failed")
+
+    def _send(self, now: bool = False) -> None:
+        """Send new entries at once; a new commit index alone a little later, or after this turn's answers.
+
+        A follower applies what the leader says is committed, so every
+        commit needs telling, but not by a message of its own: the next
+        entries carry it (with one client the next write is a few
+        milliseconds away, with many a group is always on its way).  A
+        commit index with nothing to carry it goes out after
+        ``COMMIT_NOTICE`` seconds, or on this turn (after the answers it
+        made) when a follower waits for a command it forwarded.
+        """
+        last, commit = self.raft.positions()
+        if self.raft.forwarded:
+            self.raft.forwarded = False
+            self._notify_upto = last
+        if last > self._sent[0] or (commit > self._sent[1] and (now or self._loop is None)):
+            self._sent = (last, commit)
+            self.raft.send_entries()
+        elif commit > self._sent[1] and self._notice is None:
+            urgent = self._notify_upto > self._sent[1]
+            self._notice = (self._loop.call_soon(self._send_notice) if urgent
+                            else self._loop.call_later(COMMIT_NOTICE, self._send_notice))
+
+    def _send_notice(self) -> None:
+        self._notice = None
+        if not self._closed:
+            self._send(now=True)
 
     def run_until(self, condition, timeout: float) -> None:
         """Drive Raft from this thread until ``condition()`` or ``timeout`` (outside an event loop)."""
@@ -374,6 +452,7 @@ class RaftMaster(SingleMaster):
             self._expire()
 
     def _on_state_changed(self, old, new) -> None:
+        self._sent = (0, 0)  # a new leader's log may end before what it sent as leader before
         log.info("raft: %s -> %s", ROLES.get(old), ROLES.get(new))
 
     # ------------------------------------------------------------ writes
@@ -385,23 +464,22 @@ class RaftMaster(SingleMaster):
             return
         group, size, when = [], 0, int(time.time())
         for pending in batch:
-            error = self._refuse(pending.tx)
+            encoded = encode_tx(pending.tx)
+            error = self._refuse(pending.tx, len(encoded) + GROUP_OVERHEAD)
             if error is not None:
                 pending.resolve(TxResult(False, error=error))
                 continue
-            one = len(encode_group([pending.tx], when))
-            if group and size + one > MAX_ENTRY:
+            if group and size + len(encoded) + 1 > MAX_ENTRY:
                 self._propose(group, when)
-                group, size = [], 0
-            group.append(pending)
-            size += one
+                group, size = [], GROUP_OVERHEAD
+            group.append((pending, encoded))
+            size += len(encoded) + 1
         if group:
             self._propose(group, when)
         self._tick()
 
-    def _refuse(self, tx):
-        """Why ``tx`` may not be proposed (too large, chunks missing here), or None."""
-        size = len(encode_group([tx], 0))
+    def _refuse(self, tx, size: int):
+        """Why ``tx`` (``size`` bytes as a log entry of its own) may not be proposed, or None."""
         if size > MAX_ENTRY:
             return EntryTooLarge(f"the transaction is {size} bytes as a log entry; at most {MAX_ENTRY} fit: "
                                  "store large values as chunks (PUT /v1/keg/<path> does that by itself)")
@@ -419,8 +497,9 @@ class RaftMaster(SingleMaster):
                                       f"this replica (first: {missing[0]}); upload them here first")
         return None
 
-    def _propose(self, group: list, when: int) -> None:
-        payload = encode_group([p.tx for p in group], when)
+    def _propose(self, proposed: list, when: int) -> None:
+        group = [pending for pending, _ in proposed]
+        payload = join_group([encoded for _, encoded in proposed], when)
         self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, group))
 
         def done(results, err):

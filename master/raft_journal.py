@@ -9,10 +9,12 @@ This module replaces it:
     The log as an append-only file of records, each ``len idx term crc32``
     then the command bytes.  ``add`` only writes; ``sync`` fdatasyncs.  The
     rule that makes it safe is kept by the master, not by callers being
-    careful: **nothing leaves the replica and nothing is applied while a log
-    write is unsynced** (``SyncingTransport.send`` and the apply path call
+    careful: **no acknowledgement or vote leaves the replica, no commit index
+    is computed and nothing is applied while a log write is unsynced**
+    (``SyncingTransport.send``, ``RaftMaster._tick`` and the apply path call
     ``sync`` first).  So a follower never acknowledges an entry, and a leader
-    never counts itself towards a majority, before the entry is on disk.  A
+    never counts itself towards a majority, before the entry is on disk; a
+    leader's entries alone may leave before its own sync.  A
     record cut short by a crash ends the log; it was never acknowledged.
     The term and vote (``raft.meta``) are written atomically and fsynced
     before ``setCurrentTerm`` returns, i.e. before the vote is sent.  The
@@ -285,11 +287,18 @@ class EpollPoller(Poller):
 
 
 class SyncingTransport(TCPTransport):
-    """pysyncobj's TCP transport that syncs the journal before any message leaves."""
+    """pysyncobj's TCP transport that syncs the journal before any message leaves but a leader's entries.
+
+    A leader's ``append_entries`` may leave before its own log is synced
+    (Raft allows it, thesis §10.2.1): the leader does not count itself
+    towards a majority until it is (``RaftMaster._tick`` syncs before every
+    tick, where pysyncobj computes the commit index).  Every other message,
+    a follower's acknowledgement above all, waits for the sync.
+    """
 
     def send(self, node, message):
         journal = getattr(self._syncObj, "keg_journal", None)
-        if journal is not None:
+        if journal is not None and message.get("type") != "append_entries":
             journal.sync()
         return super().send(node, message)
 

@@ -216,3 +216,27 @@ def test_bad_replica_options_say_what_is_wrong(tmp_path):
     for extra, message in cases:
         done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=30)
         assert done.returncode != 0 and message in done.stderr, (extra, done.stderr)
+
+
+def test_pipelined_writes_leave_every_log_whole_and_the_replicas_identical(cluster):
+    # Many writers keep several log entries on the way to each follower at once. A follower's answer
+    # to an older entry must not send the leader back to repeat newer ones: the follower would cut its
+    # log after the repeated entry's predecessor and write it again, applied entries included.
+    import threading
+    leader = cluster.wait_leader()
+    statuses: list = []
+
+    def writer(n):
+        for i in range(40):
+            statuses.append(cluster.write(leader, f"/pipe/w{n}/k{i}", str(i), timeout=30)[0])
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 640
+    head = cluster.wait_converged()
+    assert all("truncating already-applied" not in r.log() for r in cluster.replicas), \
+        [r.log()[-1500:] for r in cluster.replicas]
+    cluster.close()
+    assert set(git_heads([r.keg_path for r in cluster.replicas])) == {head[2:]}

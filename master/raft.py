@@ -215,7 +215,7 @@ class ReplicatedLog(SyncObj):
                  journal: RaftJournal, poller: EpollPoller):
         self.keg_master = master
         self.keg_journal = journal
-        self.forwarded = False         # an apply_command from a follower arrived since the master last looked
+        self.forwarded_upto = 0        # the newest log index this leader gave a follower's forwarded command
         with seams(journal, poller):
             super().__init__(self_raft, others, conf, transportClass=SyncingTransport)
 
@@ -230,8 +230,6 @@ class ReplicatedLog(SyncObj):
 
     def _SyncObj__onMessageReceived(self, node, message):
         kind = message.get("type")
-        if kind == "apply_command":
-            self.forwarded = True  # a follower waits to apply its command: tell it the commit index at once
         # pysyncobj sets a follower's next index to what the follower's answer names, even when entries
         # sent after the one it answers are on the way: the next send repeats them and the follower,
         # which deletes everything after prevLogIdx before appending, truncates and rewrites its log
@@ -320,7 +318,6 @@ class RaftMaster(SingleMaster):
         self._proposals: list = []      # (deadline, [RaftPending])
         self._sent = (0, 0)             # (last log index, commit index) of the last send made by _send
         self._notice = None             # the scheduled send of a commit index (asyncio handle)
-        self._notify_upto = 0           # forwarded commands up to this log index wait for their commit
         self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
         self._wanted: set = set()       # chunks of committed values this replica lacks
         self._loop = None
@@ -427,14 +424,11 @@ class RaftMaster(SingleMaster):
         made) when a follower waits for a command it forwarded.
         """
         last, commit = self.raft.positions()
-        if self.raft.forwarded:
-            self.raft.forwarded = False
-            self._notify_upto = last
         if last > self._sent[0] or (commit > self._sent[1] and (now or self._loop is None)):
             self._sent = (last, commit)
             self.raft.send_entries()
         elif commit > self._sent[1] and self._notice is None:
-            urgent = self._notify_upto > self._sent[1]
+            urgent = self.raft.forwarded_upto > self._sent[1]  # a follower waits for its forwarded write
             self._notice = (self._loop.call_soon(self._send_notice) if urgent
                             else self._loop.call_later(COMMIT_NOTICE, self._send_notice))
 

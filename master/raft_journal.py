@@ -298,8 +298,13 @@ class SyncingTransport(TCPTransport):
 
     def send(self, node, message):
         journal = getattr(self._syncObj, "keg_journal", None)
-        if journal is not None and message.get("type") != "append_entries":
+        kind = message.get("type")
+        if journal is not None and kind != "append_entries":
             journal.sync()
+        if kind == "apply_command_response" and "log_idx" in message:
+            # The leader placed a follower's forwarded command at log_idx: the follower answers its
+            # client once it hears that index is committed, so the master says so without delay.
+            self._syncObj.forwarded_upto = max(getattr(self._syncObj, "forwarded_upto", 0), message["log_idx"])
         return super().send(node, message)
 
 

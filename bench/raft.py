@@ -93,6 +93,16 @@ def spread_puts(apis: list, work: list, value: bytes, clients: int) -> dict:
     return asyncio.run(run())
 
 
+def cpu_seconds(pids: list) -> float:
+    """User + system CPU time the processes ``pids`` have used so far, from /proc."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
     """Write rates of a single node and a 3-replica cluster, both running, in alternating rounds.
 
@@ -107,9 +117,13 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
         leader = cluster.wait_leader()
         systems = {"single": ([single.url], single.token), "raft_leader": ([leader.url], cluster.token),
                    "raft_spread": ([r.url for r in cluster.replicas], cluster.token)}
+        pids = {"single": [single.proc.pid], "raft_leader": [leader.proc.pid],
+                "raft_spread": [r.proc.pid for r in cluster.replicas]}
+        pids["raft_followers"] = [p for p in pids["raft_spread"] if p != leader.proc.pid]
         for name, (urls, token) in systems.items():  # warm up: connections, caches, the first groups
             write_rate(urls, token, 4, 200, f"warm-{name}")
         runs = {(name, clients): [] for name in systems for clients in (1, 32)}
+        cpu = {key: [] for key in runs}
         for n in range(rounds):
             order = list(systems) if n % 2 == 0 else list(reversed(systems))
             for clients, puts in ((1, puts_one), (32, puts_many)):
@@ -117,7 +131,12 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
                     os.sync()
                     time.sleep(0.3)
                     urls, token = systems[name]
+                    before = {who: cpu_seconds(p) for who, p in pids.items()}
                     runs[name, clients].append(write_rate(urls, token, clients, puts, f"r{n}-{name}-{clients}"))
+                    used = {who: cpu_seconds(p) - before[who] for who, p in pids.items()}
+                    cpu[name, clients].append({"server": used["single" if name == "single" else "raft_spread"] / puts,
+                                               "leader": used["raft_leader"] / puts,
+                                               "followers": used["raft_followers"] / puts / 2})
                     print(f"round {n + 1}/{rounds}, {clients} client(s), {name}: "
                           f"{runs[name, clients][-1]['rate']:.0f} puts/s", flush=True)
     finally:
@@ -128,6 +147,10 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
         out[f"{name}_{clients}"] = statistics.median(r["rate"] for r in results)
         out[f"{name}_{clients}_rounds"] = [round(r["rate"]) for r in results]
         out[f"{name}_{clients}_p50_ms"] = statistics.median(r["p50_ms"] for r in results)
+        # CPU (user + system) per acknowledged put: all the system's processes, and for Raft the
+        # leader alone and one follower on average.
+        for part in ("server",) if name == "single" else ("server", "leader", "followers"):
+            out[f"{name}_{clients}_cpu_us_{part}"] = round(1e6 * statistics.median(c[part] for c in cpu[name, clients]))
     for clients in (1, 32):
         for name in ("raft_leader", "raft_spread"):
             ratios = [r["rate"] / s["rate"] for r, s in zip(runs[name, clients], runs["single", clients])]

@@ -209,6 +209,7 @@ class Cluster:
         first = os.path.join(root, "r0")
         self.token = init_keg_with_token(first)
         self.replicas: list = []
+        self._ports: set = set()
         self.client_host = net.host("client") if net is not None else None
         for i in range(size):
             self._make_replica(i, first)
@@ -233,6 +234,15 @@ class Cluster:
             if r.disk is not None:
                 r.disk.close()
 
+    def _new_port(self) -> int:
+        """A loopback port free now and not given to another replica of this cluster (the kernel may
+        offer a port again once the probe socket is closed)."""
+        while True:
+            port = free_port()
+            if port not in self._ports:
+                self._ports.add(port)
+                return port
+
     def _make_replica(self, i: int, first: str) -> Replica:
         path = os.path.join(self.root, f"r{i}")
         if i:
@@ -243,7 +253,7 @@ class Cluster:
             replica = Replica(self, i, path, f"{host.address}:{RAFT_PORT}", f"http://{host.address}:{HTTP_PORT}",
                               host)
         else:
-            replica = Replica(self, i, path, f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}")
+            replica = Replica(self, i, path, f"127.0.0.1:{self._new_port()}", f"http://127.0.0.1:{self._new_port()}")
         self.replicas.append(replica)
         return replica
 
@@ -264,11 +274,15 @@ class Cluster:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "Cluster":
-        """Start every replica and wait for a leader."""
-        for r in self.replicas:
-            r.start(wait=False)
-        self.wait_started()
-        self.wait_leader()
+        """Start every replica and wait for a leader; on a failure, stop the ones started and raise."""
+        try:
+            for r in self.replicas:
+                r.start(wait=False)
+            self.wait_started()
+            self.wait_leader()
+        except BaseException:
+            self.close()  # a replica that failed must not leave the others running with no owner
+            raise
         return self
 
     def wait_started(self, replicas=None) -> None:

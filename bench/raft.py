@@ -112,8 +112,9 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
     """
     keg_dir = os.path.join(root, "single")
     single = MasterProcess(keg_dir, init_keg_with_token(keg_dir))
-    cluster = Cluster(os.path.join(root, "raft"), 3).start()
+    cluster = None
     try:
+        cluster = Cluster(os.path.join(root, "raft"), 3).start()
         leader = cluster.wait_leader()
         systems = {"single": ([single.url], single.token), "raft_leader": ([leader.url], cluster.token),
                    "raft_spread": ([r.url for r in cluster.replicas], cluster.token)}
@@ -140,7 +141,8 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
                     print(f"round {n + 1}/{rounds}, {clients} client(s), {name}: "
                           f"{runs[name, clients][-1]['rate']:.0f} puts/s", flush=True)
     finally:
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
         single.stop()
     out = {}
     for (name, clients), results in runs.items():

@@ -85,6 +85,7 @@ PROPOSE_TIMEOUT = 10.0           # a proposal not applied by then is answered "o
 IDEMPOTENCY_WINDOW = 100_000     # revisions within which a repeated transaction id is recognised
 TICK = 0.02                      # timer tick for Raft's timeouts and heartbeats
 COMMIT_NOTICE = 0.005            # a commit index no entry carries is sent on its own after this long
+MAX_TICKS = 8                    # pysyncobj ticks in a row while each one's poll reads messages
 PEER_TIMEOUT = 2.0               # one HTTP call to another replica
 PEER_BACKOFF = 2.0               # a replica that did not answer is not asked again for this long
 RAFT_INDEX_TRAILER = "Keg-Raft-Index: "
@@ -318,6 +319,7 @@ class RaftMaster(SingleMaster):
         self._proposals: list = []      # (deadline, [RaftPending])
         self._sent = (0, 0)             # (last log index, commit index) of the last send made by _send
         self._notice = None             # the scheduled send of a commit index (asyncio handle)
+        self._notice_urgent = False     # that send is for a follower's forwarded write (call_soon)
         self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
         self._wanted: set = set()       # chunks of committed values this replica lacks
         self._loop = None
@@ -401,13 +403,18 @@ class RaftMaster(SingleMaster):
         # lets a leader's append_entries go unsynced), so its fdatasync runs while the followers
         # write theirs.  pysyncobj runs in batch mode (it sends on its heartbeat timer only); the
         # sends are made here (``_send``).
+        # Messages that arrive during a tick (the followers' answers come in while the leader syncs)
+        # are read by that tick's poll and acted on by the next: tick again while a poll read any.
         try:
             self.journal.sync()
             self.raft.doTick(wait)
             self._send()
-            self.journal.sync()
-            self.raft.doTick(0.0)
-            self._send()
+            for _ in range(MAX_TICKS):
+                self.journal.sync()
+                self.raft.doTick(0.0)
+                self._send()
+                if not self.poller.handled:
+                    break
             self.journal.sync()
         except Exception:  # logged; the loop goes on and the next tick retries, as pysyncobj's thread would
             log.exception("raft tick failed")
@@ -423,14 +430,21 @@ class RaftMaster(SingleMaster):
         ``COMMIT_NOTICE`` seconds, or on this turn (after the answers it
         made) when a follower waits for a command it forwarded.
         """
+        if not self.raft._isLeader():
+            return
         last, commit = self.raft.positions()
         if last > self._sent[0] or (commit > self._sent[1] and (now or self._loop is None)):
             self._sent = (last, commit)
             self.raft.send_entries()
-        elif commit > self._sent[1] and self._notice is None:
-            urgent = self.raft.forwarded_upto > self._sent[1]  # a follower waits for its forwarded write
-            self._notice = (self._loop.call_soon(self._send_notice) if urgent
-                            else self._loop.call_later(COMMIT_NOTICE, self._send_notice))
+        elif commit > self._sent[1]:
+            urgent = self._sent[1] < self.raft.forwarded_upto <= commit  # a follower waits for its write
+            if self._notice is not None and urgent and not self._notice_urgent:
+                self._notice.cancel()
+                self._notice = None
+            if self._notice is None:
+                self._notice_urgent = urgent
+                self._notice = (self._loop.call_soon(self._send_notice) if urgent
+                                else self._loop.call_later(COMMIT_NOTICE, self._send_notice))
 
     def _send_notice(self) -> None:
         self._notice = None
@@ -447,6 +461,7 @@ class RaftMaster(SingleMaster):
 
     def _on_state_changed(self, old, new) -> None:
         self._sent = (0, 0)  # a new leader's log may end before what it sent as leader before
+        self.raft.forwarded_upto = 0
         log.info("raft: %s -> %s", ROLES.get(old), ROLES.get(new))
 
     # ------------------------------------------------------------ writes
@@ -636,6 +651,8 @@ class RaftMaster(SingleMaster):
         self.raft.barrier(callback=done)
         if self._loop is None:
             self._tick()
+        else:
+            self._loop.call_soon(self._tick)  # batch mode: nothing else wakes the loop for a queued command
         return pending
 
     # ------------------------------------------------------------ chunks
@@ -828,6 +845,8 @@ class RaftMaster(SingleMaster):
             self.raft.removeNodeFromCluster(address, callback=done)
         if self._loop is None:
             self._tick()
+        else:
+            self._loop.call_soon(self._tick)  # batch mode: nothing else wakes the loop for a queued command
         return pending
 
     def close(self) -> None:

@@ -231,6 +231,7 @@ class EpollPoller(Poller):
     def __init__(self):
         self._epoll = select.epoll()
         self._callbacks: dict = {}
+        self.handled = 0               # socket events the last poll handled (the master ticks again if any)
 
     def fileno(self) -> int:
         """The epoll descriptor: readable whenever a socket pysyncobj watches has an event."""
@@ -264,10 +265,12 @@ class EpollPoller(Poller):
                 pass  # already closed: the kernel dropped it from the set
 
     def poll(self, timeout):
+        self.handled = 0
         try:
             events = self._epoll.poll(max(0.0, timeout))
         except InterruptedError:
             return
+        self.handled = len(events)
         for fd, mask in events:
             callback = self._callbacks.get(fd)
             if callback is None:
@@ -287,19 +290,24 @@ class EpollPoller(Poller):
 
 
 class SyncingTransport(TCPTransport):
-    """pysyncobj's TCP transport that syncs the journal before any message leaves but a leader's entries.
+    """pysyncobj's TCP transport that syncs the journal before a message leaves, but a leader's own.
 
     A leader's ``append_entries`` may leave before its own log is synced
     (Raft allows it, thesis §10.2.1): the leader does not count itself
     towards a majority until it is (``RaftMaster._tick`` syncs before every
-    tick, where pysyncobj computes the commit index).  Every other message,
-    a follower's acknowledgement above all, waits for the sync.
+    tick, where pysyncobj computes the commit index); so may its answer
+    saying where it put a follower's forwarded command.  Every other
+    message, a follower's acknowledgement and a vote above all, waits for
+    the sync.
     """
 
     def send(self, node, message):
         journal = getattr(self._syncObj, "keg_journal", None)
         kind = message.get("type")
-        if journal is not None and kind != "append_entries":
+        # Neither a leader's entries nor its "your command is at index i, term t" need its own log on
+        # disk first: a follower acts on neither as on an acknowledgement (an entry lost in a leader's
+        # crash is replaced in a higher term, and the follower's command is then reported discarded).
+        if journal is not None and kind not in ("append_entries", "apply_command_response"):
             journal.sync()
         if kind == "apply_command_response" and "log_idx" in message:
             # The leader placed a follower's forwarded command at log_idx: the follower answers its

@@ -19,6 +19,14 @@ group is acknowledged.  A checkpoint (every ``checkpoint_revisions`` revisions,
 pack, moves the ref, and empties the journal.  After a crash the next writer
 replays the journal, so an acknowledged transaction is never lost.
 
+A server that commits for many clients (the master) opens the store with
+``background_checkpoints``: a scheduled checkpoint then seals the journal and
+forks a child that compresses and writes the pack on another core while
+commits go on; the writer installs it (revision index, ref, sealed journal
+segment dropped) at a later commit or ``poll_checkpoint``.  Without it, or
+while the process runs threads (forking one is unsafe), the checkpoint runs
+inside the commit that reaches it.
+
 Other processes may read at any time; they see the newest checkpoint.
 """
 
@@ -26,12 +34,14 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import io
 import fcntl
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import OrderedDict
 from fnmatch import fnmatchcase
@@ -133,10 +143,13 @@ class Store:
         checkpoint_revisions: checkpoint after this many revisions in the journal.
         checkpoint_bytes: checkpoint after this many bytes of new objects.
         lock_timeout: seconds to wait for another writer to finish.
+        background_checkpoints: write scheduled checkpoints' packs in a child
+            process (see the module's docstring); for long-running writers.
     """
 
     def __init__(self, path: str, durable: bool = True, checkpoint_revisions: int = 1000,
-                 checkpoint_bytes: int = 64 << 20, lock_timeout: float = 30.0):
+                 checkpoint_bytes: int = 64 << 20, lock_timeout: float = 30.0,
+                 background_checkpoints: bool = False):
         self.path = os.path.abspath(path)
         if not os.path.exists(os.path.join(self.path, "keg", "config.json")):
             raise NotFound(f"no keg at {self.path}; create one with 'keg init --keg {self.path}'")
@@ -157,6 +170,9 @@ class Store:
         self._lock_fd = None
         self._pending: dict = {}          # oid -> (type, data) not yet in a pack
         self._pending_bytes = 0
+        self.background_checkpoints = background_checkpoints
+        self._packing: dict = {}          # like _pending: what a background checkpoint is writing
+        self._background: _Background | None = None
         self._revs: list = [None]          # revision number -> commit oid
         self._checkpoint_rev = 0
         self._trees: OrderedDict = OrderedDict()
@@ -231,12 +247,14 @@ class Store:
         self._write_revs_index(revs, 1)
         return revs
 
-    def _write_revs_index(self, revs: list, start: int) -> None:
+    def _write_revs_index(self, revs: list, start: int, end: int | None = None) -> None:
+        """Write ``revs[start:end]`` into the revision index, which then ends at ``end``."""
+        end = len(revs) if end is None else end
         with open(os.path.join(self.path, "keg", "revs"), "r+b" if os.path.exists(
                 os.path.join(self.path, "keg", "revs")) else "wb") as f:
             f.seek(20 * start)
-            f.write(b"".join(revs[start:]))
-            f.truncate(20 * len(revs))
+            f.write(b"".join(revs[start:end]))
+            f.truncate(20 * end)
             if start == 1:
                 f.seek(0)
                 f.write(b"\x00" * 20)
@@ -316,8 +334,13 @@ class Store:
 
     # ----------------------------------------------------------------- objects
 
-    def _object(self, oid: bytes):
+    def _unpacked(self, oid: bytes):
+        """An object not in a pack yet, or ``None``."""
         hit = self._pending.get(oid)
+        return hit if hit is not None or not self._packing else self._packing.get(oid)
+
+    def _object(self, oid: bytes):
+        hit = self._unpacked(oid)
         if hit is not None:
             if hit[1] is None:  # stored as a delta against an earlier pending object
                 return hit[0], apply_delta(self._object(hit[2])[1], hit[3])
@@ -419,7 +442,7 @@ class Store:
         return entry
 
     def _blob_size(self, oid: bytes) -> int:
-        hit = self._pending.get(oid)
+        hit = self._unpacked(oid)
         if hit is not None:
             return len(self._object(oid)[1])
         try:
@@ -855,13 +878,14 @@ class Store:
         self._journal.append(Record(number, parent, commit_oid, when, (author.name, author.email),
                                     message, record_ops), sync)
         self._install(new_objects, commit_oid)
-        if (number - self._checkpoint_rev >= self.checkpoint_revisions
-                or self._pending_bytes >= self.checkpoint_bytes):
-            try:
-                self.checkpoint()
-            except OSError as err:
-                # The group is journaled and acknowledged; the checkpoint is retried by the next one.
-                self.last_checkpoint_error = err
+        try:
+            if self._background is not None:
+                self._finish_background(wait=False)
+            if self._checkpoint_due():
+                self._scheduled_checkpoint()
+        except OSError as err:
+            # The group is journaled and acknowledged; the checkpoint is retried by the next one.
+            self.last_checkpoint_error = err
         for listener in list(self._listeners):
             listener(number)
         return commit_oid
@@ -920,10 +944,13 @@ class Store:
     def checkpoint(self) -> None:
         """Make journaled revisions part of the git repository and empty the journal.
 
-        Order matters for crash safety: pack (fsynced), revision index, ref
-        (fsynced), then the journal is dropped.  A crash between any two steps
-        leaves either the old ref with the journal, or the new ref.
+        Waits for a background checkpoint first.  Order matters for crash
+        safety: pack (fsynced), revision index, ref (fsynced), then the journal
+        is dropped.  A crash between any two steps leaves either the old ref
+        with the journal, or the new ref.
         """
+        if self._background is not None:
+            self._finish_background(wait=True)
         if self._lock_fd is None or self.head_revision == self._checkpoint_rev:
             return
         pack_dir = os.path.join(self.path, "objects", "pack")
@@ -937,6 +964,78 @@ class Store:
         self.last_checkpoint_error = None
         self.stats["checkpoints"] += 1
         self._maybe_repack(pack_dir)
+
+    def _checkpoint_due(self) -> bool:
+        """True when the revisions or bytes not yet in a pack (or being packed) call for a checkpoint."""
+        background = self._background
+        done = background.revision if background else self._checkpoint_rev
+        unpacked = self._pending_bytes - (background.size if background else 0)
+        return self.head_revision - done >= self.checkpoint_revisions or unpacked >= self.checkpoint_bytes
+
+    def _scheduled_checkpoint(self) -> None:
+        """The checkpoint a commit calls for: in a child process when allowed, else here and now."""
+        if not self.background_checkpoints or threading.active_count() > 1:
+            self.checkpoint()
+            return
+        if self._background is not None:
+            self._finish_background(wait=True)  # a second one is due already: the disk sets the pace
+        if self.head_revision == self._checkpoint_rev:
+            return
+        revision = self.head_revision
+        sealed = self._journal.seal(revision)
+        self._packing, self._pending = self._pending, {}
+        size = self._pending_bytes
+        objects = [(oid, *value[:4]) for oid, value in self._packing.items()]
+        try:
+            pid = os.fork()
+        except OSError:
+            self._pending, self._packing = self._packing, {}  # the sealed segment stays until a checkpoint
+            raise
+        if pid == 0:
+            _write_pack_and_exit(os.path.join(self.path, "objects", "pack"), objects, self.durable)
+        self._background = _Background(pid, revision, size, sealed)
+
+    def poll_checkpoint(self) -> bool:
+        """Install a background checkpoint that has finished; True while one is still running."""
+        if self._background is None:
+            return False
+        try:
+            return not self._finish_background(wait=False)
+        except OSError as err:
+            self.last_checkpoint_error = err
+            return False
+
+    def _finish_background(self, wait: bool) -> bool:
+        """Install the background checkpoint's pack if its child is done (or ``wait``); True when it was.
+
+        A child that failed gives its objects back to the pending ones: the
+        next checkpoint writes them, and its journal segment stays until then.
+        """
+        background = self._background
+        try:
+            pid, status = os.waitpid(background.pid, 0 if wait else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = background.pid, -1   # reaped by someone else: its outcome is unknown
+        if pid == 0:
+            return False
+        self._background = None
+        if status != 0:
+            self._pending = {**self._packing, **self._pending}
+            self._packing = {}
+            self.last_checkpoint_error = OSError(f"the background checkpoint of revisions up to "
+                                                 f"{background.revision} failed (wait status {status}); "
+                                                 "the next checkpoint writes them")
+            return True
+        self._write_revs_index(self._revs, self._checkpoint_rev + 1, background.revision + 1)
+        self._write_ref(BRANCH, self._revs[background.revision])
+        self._packing = {}
+        self._pending_bytes -= background.size
+        self._checkpoint_rev = background.revision
+        self._journal.drop_sealed(background.sealed)
+        self.last_checkpoint_error = None
+        self.stats["checkpoints"] += 1
+        self._maybe_repack(os.path.join(self.path, "objects", "pack"))
+        return True
 
     def _write_ref(self, name: str, oid: bytes) -> None:
         """Point a loose ref at ``oid`` atomically; the temporary file is git's own ``<ref>.lock``."""
@@ -1186,10 +1285,10 @@ class Store:
         hex_prefix = k.hex
         if k.is_full:
             oid = bytes.fromhex(hex_prefix)
-            if oid in self._pending or self._repo.odb.exists(hex_prefix):
+            if self._unpacked(oid) is not None or self._repo.odb.exists(hex_prefix):
                 return oid
             raise NotFound(f"{text} names no object in this keg")
-        found = {oid for oid in self._pending if oid.hex().startswith(hex_prefix)}
+        found = {oid for oid in (*self._pending, *self._packing) if oid.hex().startswith(hex_prefix)}
         try:
             obj = self._repo.get(hex_prefix)
             if obj is not None:
@@ -1297,6 +1396,44 @@ def _ancestors(path: str):
 def obj_type_name(obj_type: int) -> str:
     """``commit``, ``tree`` or ``blob`` for a git object type number."""
     return {OBJ_COMMIT: "commit", OBJ_TREE: "tree", OBJ_BLOB: "blob"}.get(obj_type, str(obj_type))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Background:
+    """A checkpoint whose pack a child process is writing."""
+
+    pid: int
+    revision: int   # the newest revision it makes part of the repository
+    size: int       # bytes of the objects it writes
+    sealed: str     # the journal segment it makes redundant
+
+
+def _max_fd() -> int:
+    try:
+        return max(int(name) for name in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        return os.sysconf("SC_OPEN_MAX")
+
+
+def _write_pack_and_exit(pack_dir: str, objects: list, durable: bool):
+    """The child of a background checkpoint: write the pack, exit 0 (or 1 with a message); never returns."""
+    status = 1
+    try:
+        gc.disable()  # a collection would touch, and so copy, every page of the parent's heap
+        signal.set_wakeup_fd(-1)  # the parent's event loop owns it
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
+        os.closerange(3, _max_fd())  # the parent's sockets and lock close when the parent closes them
+        write_pack(pack_dir, objects, durable=durable)
+        status = 0
+    except BaseException as err:  # noqa: BLE001 - report anything; the parent retries in the foreground
+        try:
+            os.write(2, f"keg: background checkpoint failed: {err}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
 
 
 def _git_env() -> dict:

@@ -118,6 +118,14 @@ class Master(abc.ABC):
     def flush(self) -> None:
         """Commit everything queued, as one group; resolve each ``Pending``."""
 
+    def housekeeping(self) -> float | None:
+        """Finish background work that is done (a checkpoint written by a child).
+
+        Returns:
+            Seconds after which to call again, or ``None`` when nothing is under way.
+        """
+        return None
+
     def commit(self, transactions) -> list:
         """Apply transactions and wait for their results (one group when possible)."""
         pending = [self.submit(tx) for tx in transactions]

@@ -389,6 +389,7 @@ class RaftMaster(SingleMaster):
             return
         self._tick()
         self._expire()
+        self.housekeeping()   # install a checkpoint a child has written
         if self._wanted:
             self._fetch_wanted()
         self._loop.call_later(TICK, self._timer)

@@ -344,6 +344,7 @@ class HttpServer:
         self.loop = None
         self._server = None
         self._flush_scheduled = False
+        self._housekeeping_scheduled = False
         self._stopping = None
         self.log = log or (lambda message: print(f"keg master: {message}", file=sys.stderr, flush=True))
 
@@ -355,6 +356,17 @@ class HttpServer:
     def _flush(self):
         self._flush_scheduled = False
         self.master.flush()
+        if not self._housekeeping_scheduled:
+            self._housekeeping()
+
+    def _housekeeping(self):
+        # A commit may have started a checkpoint in a child process: install it once it is done,
+        # also when no further write comes.
+        self._housekeeping_scheduled = False
+        delay = self.master.housekeeping()
+        if delay is not None:
+            self._housekeeping_scheduled = True
+            self.loop.call_later(delay, self._housekeeping)
 
     async def start(self, sock: socket.socket | None = None):
         """Start listening (on ``sock`` if given); returns the bound ``(host, port)``."""

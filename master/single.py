@@ -37,6 +37,7 @@ from master.interface import Master, Pending
 MAX_GROUP = 512                # transactions per commit: bounds one fsync's latency
 EVENT_CACHE_REVISIONS = 4096   # recent revisions whose events are kept, shared by all watchers
 INDEX_REVISIONS = 4096         # revisions that touched a watched prefix kept in its index, at most
+HOUSEKEEPING_POLL = 0.05      # seconds between looks at a checkpoint written in the background
 INDEX_JUMP = EVENT_CACHE_REVISIONS // 2  # more new revisions at once (a snapshot loaded): wake everyone, index none
 
 
@@ -351,6 +352,10 @@ class SingleMaster(Master):
 
         with self._lock:
             return sources.receive(self.store.path, app, commit, pack)
+
+    def housekeeping(self):
+        with self._lock:
+            return HOUSEKEEPING_POLL if self.store.poll_checkpoint() else None
 
     def publish(self) -> str:
         self.flush()

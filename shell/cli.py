@@ -491,7 +491,7 @@ def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push,
     from master.server import serve_fastcgi, serve_http
     from master.single import SingleMaster
 
-    store = keg.Store(keg_dir, lock_timeout=1.0)
+    store = keg.Store(keg_dir, lock_timeout=1.0, background_checkpoints=True)
     the_master = SingleMaster(store)
     app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat, max_push=max_push, self_url=self_url)
     try:

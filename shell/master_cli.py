@@ -66,7 +66,7 @@ def serve_replica(keg_dir: str, listen: str, max_body: int, heartbeat: float, ra
     except RaftConfigError as err:
         raise click.BadParameter(str(err), param_hint="--raft-peers") from err
     main_log_handler()
-    store = keg.Store(keg_dir, lock_timeout=1.0)
+    store = keg.Store(keg_dir, lock_timeout=1.0, background_checkpoints=True)
     try:
         the_master = RaftMaster(store, raft_self, peers, password, raft_dir=raft_dir,
                                 compact_entries=compact_entries)

@@ -1,6 +1,6 @@
 """A writer for the crash tests: applies transactions forever and prints each one it saw acknowledged.
 
-Usage: python crash_writer.py KEG_DIR SEED
+Usage: python crash_writer.py KEG_DIR SEED (odd seeds checkpoint in the background)
 Each acknowledged write prints: revision, revision KID, path, value (tab-separated), flushed at once,
 so the line exists only for writes the store had already acknowledged.
 """
@@ -14,7 +14,9 @@ from keg import Transaction, put
 
 keg_dir, seed = sys.argv[1], int(sys.argv[2])
 rng = random.Random(seed)
-store = keg.Store(keg_dir, durable=True, checkpoint_revisions=rng.choice([3, 7, 20]))
+# Odd seeds write checkpoints in a child process, as the master does: kills land while one is under way.
+store = keg.Store(keg_dir, durable=True, checkpoint_revisions=rng.choice([3, 7, 20]),
+                  background_checkpoints=seed % 2 == 1)
 out = os.fdopen(1, "w", buffering=1)
 i = 0
 while True:

@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import time
 
 import pytest
 
@@ -348,3 +349,76 @@ def test_a_failed_journal_sync_acknowledges_nothing_and_stops_writes(keg_dir, mo
     assert again.apply(Transaction((put("/d", "4"),))).revision == 3
     assert not again.exists("/b") and again.read("/d") == b"4"
     again.close()
+
+
+def test_background_checkpoints_pack_in_a_child_while_commits_go_on(keg_dir, monkeypatch):
+    keg.init(keg_dir).close()
+    forks = []
+    real_fork = os.fork
+
+    def counting_fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+    monkeypatch.setattr(os, "fork", counting_fork)
+    store = keg.Store(keg_dir, checkpoint_revisions=10, background_checkpoints=True)
+    reader = keg.Store(keg_dir)
+    kids = {}
+    for i in range(95):
+        r = store.apply(tx(put(f"/bg/k{i % 7}", f"value {i}"), put("/bg/count", str(i))))
+        kids[r.revision] = r.revision_kid
+        assert store.read("/bg/count") == str(i).encode()  # packing or not, every value reads back
+    assert len(forks) >= 5  # one child per ten revisions, save those that waited for the previous one
+    while store.poll_checkpoint():
+        time.sleep(0.01)
+    installed = reader.refresh()  # another process sees what the children packed, through git
+    assert 2 <= store.head_revision - installed < 20 and reader.read("/bg/count") == str(installed - 2).encode()
+    assert [n for n in os.listdir(os.path.join(keg_dir, "keg", "journal")) if n.startswith("sealed-")] == []
+    store.close()
+    reopened = keg.Store(keg_dir)
+    assert reopened.head_revision == 96 and reopened.read("/bg/count") == b"94"
+    assert all(reopened.revision(n).kid == kid for n, kid in kids.items())
+    assert git(keg_dir, "fsck", "--strict", "--no-dangling").returncode == 0
+
+
+def test_a_failed_background_checkpoint_loses_nothing(keg_dir, monkeypatch, capfd):
+    keg.init(keg_dir).close()
+    store = keg.Store(keg_dir, checkpoint_revisions=5, background_checkpoints=True)
+
+    def broken_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("keg.store.write_pack", broken_disk)  # the forked children inherit it
+    for i in range(12):
+        assert store.apply(tx(put("/f/n", str(i)))).ok
+    while store.poll_checkpoint():
+        time.sleep(0.01)
+    assert "background checkpoint failed: [Errno 28] No space left on device" in capfd.readouterr().err
+    assert "the next checkpoint writes them" in str(store.last_checkpoint_error)
+    assert keg.Store(keg_dir).head_revision == 1  # nothing was installed
+    assert store.read("/f/n") == b"11"
+    monkeypatch.undo()
+    store.close()  # the foreground checkpoint writes everything, and drops every journal segment
+    assert os.listdir(os.path.join(keg_dir, "keg", "journal")) == []
+    reopened = keg.Store(keg_dir)
+    assert reopened.head_revision == 13 and [reopened.read("/f/n", n) for n in (2, 7, 13)] == [b"0", b"5", b"11"]
+    assert git(keg_dir, "fsck", "--strict", "--no-dangling").returncode == 0
+
+
+def test_a_writer_with_threads_checkpoints_in_the_foreground(keg_dir, monkeypatch):
+    import threading
+    keg.init(keg_dir).close()
+    forks = []
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or 0)  # a fork here would run the child's code
+    store = keg.Store(keg_dir, checkpoint_revisions=3, background_checkpoints=True)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        for i in range(7):
+            store.apply(tx(put("/t", str(i))))
+    finally:
+        stop.set()
+        other.join()
+    assert forks == [] and keg.Store(keg_dir).head_revision >= 6
+    store.close()

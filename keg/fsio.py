@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import os
+
+PREALLOCATE = 1 << 20   # bytes a log file is allocated ahead of its records
+
+
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Allocate ``length`` bytes of zeros at ``offset``; False where the file system cannot.
+
+    A log written into space its file already has does not change the file's
+    size, so its fdatasync need not write the inode too.
+
+    Raises:
+        OSError: the disk is full (or another real error).
+    """
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return False
+        raise
+    return True
 
 
 def fsync_dir(path: str) -> None:

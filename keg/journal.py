@@ -31,7 +31,6 @@ on ext4).  Closing the journal cuts the unused space off again.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -39,14 +38,13 @@ import zlib
 from dataclasses import dataclass
 
 from keg.errors import CorruptKeg
-from keg.fsio import fsync_dir
+from keg.fsio import PREALLOCATE, fsync_dir, preallocate
 
 HEADER = struct.Struct("<2sBBII")
 MAGIC = b"KJ"
 VERSION = 1
 SEGMENT = "current.log"
 SEALED_PREFIX = "sealed-"
-PREALLOCATE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -169,14 +167,10 @@ class Journal:
         self._unsynced = self.durable and not sync
 
     def _allocate(self, fd: int, size: int) -> None:
-        try:
-            os.posix_fallocate(fd, self._allocated, size - self._allocated)
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
+        if preallocate(fd, self._allocated, size - self._allocated):
+            self._allocated = size
+        else:
             self._preallocate = False  # a file system without it: records extend the file
-            return
-        self._allocated = size
 
     def sealed(self) -> list:
         """Paths of the sealed segments, oldest first."""

@@ -7,7 +7,9 @@ This module replaces it:
 
 ``RaftJournal``
     The log as an append-only file of records, each ``len idx term crc32``
-    then the command bytes.  ``add`` only writes; ``sync`` fdatasyncs.  The
+    then the command bytes, allocated ahead (zeros, which read as the end:
+    no entry has index 0) so that a sync does not write the file's size.
+    ``add`` only writes; ``sync`` fdatasyncs.  The
     rule that makes it safe is kept by the master, not by callers being
     careful: **no acknowledgement or vote leaves the replica, no commit index
     is computed and nothing is applied while a log write is unsynced**
@@ -49,7 +51,7 @@ from pysyncobj.poller import POLL_EVENT_TYPE, Poller
 from pysyncobj.transport import TCPTransport
 
 from keg.errors import CorruptKeg
-from keg.fsio import fsync_dir, make_dirs, write_file_atomic
+from keg.fsio import PREALLOCATE, fsync_dir, make_dirs, preallocate, write_file_atomic
 
 RECORD = struct.Struct("<IQQI")     # command length, index, term, crc32 of the command
 LOG_NAME = "raft.log"
@@ -80,6 +82,8 @@ class RaftJournal(Journal):
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if not existed and durable:
             fsync_dir(directory)  # the name too: fdatasync of the file would not keep it after a power cut
+        self._allocated = 0            # the file's size: the records, then zeros allocated ahead
+        self._preallocate = True
         self._load()
 
     # ---------------------------------------------------------------- files
@@ -103,6 +107,8 @@ class RaftJournal(Journal):
         pos = 0
         while pos + RECORD.size <= len(data):
             length, index, term, crc = RECORD.unpack_from(data, pos)
+            if index == 0:
+                break  # space allocated ahead: the end of the log
             end = pos + RECORD.size + length
             if end > len(data):
                 break
@@ -114,11 +120,13 @@ class RaftJournal(Journal):
             self._entries.append((command, index, term))
             self._offsets.append(pos)
             pos = end
-        if pos != len(data):
+        if data[pos:].strip(b"\0"):
             # A record the crash cut short: never synced, so never acknowledged.
             os.ftruncate(self._fd, pos)
             self._fsync()
-        self.synced_size = pos
+        elif pos != len(data):
+            os.ftruncate(self._fd, pos)  # only zeros allocated ahead: nothing to make durable
+        self.synced_size = self._allocated = pos
 
     def _fsync(self) -> None:
         if self.durable:
@@ -143,14 +151,24 @@ class RaftJournal(Journal):
         command = command if isinstance(command, bytes) else bytes(command, "utf-8")
         offset = self._end()
         record = RECORD.pack(len(command), idx, term, zlib.crc32(command)) + command
+        if offset + len(record) > self._allocated:
+            self._allocate(offset + len(record))
         os.pwrite(self._fd, record, offset)
         self._entries.append((command, idx, term))
         self._offsets.append(offset)
         self._dirty = True
 
+    def _allocate(self, needed: int) -> None:
+        if self._preallocate and preallocate(self._fd, self._allocated, needed + PREALLOCATE - self._allocated):
+            self._allocated = needed + PREALLOCATE
+        else:
+            self._preallocate = False   # a file system without it: records extend the file
+            self._allocated = needed
+
     def clear(self):
         self._entries, self._offsets = [], []
         os.ftruncate(self._fd, 0)
+        self._allocated = 0
         self._dirty = True
 
     def deleteEntriesFrom(self, entryFrom):
@@ -160,6 +178,7 @@ class RaftJournal(Journal):
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
         os.ftruncate(self._fd, cut)
+        self._allocated = cut
         self._dirty = True
 
     def deleteEntriesTo(self, entryTo):
@@ -184,7 +203,7 @@ class RaftJournal(Journal):
         self._fd = fd
         self._entries, self._offsets = list(keep), offsets
         self._dirty = False
-        self.synced_size = pos
+        self.synced_size = self._allocated = pos
 
     def __getitem__(self, item):
         return self._entries[item]
@@ -196,6 +215,8 @@ class RaftJournal(Journal):
         self.sync()
         self._meta["commit_index"] = self._meta_commit_index()
         if self._fd is not None:
+            if self._allocated > self._end():
+                os.ftruncate(self._fd, self._end())   # the space allocated ahead
             os.close(self._fd)
             self._fd = None
 

@@ -162,6 +162,10 @@ class Store:
         self.chunks = ChunkStore(self.path, durable)
         self.large_threshold = int(self.config.get("large_threshold", DEFAULT_THRESHOLD))
         self._pointers: dict = {}          # blob oid -> Pointer, or None for a plain blob
+        self._sizes: dict = {}             # packed blob oid -> its size
+        self._changed_tops: dict = {}      # top-level name -> newest revision this process changed under it
+        self._tops_from = 0                # ... complete for revisions after this one
+        self._tops_upto = -1               # ... and up to this one
         self.checkpoint_revisions = checkpoint_revisions
         self.checkpoint_bytes = checkpoint_bytes
         self.lock_timeout = lock_timeout
@@ -445,10 +449,16 @@ class Store:
         hit = self._unpacked(oid)
         if hit is not None:
             return len(self._object(oid)[1])
-        try:
-            return self._repo.odb.read_header(oid.hex())[1]
-        except KeyError:
-            return 0
+        size = self._sizes.get(oid)
+        if size is None:
+            try:
+                size = self._repo.odb.read_header(oid.hex())[1]  # libgit2 asks pack after pack
+            except KeyError:
+                return 0
+            if len(self._sizes) >= POINTER_CACHE_ENTRIES:
+                self._sizes.clear()
+            self._sizes[oid] = size  # blobs never change
+        return size
 
     def _pointer(self, mode: int, oid: bytes, path: str = "") -> Pointer | None:
         """The pointer a blob holds, or None when it is a plain value (cached: blobs never change)."""
@@ -878,6 +888,7 @@ class Store:
         self._journal.append(Record(number, parent, commit_oid, when, (author.name, author.email),
                                     message, record_ops), sync)
         self._install(new_objects, commit_oid)
+        self._note_tops(number, ops)
         try:
             if self._background is not None:
                 self._finish_background(wait=False)
@@ -889,6 +900,30 @@ class Store:
         for listener in list(self._listeners):
             listener(number)
         return commit_oid
+
+    def _note_tops(self, number: int, ops) -> None:
+        """Record which top-level directories revision ``number`` changed (see :meth:`changed_since`)."""
+        if self._tops_upto != number - 1:  # the head moved without a commit of ours: start again here
+            self._changed_tops.clear()
+            self._tops_from = number - 1
+        for op in ops:
+            top = op.path[1:].partition("/")[0]
+            if not top:  # the root itself: everything changed
+                self._changed_tops.clear()
+                self._tops_from = number
+            else:
+                self._changed_tops[top] = number
+        self._tops_upto = number
+
+    def changed_since(self, top: str, revision: int) -> bool | None:
+        """Whether a revision after ``revision`` changed anything under ``/<top>``; ``None`` if unknown.
+
+        Known for revisions this process committed one after another: a
+        cheap test for a cache of a few paths (the master's users and ACL).
+        """
+        if self._tops_upto != self.head_revision or revision < self._tops_from:
+            return None
+        return self._changed_tops.get(top, 0) > revision
 
     def _commit_ops_initial(self, initial: tuple = ()) -> None:
         """Revision 1 of a new keg: an empty namespace, or the ``initial`` puts."""

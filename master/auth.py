@@ -40,6 +40,7 @@ from keg.errors import BadRequest, KegError, NotFound
 from keg.transaction import Author, Transaction, compare, put
 
 ACL_PATH = "/policy/acl.tsv"
+ACL_DIR = "/policy"
 USERS = "/users"
 TOKEN_RE = re.compile(r"^kt_([0-9a-f]{16})_([A-Za-z0-9_-]{32,})$")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -162,6 +163,7 @@ class Authority:
         self._users_kid = None
         self._tokens: dict = {}     # token id -> (hash, Principal)
         self._acl_kid = None
+        self._policy_kid = None     # the /policy directory's: the ACL is looked at again only when it changes
         self._acl: list = []
         self._checked_at = None     # the head revision the caches were checked against
 
@@ -176,7 +178,10 @@ class Authority:
         head = self.master.head_number() if hasattr(self.master, "head_number") else None
         if head is not None and head == self._checked_at:
             return
-        self._checked_at = head
+        checked, self._checked_at = self._checked_at, head
+        if checked is not None and not any(self.master.changed_since(top, checked) in (True, None)
+                                           for top in (USERS[1:], ACL_DIR[1:])):
+            return  # the master knows the revisions since touched neither /users nor /policy
         users_kid = self._kid_or_none(USERS)
         if users_kid != self._users_kid:
             tokens = {}
@@ -194,7 +199,11 @@ class Authority:
                         if isinstance(record, dict) and "id" in record and "hash" in record:
                             tokens[record["id"]] = (record["hash"], principal)
             self._tokens, self._users_kid = tokens, users_kid
-        acl_kid = self._kid_or_none(ACL_PATH)
+        policy_kid = self._kid_or_none(ACL_DIR)  # a directory's KID: no blob to look up in the packs
+        if policy_kid == self._policy_kid:
+            return
+        self._policy_kid = policy_kid
+        acl_kid = self._kid_or_none(ACL_PATH) if policy_kid is not None else None
         if acl_kid != self._acl_kid:
             try:
                 self._acl = parse_acl(self.master.read(ACL_PATH).decode("utf-8")) if acl_kid else []

@@ -118,6 +118,10 @@ class Master(abc.ABC):
     def flush(self) -> None:
         """Commit everything queued, as one group; resolve each ``Pending``."""
 
+    def changed_since(self, top: str, revision: int) -> bool | None:
+        """Whether a revision after ``revision`` changed anything under ``/<top>``; ``None`` if unknown."""
+        return None
+
     def housekeeping(self) -> float | None:
         """Finish background work that is done (a checkpoint written by a child).
 

@@ -353,6 +353,10 @@ class SingleMaster(Master):
         with self._lock:
             return sources.receive(self.store.path, app, commit, pack)
 
+    def changed_since(self, top, revision):
+        with self._lock:
+            return self.store.changed_since(top, revision)
+
     def housekeeping(self):
         with self._lock:
             return HOUSEKEEPING_POLL if self.store.poll_checkpoint() else None

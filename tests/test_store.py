@@ -422,3 +422,20 @@ def test_a_writer_with_threads_checkpoints_in_the_foreground(keg_dir, monkeypatc
         other.join()
     assert forks == [] and keg.Store(keg_dir).head_revision >= 6
     store.close()
+
+
+def test_changed_since_tells_which_top_level_directories_a_writer_changed(keg_dir):
+    store = keg.init(keg_dir, durable=False)
+    assert store.changed_since("users", 1) is None  # nothing committed by this process yet
+    store.apply(tx(put("/users/ann/user.json", "{}")))
+    store.apply(tx(put("/apps/web/spec.json", "{}")))
+    assert store.changed_since("users", 2) is False and store.changed_since("apps", 2) is True
+    assert store.changed_since("users", 1) is True and store.changed_since("users", 0) is None  # before it began
+    store.apply(tx(delete("/users", recursive=True)))
+    assert store.changed_since("users", 3) is True and store.changed_since("apps", 3) is False
+    store.close()
+    other = keg.Store(keg_dir)  # another writer: it knows only what it commits itself
+    other.apply(tx(put("/policy/acl.tsv", "")))
+    assert other.changed_since("users", 3) is None  # revision 4 came from the other writer
+    assert other.changed_since("users", 4) is False and other.changed_since("policy", 4) is True
+    other.close()

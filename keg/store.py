@@ -780,7 +780,7 @@ class Store:
 
     def _install(self, new_objects: dict, commit_oid: bytes) -> None:
         for oid, value in new_objects.items():
-            if oid not in self._pending:
+            if oid not in self._pending and oid not in self._packing:  # a background child may be packing it
                 self._pending[oid] = value
                 self._pending_bytes += len(value[1] if value[1] is not None else value[3])
         self._revs.append(commit_oid)
@@ -894,7 +894,7 @@ class Store:
                 self._finish_background(wait=False)
             if self._checkpoint_due():
                 self._scheduled_checkpoint()
-        except OSError as err:
+        except (OSError, KegError) as err:
             # The group is journaled and acknowledged; the checkpoint is retried by the next one.
             self.last_checkpoint_error = err
         for listener in list(self._listeners):
@@ -1023,9 +1023,10 @@ class Store:
         objects = [(oid, *value[:4]) for oid, value in self._packing.items()]
         try:
             pid = os.fork()
-        except OSError:
-            self._pending, self._packing = self._packing, {}  # the sealed segment stays until a checkpoint
-            raise
+        except OSError:  # no memory for a child: write it here, as without background checkpoints
+            self._pending, self._packing = self._packing, {}
+            self.checkpoint()
+            return
         if pid == 0:
             _write_pack_and_exit(os.path.join(self.path, "objects", "pack"), objects, self.durable)
         self._background = _Background(pid, revision, size, sealed)
@@ -1036,7 +1037,7 @@ class Store:
             return False
         try:
             return not self._finish_background(wait=False)
-        except OSError as err:
+        except (OSError, KegError) as err:  # installing (or the repack after it) failed; retried later
             self.last_checkpoint_error = err
             return False
 
@@ -1055,8 +1056,10 @@ class Store:
             return False
         self._background = None
         if status != 0:
-            self._pending = {**self._packing, **self._pending}
-            self._packing = {}
+            merged = self._packing  # first: a delta's base must come before it in the next pack
+            for oid, value in self._pending.items():
+                merged.setdefault(oid, value)
+            self._pending, self._packing = merged, {}
             self.last_checkpoint_error = OSError(f"the background checkpoint of revisions up to "
                                                  f"{background.revision} failed (wait status {status}); "
                                                  "the next checkpoint writes them")

@@ -182,6 +182,13 @@ class Authority:
         if checked is not None and not any(self.master.changed_since(top, checked) in (True, None)
                                            for top in (USERS[1:], ACL_DIR[1:])):
             return  # the master knows the revisions since touched neither /users nor /policy
+        try:
+            self._reload()
+        except BaseException:
+            self._checked_at = self._policy_kid = None  # look again in full next time, whatever changes
+            raise
+
+    def _reload(self) -> None:
         users_kid = self._kid_or_none(USERS)
         if users_kid != self._users_kid:
             tokens = {}

@@ -45,9 +45,10 @@ it is proposed.  Applying never checks chunks, so it cannot fail on one
 replica and succeed on another.
 
 The replicas talk Raft over pysyncobj's TCP transport, encrypted and
-authenticated with the cluster password (Fernet: nothing is unpickled before
-the message's HMAC is verified), and HTTP among themselves for chunks,
-snapshots and status, authenticated by a token derived from the same password.
+authenticated with the cluster password (AES-GCM frames,
+``master/raft_wire.py``: nothing is unpickled before the frame's tag is
+verified), and HTTP among themselves for chunks, snapshots and status,
+authenticated by a token derived from the same password.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
 from master.app import HttpError
 from master.interface import Pending
 from master.raft_journal import EpollPoller, RaftJournal, SyncingTransport, seams
+from master.raft_wire import WireCipher, use_stored_zlib
 from master.single import SingleMaster
 
 GROUP_FORMAT = 1
@@ -217,7 +219,8 @@ class ReplicatedLog(SyncObj):
         self.keg_master = master
         self.keg_journal = journal
         self.forwarded_upto = 0        # the newest log index this leader gave a follower's forwarded command
-        with seams(journal, poller):
+        use_stored_zlib()
+        with seams(journal, poller, WireCipher(conf.password)):
             super().__init__(self_raft, others, conf, transportClass=SyncingTransport)
 
     def send_entries(self) -> None:

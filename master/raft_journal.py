@@ -31,9 +31,10 @@ This module replaces it:
 ``SyncingTransport``
     pysyncobj's TCP transport with the sync-before-send rule.
 
-pysyncobj builds its journal and poller inside ``SyncObj.__init__`` with
-module-level factories and offers no parameter for either; ``seams`` swaps
-those two factories for the duration of one constructor call.
+pysyncobj builds its journal, poller and encryptor inside
+``SyncObj.__init__`` with module-level factories and offers no parameter for
+any; ``seams`` swaps those factories for the duration of one constructor
+call.
 """
 
 from __future__ import annotations
@@ -338,12 +339,18 @@ class SyncingTransport(TCPTransport):
 
 
 @contextlib.contextmanager
-def seams(journal: RaftJournal, poller: EpollPoller):
-    """Make the next ``SyncObj(...)`` use ``journal`` and ``poller`` (see the module's docstring)."""
-    saved = _syncobj.createJournal, _syncobj.createPoller
+def seams(journal: RaftJournal, poller: EpollPoller, cipher=None):
+    """Make the next ``SyncObj(...)`` use ``journal``, ``poller`` and ``cipher`` (see the module's docstring).
+
+    ``cipher`` stands in for the Fernet encryptor pysyncobj would derive from
+    the password (``master/raft_wire.py``); None keeps pysyncobj's.
+    """
+    saved = _syncobj.createJournal, _syncobj.createPoller, _syncobj.getEncryptor
     _syncobj.createJournal = lambda _file=None: journal
     _syncobj.createPoller = lambda _kind="auto": poller
+    if cipher is not None:
+        _syncobj.getEncryptor = lambda _password: cipher
     try:
         yield
     finally:
-        _syncobj.createJournal, _syncobj.createPoller = saved
+        _syncobj.createJournal, _syncobj.createPoller, _syncobj.getEncryptor = saved

@@ -65,6 +65,7 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
@@ -174,16 +175,30 @@ def encode_group(transactions, when: int) -> bytes:
 
 
 def encode_tx(tx) -> bytes:
-    """One transaction as it appears inside a group (``join_group`` puts groups together from these)."""
+    """One transaction as it appears inside a group (``join_group`` puts groups together from these).
+
+    The bytes of ``json.dumps({"author", "compare", "id", "ops"}, sort_keys=True,
+    separators=(",", ":"))``, written out directly (twice as fast; the leader
+    encodes every transaction it proposes).
+    """
     ops = []
     for op in tx.ops:
         if isinstance(op, Delete):
-            ops.append(["delete", op.path, bool(op.recursive)])
+            ops.append('["delete",%s,%s]' % (_json_str(op.path), _JSON_BOOL[bool(op.recursive)]))
         else:
-            ops.append(["put", op.path, op.mode, base64.b64encode(op.data).decode("ascii"), bool(op.large)])
-    return json.dumps({"ops": ops, "compare": [[c.path, c.kid] for c in tx.compares],
-                       "author": [tx.author.name, tx.author.email], "id": tx.id},
-                      separators=(",", ":"), sort_keys=True).encode()
+            ops.append('["put",%s,%d,"%s",%s]' % (_json_str(op.path), op.mode,
+                                                  base64.b64encode(op.data).decode("ascii"),
+                                                  _JSON_BOOL[bool(op.large)]))
+    compares = ",".join("[%s,%s]" % (_json_str(c.path), _json_opt(c.kid)) for c in tx.compares)
+    return ('{"author":[%s,%s],"compare":[%s],"id":%s,"ops":[%s]}' % (
+        _json_str(tx.author.name), _json_str(tx.author.email), compares, _json_opt(tx.id), ",".join(ops))).encode()
+
+
+_JSON_BOOL = {False: "false", True: "true"}
+
+
+def _json_opt(text: str | None) -> str:
+    return "null" if text is None else _json_str(text)
 
 
 def join_group(encoded: list, when: int) -> bytes:
@@ -197,11 +212,15 @@ def decode_group(payload: bytes) -> tuple:
     if obj.get("v") != GROUP_FORMAT:
         raise CorruptKeg(f"log entry has group format {obj.get('v')!r}; this Keg reads {GROUP_FORMAT}: "
                          "upgrade every replica to the same version")
-    txs = []
+    txs, authors = [], {}
     for t in obj["txs"]:
-        ops = tuple(Delete(o[1], o[2]) if o[0] == "delete" else Put(o[1], base64.b64decode(o[3]), o[2], o[4])
-                    for o in t["ops"])
-        txs.append(Transaction(ops, tuple(Compare(p, k) for p, k in t["compare"]), Author(*t["author"]), t["id"]))
+        ops = tuple([Delete(o[1], o[2]) if o[0] == "delete" else Put(o[1], base64.b64decode(o[3]), o[2], o[4])
+                     for o in t["ops"]])
+        name, email = t["author"]
+        author = authors.get((name, email))
+        if author is None:  # a group's transactions mostly share their author: one object for them
+            author = authors[(name, email)] = Author(name, email)
+        txs.append(Transaction(ops, tuple([Compare(p, k) for p, k in t["compare"]]), author, t["id"]))
     return obj["time"], txs
 
 
@@ -319,7 +338,8 @@ class RaftMaster(SingleMaster):
         self._ids: dict = {}            # transaction id -> revision that applied it
         self.applied_index = 0          # the log index the keg's head reflects
         self._load_applied()
-        self._proposals: list = []      # (deadline, [RaftPending])
+        self._proposals: list = []      # (deadline, [RaftPending], log entry)
+        self._own: dict = {}            # log entry -> (time, transactions) of a group this replica proposed
         self._sent = (0, 0)             # (last log index, commit index) of the last send made by _send
         self._notice = None             # the scheduled send of a commit index (asyncio handle)
         self._notice_urgent = False     # that send is for a follower's forwarded write (call_soon)
@@ -513,7 +533,8 @@ class RaftMaster(SingleMaster):
     def _propose(self, proposed: list, when: int) -> None:
         group = [pending for pending, _ in proposed]
         payload = join_group([encoded for _, encoded in proposed], when)
-        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, group))
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, group, payload))
+        self._own[payload] = (when, [pending.tx for pending in group])
 
         def done(results, err):
             if err == FAIL_REASON.SUCCESS and results is not None:
@@ -536,12 +557,14 @@ class RaftMaster(SingleMaster):
     def _expire(self) -> None:
         now = time.monotonic()
         keep = []
-        for deadline, group in self._proposals:
+        for deadline, group, payload in self._proposals:
             if all(p.done for p in group):
+                self._own.pop(payload, None)
                 continue
             if deadline > now:
-                keep.append((deadline, group))
+                keep.append((deadline, group, payload))
                 continue
+            self._own.pop(payload, None)
             failure = OutcomeUnknown(f"no quorum answered within {PROPOSE_TIMEOUT:g} s; the write may or may "
                                      "not be committed: retry it with the same transaction id")
             for pending in group:
@@ -557,7 +580,10 @@ class RaftMaster(SingleMaster):
         self.journal.sync()
         if index <= self.applied_index:
             return None  # the keg has it already (a replay after a restart)
-        when, transactions = decode_group(payload)
+        # A group this replica proposed applies from the transactions it encoded, which decode_group
+        # gives back equal (test_group_encoding_round_trips_exactly): the bytes are the same entry.
+        own = self._own.pop(payload, None)
+        when, transactions = own if own is not None else decode_group(payload)
         results: list = [None] * len(transactions)
         todo, first_of = [], {}
         with self._lock:
@@ -641,7 +667,7 @@ class RaftMaster(SingleMaster):
     def read_barrier(self) -> Pending:
         """A ``Pending`` resolved once this replica has applied everything committed before the call."""
         pending = RaftPending(None, self)
-        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [pending]))
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [pending], None))
 
         def done(_index, err):
             if err == FAIL_REASON.SUCCESS:
@@ -833,7 +859,7 @@ class RaftMaster(SingleMaster):
         if action not in ("add", "remove"):
             raise BadRequest("the membership action is 'add' or 'remove'")
         pending = RaftPending(None, self)
-        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [pending]))
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [pending], None))
 
         def done(_res, err):
             if err == FAIL_REASON.SUCCESS:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 import os
 import shutil
 
 import pytest
 
 import keg
-from keg.transaction import Author, Transaction, compare, delete, put
-from master.raft import (RaftConfigError, decode_group, encode_group, parse_peers, peer_token)
+from keg.transaction import Author, Compare, Delete, Put, Transaction, compare, delete, put
+from master.raft import (RaftConfigError, decode_group, encode_group, encode_tx, parse_peers, peer_token)
 from master.raft_journal import RaftJournal
 
 
@@ -63,6 +66,29 @@ def test_group_encoding_round_trips_exactly():
     when, back = decode_group(encode_group(txs, 1700000000))
     assert when == 1700000000 and back == txs
     assert b"pickle" not in encode_group(txs, 1) and encode_group(txs, 1) == encode_group(back, 1)
+
+
+def test_group_encoding_is_sorted_compact_json_and_keeps_every_field():
+    # A leader applies the transactions it proposed without decoding them (RaftMaster.apply_entry), so
+    # decode(encode(tx)) must give back every field, with its type, or replicas would differ.
+    txs = [Transaction((Put('/dir/"quoted"\\é\n', bytes(range(256)), 0o100755, False),
+                        Put("/big", b"pointer-bytes", 0o100644, True), Delete("/gone", False),
+                        Delete("/tree", True)),
+                       (Compare("/dir", "K-" + "ab" * 20), Compare("/absent", None)),
+                       Author("Zoë \"z\" O'Neil", "z@example.org"), "retry-ünïcode-1"),
+           Transaction((put("/plain", "text"),), (), Author(), None)]
+    for tx in txs:
+        reference = {"ops": [["delete", o.path, o.recursive] if isinstance(o, Delete)
+                             else ["put", o.path, o.mode, base64.b64encode(o.data).decode(), o.large] for o in tx.ops],
+                     "compare": [[c.path, c.kid] for c in tx.compares],
+                     "author": [tx.author.name, tx.author.email], "id": tx.id}
+        assert encode_tx(tx) == json.dumps(reference, separators=(",", ":"), sort_keys=True).encode()
+    _, back = decode_group(encode_group(txs, 5))
+    assert back == txs
+    for tx, again in zip(txs, back):
+        for op, op_again in zip(tx.ops, again.ops):
+            assert [type(v) for v in dataclasses.astuple(op)] == [type(v) for v in dataclasses.astuple(op_again)]
+        assert [type(c.kid) for c in tx.compares] == [type(c.kid) for c in again.compares]
 
 
 def test_same_groups_make_byte_identical_commits_on_two_replicas(tmp_path):

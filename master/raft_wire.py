@@ -22,10 +22,13 @@ a message, Fernet 12–56 µs to seal and 11–112 µs to open, for 0.3–20 KB)
     ``HKDF(master, salt)``, the nonce being its message counter, so no nonce
     repeats under a key; the header is the associated data (the timestamp
     pysyncobj checks is authenticated).  The master key is PBKDF2 of the
-    cluster password.  A frame that does not start with ``MAGIC`` is opened
-    as a Fernet token: a replica not yet upgraded can still be read during a
-    rolling upgrade (it cannot read the new frames: see
-    docs/operations-raft.md, "Upgrades").
+    cluster password.  A forked child draws a salt of its own before it
+    seals anything, so parent and child never share a nonce under one key.
+
+A replica of this format and one of pysyncobj's Fernet format cannot
+connect: each side of a connection must read the other's first frame (the
+random key exchange).  docs/operations-raft.md, "Upgrades", says how to
+upgrade a cluster.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj import tcp_connection as _tcp_connection
-from pysyncobj.encryptor import getEncryptor as fernet_encryptor
 
 MAGIC = b"KW1"
 HEADER = struct.Struct(">3s16sQQ")      # magic, sender salt, message counter, timestamp
@@ -79,35 +81,37 @@ class WireCipher:
     """AES-256-GCM frames keyed by the cluster password, with pysyncobj's encryptor methods."""
 
     def __init__(self, password: str):
-        self._password = password
         self._master = hashlib.pbkdf2_hmac("sha256", password.encode(), PBKDF2_SALT, PBKDF2_ROUNDS)
+        self._keys: dict = {}          # salt -> AESGCM, of senders whose frames opened
+        self._new_key()
+
+    def _new_key(self) -> None:
+        self._pid = os.getpid()
         self._salt = os.urandom(16)
         self._seal = AESGCM(self._derive(self._salt))
         self._counter = itertools.count(1)  # the nonce: never repeats under this process's key
-        self._keys: dict = {}          # salt -> AESGCM, of senders whose frames opened
-        self._fernet = None            # for frames of a replica that still speaks Fernet; made when needed
 
     def _derive(self, salt: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"keg raft frame").derive(self._master)
 
     def encrypt_at_time(self, data: bytes, timestamp: int) -> bytes:
         """Seal ``data`` with ``timestamp`` (authenticated, readable by ``extract_timestamp``)."""
+        if os.getpid() != self._pid:
+            self._new_key()  # a forked child: the parent's counter goes on under the parent's key
         counter = next(self._counter)
         header = HEADER.pack(MAGIC, self._salt, counter, timestamp)
         return header + self._seal.encrypt(_nonce(counter), data, header)
 
     def extract_timestamp(self, token: bytes) -> int:
         """The frame's timestamp, unauthenticated until ``decrypt`` succeeds (as Fernet's)."""
-        if not token.startswith(MAGIC):
-            return self._old().extract_timestamp(token)
-        if len(token) < HEADER.size:
-            raise ValueError("frame shorter than its header")
+        if not token.startswith(MAGIC) or len(token) < HEADER.size:
+            raise ValueError("not a Keg Raft frame")
         return HEADER.unpack_from(token)[3]
 
     def decrypt(self, token: bytes) -> bytes:
         """The data a frame sealed; raises if it was not sealed with this cluster's password, or altered."""
-        if not token.startswith(MAGIC):
-            return self._old().decrypt(token)
+        if not token.startswith(MAGIC) or len(token) < HEADER.size:
+            raise ValueError("not a Keg Raft frame")
         _, salt, counter, _ = HEADER.unpack_from(token)
         key = self._keys.get(salt)
         fresh = key is None
@@ -119,11 +123,6 @@ class WireCipher:
                 self._keys.pop(next(iter(self._keys)))
             self._keys[salt] = key
         return data
-
-    def _old(self):
-        if self._fernet is None:
-            self._fernet = fernet_encryptor(self._password)
-        return self._fernet
 
 
 def _nonce(counter: int) -> bytes:

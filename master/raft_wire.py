@@ -9,10 +9,10 @@ authentication and the key exchange, and changes the two costs that
 dominate a replica's per-message work (measured here: zlib level 3 20–60 µs
 a message, Fernet 12–56 µs to seal and 11–112 µs to open, for 0.3–20 KB):
 
-``stored``
-    The "compressor" pysyncobj calls: a zlib stream of stored (uncompressed)
-    blocks, built without running deflate.  Every zlib inflates it, so a
-    replica running stock pysyncobj still reads it.  Raft entries are small
+``StoredZlib``
+    The "compressor" pysyncobj calls (``use_stored_zlib``): a zlib stream of
+    stored (uncompressed) blocks, built without running deflate, which
+    pysyncobj's ``zlib.decompress`` reads unchanged.  Raft entries are small
     transaction groups on a cluster network; compressing them bought nothing.
 
 ``WireCipher``

@@ -5,7 +5,9 @@ A commit that changes one entry of a 5,000-entry directory produces a new
 (and zlib-compressed at every checkpoint) such trees dominate the cost of a
 write; as a delta they cost about what changed.  The delta here is the simple
 one that fits how trees change: copy the common prefix, insert the middle,
-copy the common suffix.
+copy the common suffix; or, when the caller knows which bytes it wrote over
+(``splice_delta``, for a tree whose entries kept their lengths), copy around
+them without comparing anything.
 """
 
 from __future__ import annotations
@@ -91,6 +93,26 @@ def make_delta(base: bytes, target: bytes) -> bytes:
         parts.append(bytes([len(piece)]) + piece)
     if suffix:
         parts.append(_copy(len(base) - suffix, suffix))
+    return b"".join(parts)
+
+
+def splice_delta(base_size: int, edits: list) -> bytes:
+    """The git delta for ``base_size`` bytes with ``edits`` written over them.
+
+    Args:
+        base_size: the length of the base (and of the target: edits keep lengths).
+        edits: ``(offset, new bytes)`` in increasing, non-overlapping order.
+    """
+    parts, pos = [_varint(base_size), _varint(base_size)], 0
+    for offset, data in edits:
+        if offset > pos:
+            parts.append(_copy(pos, offset - pos))
+        for i in range(0, len(data), MAX_INSERT):
+            piece = data[i:i + MAX_INSERT]
+            parts.append(bytes([len(piece)]) + piece)
+        pos = offset + len(data)
+    if base_size > pos:
+        parts.append(_copy(pos, base_size - pos))
     return b"".join(parts)
 
 

@@ -13,6 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from itertools import accumulate
 
+from keg.delta import splice_delta
+
 OBJ_COMMIT = 1
 OBJ_TREE = 2
 OBJ_BLOB = 3
@@ -69,18 +71,23 @@ class Tree:
     encoded length (a new object id): the entries keep their byte offsets, so
     the new tree shares the sort keys and the offsets with the old one and its
     encoding is the old encoding with the new entry copied over, a memcpy
-    rather than a join of every entry.
+    rather than a join of every entry.  Such a tree also remembers the tree
+    it was first derived from and the bytes it overwrote (``delta_against``),
+    so that storing it as a change to that version costs what changed.
     """
 
-    __slots__ = ("_keys", "_encoded", "_raw", "_offsets")
+    __slots__ = ("_keys", "_encoded", "_raw", "_offsets", "_edits")
 
-    def __init__(self, keys=None, encoded=None, raw=None, offsets=None):
+    def __init__(self, keys=None, encoded=None, raw=None, offsets=None, edits=None):
         self._keys: list[bytes] = keys if keys is not None else []
         self._encoded: list[bytes] = encoded if encoded is not None else []
         self._raw: bytes | None = raw
         # Byte offset of each entry in the encoding, then the total length; computed
         # when first needed and shared by every version with the same entry lengths.
         self._offsets: list[int] | None = offsets
+        # (origin, {offset: entry}): the bytes written over ``origin``'s encoding, same lengths.  An
+        # origin never has edits of its own, so a tree keeps at most one older tree alive.
+        self._edits: tuple | None = edits
 
     @classmethod
     def parse(cls, data: bytes) -> "Tree":
@@ -179,17 +186,31 @@ class Tree:
             encoded[i] = entry
             spliced.add(i)
         if not spliced:  # no changes at all
-            return Tree(self._keys, encoded, self._raw, self._offsets)
+            return Tree(self._keys, encoded, self._raw, self._offsets, self._edits)
         if self._raw is None:
             return Tree(self._keys, encoded, None, self._offsets)
         offsets = self._entry_offsets()
+        origin, edits = self._edits if self._edits is not None else (self, {})
+        edits = dict(edits)
         # One copy of the old bytes: memoryview slices are views, and the join copies each piece once.
         old, pieces, pos = memoryview(self._raw), [], 0
         for i in sorted(spliced):
             pieces += (old[pos:offsets[i]], encoded[i])
             pos = offsets[i + 1]
+            edits[offsets[i]] = encoded[i]
         pieces.append(old[pos:])
-        return Tree(self._keys, encoded, b"".join(pieces), offsets)
+        return Tree(self._keys, encoded, b"".join(pieces), offsets, (origin, edits))
+
+    def delta_against(self, base: "Tree") -> bytes | None:
+        """A git delta from ``base``'s encoding to this one, if this tree was made from ``base``
+        by same-length replacements (else None: ``keg.delta.make_delta`` compares the bytes).
+
+        Either way the tree forgets ``base``, which it no longer needs to keep alive.
+        """
+        edits, self._edits = self._edits, None
+        if edits is None or edits[0] is not base:
+            return None
+        return splice_delta(len(base.encode()), sorted(edits[1].items()))
 
     def _entry_offsets(self) -> list[int]:
         if self._offsets is None:

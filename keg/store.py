@@ -747,6 +747,7 @@ class Store:
         """A ``store_object`` callback for ``Staging.build`` that also caches the parsed trees."""
         def collect(oid, obj_type, data, tree, base=None):
             self._cache_tree(oid, tree)
+            known = tree.delta_against(base[1] if base is not None else None)  # and the tree forgets the base
             if base is not None and base[0] in self._trees:
                 # The version this tree replaces is wanted only for history now: first to go. Otherwise
                 # each commit's new copy of a wide directory (5,000 entries of /machines) pushes a
@@ -756,7 +757,7 @@ class Store:
             if base_entry is not None:  # the base goes into the same pack: store the change only
                 depth = base_entry[4] + 1 if base_entry[1] is None else 1
                 if depth <= MAX_DELTA_DEPTH:
-                    delta = make_delta(base[1].encode(), data)
+                    delta = known if known is not None else make_delta(base[1].encode(), data)
                     if len(delta) < len(data) // 2:
                         new_objects[oid] = (obj_type, None, base[0], delta, depth)
                         return

@@ -4,6 +4,7 @@ import pygit2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keg.delta import apply_delta
 from keg.objects import (MODE_BLOB, MODE_EXEC, MODE_TREE, OBJ_BLOB, OBJ_COMMIT, OBJ_TREE, Commit, Person, Tree,
                          object_id)
 
@@ -171,3 +172,37 @@ def test_replacing_an_entry_in_place_shares_the_layout_and_splices_the_bytes():
     entries[b"m0150"] = (MODE_BLOB, b"\xcc" * 20)
     assert grown.encode() == _git_order_bytes(entries) and grown._keys is not changed._keys
     assert changed.get(b"m0150") == (MODE_TREE, b"\xaa" * 20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.booleans(), st.data())
+def test_a_tree_knows_the_delta_from_the_version_it_was_made_from(width, parse, data):
+    # A commit stores a wide directory's new version as a delta against the old one; for same-length
+    # replacements the tree writes that delta from what it replaced, comparing no bytes.
+    entries = {b"e%03d" % i: (MODE_BLOB if i % 3 else MODE_TREE, bytes([i]) * 20) for i in range(width)}
+    base = Tree.parse(_git_order_bytes(entries)) if parse else Tree().with_changes(entries)
+    base.encode()
+    tree, only_replacements = base, True
+    for step in range(data.draw(st.integers(1, 6), label="steps")):
+        name = data.draw(st.sampled_from(sorted(entries)), label="name")
+        op = data.draw(st.sampled_from(["replace", "replace", "replace", "retype", "insert"]), label="op")
+        if op == "replace":
+            entries[name] = (entries[name][0], bytes([100 + step]) * 20)
+            tree = tree.with_changes({name: entries[name]})
+        elif op == "retype":
+            only_replacements = False
+            entries[name] = (MODE_EXEC if entries[name][0] == MODE_TREE else MODE_TREE, bytes([200 + step]) * 20)
+            tree = tree.with_changes({name: entries[name]})
+        else:
+            only_replacements = False
+            entries[name + b"x"] = (MODE_BLOB, bytes([50 + step]) * 20)
+            tree = tree.with_changes({name + b"x": entries[name + b"x"]})
+        if data.draw(st.booleans(), label="encode now"):
+            tree.encode()
+    delta = tree.delta_against(base)
+    assert tree.encode() == _git_order_bytes(entries)
+    if only_replacements:
+        assert delta is not None and apply_delta(base.encode(), delta) == tree.encode()
+        assert len(delta) < 40 * 7  # what changed, not the tree
+    assert tree.delta_against(base) is None  # asked once: the tree no longer holds on to its base
+    assert Tree().delta_against(base) is None and base.with_changes({}).delta_against(tree) is None

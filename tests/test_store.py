@@ -440,3 +440,25 @@ def test_changed_since_tells_which_top_level_directories_a_writer_changed(keg_di
     assert other.changed_since("users", 3) is None  # revision 4 came from the other writer
     assert other.changed_since("users", 4) is False and other.changed_since("policy", 4) is True
     other.close()
+
+
+def test_new_versions_of_a_wide_directory_are_packed_as_small_deltas_that_git_reads(keg_dir):
+    keg.init(keg_dir).close()
+    store = keg.Store(keg_dir)
+    store.apply(tx(*[put(f"/wide/k{k:03d}", f"v{k:03d}") for k in range(300)]))
+    for i in range(30):  # same-length values: each new /wide and / is the old one with entries overwritten
+        assert store.commit([tx(put(f"/wide/k{(7 * i + j) % 300:03d}", f"w{i:03d}")) for j in range(3)])[0].ok
+    store.close()  # the checkpoint packs them
+    pack_dir = os.path.join(keg_dir, "objects", "pack")
+    listing = git(keg_dir, "verify-pack", "-v",
+                  *[os.path.join(pack_dir, name) for name in os.listdir(pack_dir) if name.endswith(".idx")]).stdout
+    wide_trees = [line.split() for line in listing.splitlines() if " tree " in line and len(line.split()) >= 5]
+    # the first /wide is whole (about 300 x 33 bytes); the 30 new versions are deltas of a few entries
+    assert sum(1 for fields in wide_trees if len(fields) == 7 and int(fields[2]) < 200) >= 30
+    assert git(keg_dir, "fsck", "--strict", "--no-dangling").returncode == 0
+    reopened = keg.Store(keg_dir)
+    assert reopened.head_revision == 32
+    assert [reopened.read(f"/wide/k{(7 * 29 + j) % 300:03d}") for j in range(3)] == [b"w029"] * 3
+    for rev in (2, 15, 32):
+        tree = git(keg_dir, "ls-tree", f"{reopened.revision(rev).kid[2:]}:wide").stdout
+        assert len(tree.splitlines()) == 300

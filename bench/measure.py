@@ -171,6 +171,7 @@ class KegProfiler:
 
     def __init__(self, enabled: bool):
         self.profile = cProfile.Profile() if enabled else None
+        self.used = False  # a section ran (the HTTP benchmarks profile the master process instead)
 
     @contextmanager
     def section(self):
@@ -178,6 +179,7 @@ class KegProfiler:
         if self.profile is None:
             yield
             return
+        self.used = True
         self.profile.enable()
         try:
             yield
@@ -186,8 +188,8 @@ class KegProfiler:
 
     def dump(self, path: str, top: int = 30) -> None:
         """Save the raw profile to ``path`` and print the top entries by own time and by total time."""
-        if self.profile is None:
-            return
+        if self.profile is None or not self.used:
+            return  # pstats refuses a profile that never ran
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.profile.dump_stats(path)
         stats = pstats.Stats(self.profile)

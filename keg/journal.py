@@ -110,6 +110,7 @@ class Journal:
         self._broken = None
         self._unsynced = False
         self._allocated = 0     # the file's size: ``size`` plus zeros allocated ahead
+        self._end = None        # where this object's records end, once it has closed the file
         self._preallocate = True
 
     def _open(self):
@@ -118,6 +119,10 @@ class Journal:
             existed = os.path.exists(self.path)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             self.size = self._allocated = os.fstat(self._fd).st_size
+            if self._end is not None and self._end < self.size:
+                # The zeros allocated ahead are still there (closing could not cut them): the next
+                # record goes where the records end, or replay would stop at the zeros before it.
+                self.size = self._end
             if not existed and self.durable:
                 fsync_dir(self.directory)
         return self._fd
@@ -189,6 +194,7 @@ class Journal:
         Raises:
             CorruptKeg: a sealed segment is damaged (it was synced whole before it was sealed).
         """
+        self._end = None  # read after taking the write lock: another writer may have appended since
         records = []
         for path in self.sealed():
             with open(path, "rb") as f:
@@ -231,6 +237,7 @@ class Journal:
             f.truncate(size)
             if self.durable:
                 os.fsync(f.fileno())
+        self._end = None  # the file's size is the end again
 
     def seal(self, revision: int) -> str:
         """Close the current segment as ``sealed-<revision>.log`` and start a new one; returns its path.
@@ -243,6 +250,11 @@ class Journal:
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 os.fdatasync(fd)
+            except OSError as err:
+                # The kernel may have dropped the pages it failed to write, and a second fdatasync
+                # would then succeed over the hole: no more writes until the keg is reopened.
+                self._broken = f"syncing it to seal it failed: {err}"
+                raise
             finally:
                 os.close(fd)
         self._unsynced = False
@@ -254,7 +266,7 @@ class Journal:
             open(sealed, "wb").close()
         if self.durable:
             fsync_dir(self.directory)
-        self.size = 0
+        self.size, self._end = 0, None
         return sealed
 
     def drop_sealed(self, path: str) -> None:
@@ -278,7 +290,7 @@ class Journal:
                 pass
         if removed and self.durable:
             fsync_dir(self.directory)
-        self.size = 0
+        self.size, self._end = 0, None
 
     def close(self) -> None:
         """Close the file, without the space allocated ahead; the journal reopens on the next append."""
@@ -289,4 +301,4 @@ class Journal:
             finally:
                 os.close(self._fd)
                 self._fd = None
-                self._allocated = self.size
+                self._allocated = self._end = self.size

@@ -462,3 +462,48 @@ def test_new_versions_of_a_wide_directory_are_packed_as_small_deltas_that_git_re
     for rev in (2, 15, 32):
         tree = git(keg_dir, "ls-tree", f"{reopened.revision(rev).kid[2:]}:wide").stdout
         assert len(tree.splitlines()) == 300
+
+
+def test_a_journal_that_could_not_cut_its_allocated_space_appends_after_its_records(keg_dir, monkeypatch):
+    store = keg.init(keg_dir)
+    assert store.apply(tx(put("/a", "1"))).ok
+
+    def failing(fd, size):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "ftruncate", failing)
+    with pytest.raises(OSError):
+        store._journal.close()  # the zeros allocated ahead stay in the file
+    monkeypatch.undo()
+    journal = os.path.join(keg_dir, "keg", "journal", "current.log")
+    assert os.path.getsize(journal) > store._journal.size
+    assert store.apply(tx(put("/b", "2"))).ok and store.apply(tx(put("/c", "3"))).ok
+    store._journal.close()
+    os.close(store._lock_fd)
+    store._lock_fd = None
+    again = keg.Store(keg_dir)
+    again.lock()  # replay finds every acknowledged record, none hidden behind the zeros
+    assert again.head_revision == 4 and [again.read(p) for p in ("/a", "/b", "/c")] == [b"1", b"2", b"3"]
+    again.close()
+
+
+def test_a_failed_sync_when_sealing_the_journal_stops_writes_until_reopened(keg_dir, monkeypatch):
+    keg.init(keg_dir).close()
+    store = keg.Store(keg_dir, checkpoint_revisions=1000)
+    assert store.commit([tx(put("/a", "1"))], sync=False)[0].ok  # a Raft replica's way: its log is the WAL
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        store._journal.seal(store.head_revision)
+    monkeypatch.undo()
+    with pytest.raises(keg.CorruptKeg, match="reopen"):
+        store.commit([tx(put("/b", "2"))], sync=False)
+    assert not store.exists("/b")
+    store._journal.close()
+    os.close(store._lock_fd)
+    store._lock_fd = None
+    again = keg.Store(keg_dir)
+    again.lock()  # replays the record the failed seal left in the current segment
+    assert again.read("/a") == b"1" and not again.exists("/b")
+    again.close()

@@ -824,7 +824,7 @@ class Store:
         results, applied, authors = [], [], []
         checked: set = set()  # pointer blobs whose chunks this commit has checked
         for tx in transactions:
-            snap, objects_before = staging.snapshot(), dict(new_objects)
+            snap, objects_before = staging.snapshot(), len(new_objects)
             try:
                 if isinstance(tx, KegError):
                     raise tx
@@ -840,7 +840,8 @@ class Store:
                 kids = {op.path: _kid(self._stage(staging, op, new_objects)) for op in tx.ops}
             except KegError as err:
                 staging.restore(snap)
-                new_objects = objects_before
+                for oid in list(new_objects)[objects_before:]:  # staging only adds: the newest go
+                    del new_objects[oid]
                 results.append(TxResult(False, error=err))
                 continue
             results.append(kids)

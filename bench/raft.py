@@ -24,6 +24,11 @@ In one run, on this machine:
    ``Cluster(stacks=True)``), and a failed run keeps the logs (``--keep DIR``
    keeps them in any case; ``--no-rates`` runs the fault loops alone).
 
+With each rate it reports CPU per put (/proc/PID/stat) and, for the single
+node and the leader, the share of the wall time they ran and the share they
+waited, runnable, for a core (/proc/PID/schedstat): on two cores shared by
+three replicas and the client, the second is what a co-located cluster loses.
+
 Needs root (network namespaces) and the installed ``keg``.  Reuses the test
 harness (tests/raft_harness.py).
 """
@@ -103,6 +108,13 @@ def cpu_seconds(pids: list) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def sched_seconds(pid: int) -> tuple:
+    """(running, runnable but waiting for a core) seconds of process ``pid`` so far (/proc/PID/schedstat)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        running, waiting = f.read().split()[:2]
+    return int(running) / 1e9, int(waiting) / 1e9
+
+
 def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
     """Write rates of a single node and a 3-replica cluster, both running, in alternating rounds.
 
@@ -125,6 +137,7 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
             write_rate(urls, token, 4, 200, f"warm-{name}")
         runs = {(name, clients): [] for name in systems for clients in (1, 32)}
         cpu = {key: [] for key in runs}
+        sched = {key: [] for key in runs}
         for n in range(rounds):
             order = list(systems) if n % 2 == 0 else list(reversed(systems))
             for clients, puts in ((1, puts_one), (32, puts_many)):
@@ -133,7 +146,13 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
                     time.sleep(0.3)
                     urls, token = systems[name]
                     before = {who: cpu_seconds(p) for who, p in pids.items()}
+                    # The single node, or the leader (the one that answers every write): how much of the
+                    # wall time it ran, and how much it was ready to run but waited for a core.
+                    busiest = pids["single" if name == "single" else "raft_leader"][0]
+                    sched_before, start = sched_seconds(busiest), time.perf_counter()
                     runs[name, clients].append(write_rate(urls, token, clients, puts, f"r{n}-{name}-{clients}"))
+                    wall = time.perf_counter() - start
+                    sched[name, clients].append([(b - a) / wall for a, b in zip(sched_before, sched_seconds(busiest))])
                     used = {who: cpu_seconds(p) - before[who] for who, p in pids.items()}
                     cpu[name, clients].append({"server": used["single" if name == "single" else "raft_spread"] / puts,
                                                "leader": used["raft_leader"] / puts,
@@ -153,6 +172,9 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
         # leader alone and one follower on average.
         for part in ("server",) if name == "single" else ("server", "leader", "followers"):
             out[f"{name}_{clients}_cpu_us_{part}"] = round(1e6 * statistics.median(c[part] for c in cpu[name, clients]))
+        # Share of the wall time the single node / the leader ran, and waited runnable for a core.
+        out[f"{name}_{clients}_running"] = round(statistics.median(r for r, _ in sched[name, clients]), 2)
+        out[f"{name}_{clients}_waiting_for_cpu"] = round(statistics.median(w for _, w in sched[name, clients]), 2)
     for clients in (1, 32):
         for name in ("raft_leader", "raft_spread"):
             ratios = [r["rate"] / s["rate"] for r, s in zip(runs[name, clients], runs["single", clients])]

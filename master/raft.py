@@ -6,15 +6,19 @@ and chunks are served locally) whose writes do not go to the store directly:
 1. ``submit`` queues a transaction; once per turn of the event loop ``flush``
    encodes the queue as one *group* (``encode_group``: the transactions with
    their author and id, and the time of the group) and proposes it to the
-   Raft log.  A follower's proposal is forwarded to the leader by pysyncobj.
+   Raft log.  A follower sends its transactions to the leader instead, which
+   puts them into its own next group (master/raft_forward.py).  While an
+   entry of the leader's awaits a majority, the leader keeps what arrives for
+   the next group (``MAX_IN_FLIGHT``, at most ``MAX_HOLD``): with many
+   clients, fewer and larger entries.
 2. When the group is committed (on a majority of disks, see
    ``master/raft_journal.py``) every replica applies it with
    ``Store.commit(txs, when=group time, trailers=("Keg-Raft-Index: i",))``:
    same parent, same transactions, same author, same time, so every replica
    makes the same commit, byte for byte, and the same KIDs.  Nothing in the
    apply reads a clock, the network or this replica's chunk store.
-3. The replica that proposed the group answers its clients with the results
-   it computed when it applied it; the answer says the revision.
+3. The replica each transaction came through answers its client with the
+   result it computed when it applied the entry; the answer says the revision.
 
 Idempotent retries: a transaction may carry an id (``"id"`` in ``POST
 /v1/tx``, or an ``Idempotency-Key`` header on ``PUT``/``DELETE``).  The
@@ -77,12 +81,16 @@ from keg.large import Pointer
 from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
 from master.app import HttpError
 from master.interface import Pending
+from master.raft_forward import FAILED, FORWARD, MESSAGES, REFUSED, Forwarder, origins_json
 from master.raft_journal import EpollPoller, RaftJournal, SyncingTransport, seams
 from master.raft_wire import WireCipher, use_stored_zlib
 from master.single import SingleMaster
 
 GROUP_FORMAT = 1
 GROUP_OVERHEAD = 40              # bytes of a group entry around its transactions (time, format), at most
+MAX_IN_FLIGHT = 1                # the leader proposes while fewer of its entries than this await a majority,
+MAX_HOLD = 0.05                  # and otherwise keeps new writes for the next group, for at most this long
+FROM_OVERHEAD = 120              # bytes a forwarded transaction adds to its group's "from" list, at most
 MAX_ENTRY = 4 << 20              # bytes of one log entry; a bigger transaction is refused (413)
 PROPOSE_TIMEOUT = 10.0           # a proposal not applied by then is answered "outcome unknown"
 IDEMPOTENCY_WINDOW = 100_000     # revisions within which a repeated transaction id is recognised
@@ -201,27 +209,52 @@ def _json_opt(text: str | None) -> str:
     return "null" if text is None else _json_str(text)
 
 
-def join_group(encoded: list, when: int) -> bytes:
-    """The group of ``encode_tx`` results: the bytes ``json.dumps`` with sorted keys would make of it."""
-    return b'{"time":%d,"txs":[%b],"v":%d}' % (int(when), b",".join(encoded), GROUP_FORMAT)
+def join_group(encoded: list, when: int, origins: list | None = None) -> bytes:
+    """The group of ``encode_tx`` results: the bytes ``json.dumps`` with sorted keys would make of it.
+
+    ``origins`` lists the forwarded transactions (``[position, origin, seq]``,
+    master/raft_forward.py); a group without any has no ``"from"`` key.
+    """
+    head = b'{"from":%b,' % origins_json(origins) if origins else b"{"
+    return b'%b"time":%d,"txs":[%b],"v":%d}' % (head, int(when), b",".join(encoded), GROUP_FORMAT)
 
 
 def decode_group(payload: bytes) -> tuple:
     """``(time, [Transaction])`` from ``encode_group``'s bytes."""
+    when, txs, _ = decode_entry(payload)
+    return when, txs
+
+
+def decode_entry(payload: bytes) -> tuple:
+    """``(time, [Transaction], origins)`` of a log entry (``origins``: its ``"from"`` list, or [])."""
     obj = json.loads(payload)
     if obj.get("v") != GROUP_FORMAT:
         raise CorruptKeg(f"log entry has group format {obj.get('v')!r}; this Keg reads {GROUP_FORMAT}: "
                          "upgrade every replica to the same version")
-    txs, authors = [], {}
-    for t in obj["txs"]:
-        ops = tuple([Delete(o[1], o[2]) if o[0] == "delete" else Put(o[1], base64.b64decode(o[3]), o[2], o[4])
-                     for o in t["ops"]])
-        name, email = t["author"]
-        author = authors.get((name, email))
-        if author is None:  # a group's transactions mostly share their author: one object for them
-            author = authors[(name, email)] = Author(name, email)
-        txs.append(Transaction(ops, tuple([Compare(p, k) for p, k in t["compare"]]), author, t["id"]))
-    return obj["time"], txs
+    authors: dict = {}   # a group's transactions mostly share their author: one object for them
+    return obj["time"], [_decode_tx(t, authors) for t in obj["txs"]], obj.get("from", [])
+
+
+def decode_tx(encoded: bytes):
+    """One ``encode_tx`` result back as a ``Transaction`` (a transaction a follower forwarded).
+
+    Raises:
+        ValueError: the bytes are not one encoded transaction.
+    """
+    try:
+        return _decode_tx(json.loads(encoded), {})
+    except (KegError, KeyError, TypeError, IndexError, ValueError) as err:
+        raise ValueError(f"not an encoded transaction: {err}") from err
+
+
+def _decode_tx(t: dict, authors: dict):
+    ops = tuple([Delete(o[1], o[2]) if o[0] == "delete" else Put(o[1], base64.b64decode(o[3]), o[2], o[4])
+                 for o in t["ops"]])
+    name, email = t["author"]
+    author = authors.get((name, email))
+    if author is None:
+        author = authors[(name, email)] = Author(name, email)
+    return Transaction(ops, tuple([Compare(p, k) for p, k in t["compare"]]), author, t["id"])
 
 
 def _trailer_values(message: str, trailer: str) -> list:
@@ -253,6 +286,9 @@ class ReplicatedLog(SyncObj):
 
     def _SyncObj__onMessageReceived(self, node, message):
         kind = message.get("type")
+        if kind in MESSAGES:
+            self.keg_master.forward_message(node, message)
+            return
         # pysyncobj sets a follower's next index to what the follower's answer names, even when entries
         # sent after the one it answers are on the way: the next send repeats them and the follower,
         # which deletes everything after prevLogIdx before appending, truncates and rewrites its log
@@ -345,6 +381,8 @@ class RaftMaster(SingleMaster):
         self._notice_urgent = False     # that send is for a follower's forwarded write (call_soon)
         self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
         self._wanted: set = set()       # chunks of committed values this replica lacks
+        self.forwarder = Forwarder(self.self_raft, decode_tx)
+        self._held_since = None         # monotonic time the leader began keeping writes for the next group
         self._loop = None
         self._closed = False
         self.stats.update({"groups": 0, "snapshots_sent": 0, "snapshots_loaded": 0, "replayed_ids": 0})
@@ -411,6 +449,8 @@ class RaftMaster(SingleMaster):
         if self._closed:
             return
         self._tick()
+        if self._held_since is not None:
+            self.flush()
         self._expire()
         self.housekeeping()   # install a checkpoint a child has written
         if self._wanted:
@@ -491,25 +531,86 @@ class RaftMaster(SingleMaster):
     # ------------------------------------------------------------ writes
 
     def flush(self) -> None:
+        """Propose what this turn's clients (and, as leader, the followers) sent; a follower forwards its own."""
+        if self._hold():
+            return
+        self._held_since = None
         with self._queue_lock:
             batch, self._queue = self._queue, []
-        if not batch:
+        incoming = self.forwarder.take_incoming()
+        if not batch and not incoming:
             return
-        group, size, when = [], 0, int(time.time())
+        leading = self.raft._isLeader()
+        if incoming and not leading:
+            Forwarder.tell(self._transport(), REFUSED, incoming)  # proposed nothing: the follower proposes again
+            incoming = []
+        items = []   # (own pending or None, encoded transaction, Incoming or None)
         for pending in batch:
             encoded = encode_tx(pending.tx)
-            error = self._refuse(pending.tx, len(encoded) + GROUP_OVERHEAD)
+            error = self._refuse(pending.tx, len(encoded) + GROUP_OVERHEAD + FROM_OVERHEAD)
             if error is not None:
                 pending.resolve(TxResult(False, error=error))
-                continue
-            if group and size + len(encoded) + 1 > MAX_ENTRY:
+            else:
+                items.append((pending, encoded, None))
+        if items and not leading and self._forward([(p, e) for p, e, _ in items]):
+            items = []
+        items += [(None, item.encoded, item) for item in incoming]
+        group, size, when = [], GROUP_OVERHEAD, int(time.time())
+        for item in items:
+            cost = len(item[1]) + 1 + (FROM_OVERHEAD if item[2] is not None else 0)
+            if group and size + cost > MAX_ENTRY:
                 self._propose(group, when)
                 group, size = [], GROUP_OVERHEAD
-            group.append((pending, encoded))
-            size += len(encoded) + 1
+            group.append(item)
+            size += cost
         if group:
             self._propose(group, when)
         self._tick()
+
+    def _hold(self) -> bool:
+        """As leader, keep this turn's writes for the next group while the previous one is replicated."""
+        if not self.raft._isLeader() or not (self._queue or self.forwarder.incoming):
+            return False
+        last, commit = self.raft.positions()
+        if last - commit < MAX_IN_FLIGHT:
+            return False
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        return now - self._held_since < MAX_HOLD
+
+    def _transport(self):
+        return self.raft._SyncObj__transport
+
+    def _forward(self, items: list) -> bool:
+        """As follower, send ``items`` (``[(pending, encoded)]``) to the leader for its next group."""
+        leader = self.raft._getLeader()
+        if leader is None or not self.forwarder.send(self._transport(), leader, items):
+            return False  # no leader known, or no connection to it: pysyncobj's proposal waits for one
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [p for p, _ in items], None))
+        return True
+
+    def forward_message(self, node, message: dict) -> None:
+        """A forwarding message from another replica (master/raft_forward.py)."""
+        kind = message["type"]
+        if kind == FORWARD:
+            bad = self.forwarder.receive(node, message)
+            if bad:
+                log.warning("raft: %s forwarded %d malformed transaction(s): %s", node, len(bad), bad[0][1])
+                self._transport().send(node, {"type": FAILED, "origin": message.get("origin"),
+                                              "seqs": [seq for seq, _ in bad], "reason": "it was malformed"})
+            if self.forwarder.incoming and self.on_submit is not None:
+                self.on_submit()  # flush on this turn of the loop, with this replica's own clients' writes
+        elif kind == REFUSED:
+            refused = self.forwarder.take(message)
+            if refused:
+                self._propose([(p, encode_tx(p.tx), None) for p in refused], int(time.time()))
+        elif kind == FAILED:
+            failure = OutcomeUnknown(f"the write may or may not have been committed (the leader's proposal "
+                                     f"failed: {message.get('reason') or 'no reason given'}); retry it with the "
+                                     "same transaction id")
+            for pending in self.forwarder.take(message):
+                pending.resolve(TxResult(False, error=failure))
 
     def _refuse(self, tx, size: int):
         """Why ``tx`` (``size`` bytes as a log entry of its own) may not be proposed, or None."""
@@ -531,15 +632,20 @@ class RaftMaster(SingleMaster):
         return None
 
     def _propose(self, proposed: list, when: int) -> None:
-        group = [pending for pending, _ in proposed]
-        payload = join_group([encoded for _, encoded in proposed], when)
-        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, group, payload))
-        self._own[payload] = (when, [pending.tx for pending in group])
+        """Propose one group: ``[(own pending or None, encoded, Incoming or None)]`` in log order."""
+        pendings = [(i, p) for i, (p, _, _) in enumerate(proposed) if p is not None]
+        forwarded = [item for _, _, item in proposed if item is not None]
+        origins = [[i, item.origin, item.seq] for i, (_, _, item) in enumerate(proposed) if item is not None]
+        payload = join_group([encoded for _, encoded, _ in proposed], when, origins)
+        self._proposals.append((time.monotonic() + PROPOSE_TIMEOUT, [p for _, p in pendings], payload))
+        self._own[payload] = (when, [p.tx if p is not None else item.tx for p, _, item in proposed], origins)
 
         def done(results, err):
+            if self._held_since is not None and self.on_submit is not None:
+                self.on_submit()  # the group kept back goes now
             if err == FAIL_REASON.SUCCESS and results is not None:
-                for pending, result in zip(group, results):
-                    pending.resolve(result)
+                for i, pending in pendings:
+                    pending.resolve(results[i])
                 return
             reason = {FAIL_REASON.QUEUE_FULL: "the proposal queue is full",
                       FAIL_REASON.MISSING_LEADER: "there is no leader",
@@ -549,8 +655,10 @@ class RaftMaster(SingleMaster):
                       FAIL_REASON.UNKNOWN_OUTCOME: "its outcome was lost"}.get(err, f"error {err}")
             failure = OutcomeUnknown(f"the write may or may not have been committed ({reason}); "
                                      "retry it with the same transaction id")
-            for pending in group:
+            for _, pending in pendings:
                 pending.resolve(TxResult(False, error=failure))
+            if forwarded:
+                Forwarder.tell(self._transport(), FAILED, forwarded, reason)
 
         self.raft.apply_group(payload, callback=done)
 
@@ -558,7 +666,7 @@ class RaftMaster(SingleMaster):
         now = time.monotonic()
         keep = []
         for deadline, group, payload in self._proposals:
-            if all(p.done for p in group):
+            if group and all(p.done for p in group):
                 self._own.pop(payload, None)
                 continue
             if deadline > now:
@@ -570,6 +678,13 @@ class RaftMaster(SingleMaster):
             for pending in group:
                 pending.resolve(TxResult(False, error=failure))
         self._proposals = keep
+        leader = self.raft._getLeader()
+        gone = self.forwarder.abandon(leader.address if leader is not None else None)
+        if gone:
+            failure = OutcomeUnknown("the write may or may not have been committed (the leader it was forwarded "
+                                     "to is no longer the leader); retry it with the same transaction id")
+            for pending in gone:
+                pending.resolve(TxResult(False, error=failure))
 
     def apply_entry(self, payload: bytes, index: int):
         """Apply log entry ``index`` (a group) to the keg: the same commit on every replica.
@@ -583,7 +698,7 @@ class RaftMaster(SingleMaster):
         # A group this replica proposed applies from the transactions it encoded, which decode_group
         # gives back equal (test_group_encoding_round_trips_exactly): the bytes are the same entry.
         own = self._own.pop(payload, None)
-        when, transactions = own if own is not None else decode_group(payload)
+        when, transactions, origins = own if own is not None else decode_entry(payload)
         results: list = [None] * len(transactions)
         todo, first_of = [], {}
         with self._lock:
@@ -618,6 +733,10 @@ class RaftMaster(SingleMaster):
         for i, tx in enumerate(transactions):
             if results[i] is None:
                 results[i] = results[first_of[tx.id]]
+        if origins:
+            self.forwarder.answered(origins, results)
+            if self.raft._isLeader():
+                self.raft.forwarded_upto = max(self.raft.forwarded_upto, index)  # the followers wait: tell them
         self.stats["transactions"] += len(transactions)
         self.stats["groups"] += 1
         if after != head:
@@ -851,6 +970,7 @@ class RaftMaster(SingleMaster):
                 "log_entries": raw["log_len"], "has_quorum": raw["has_quorum"],
                 "revision": revision.number, "revision_kid": revision.kid, "applied_index": self.applied_index,
                 "snapshots_loaded": self.stats["snapshots_loaded"], "snapshots_written": self.stats["snapshots_sent"],
+                "forwarded_sent": self.forwarder.sent, "forwarded_received": self.forwarder.received,
                 "peers": peers, "members": sorted([self.self_raft] + [n.address for n in self.raft.otherNodes])}
 
     def change_membership(self, action: str, address: str) -> Pending:

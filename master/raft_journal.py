@@ -318,9 +318,10 @@ class SyncingTransport(TCPTransport):
     (Raft allows it, thesis §10.2.1): the leader does not count itself
     towards a majority until it is (``RaftMaster._tick`` syncs before every
     tick, where pysyncobj computes the commit index); so may its answer
-    saying where it put a follower's forwarded command.  Every other
-    message, a follower's acknowledgement and a vote above all, waits for
-    the sync.
+    saying where it put a follower's forwarded command, and the messages
+    that forward transactions (master/raft_forward.py), which say nothing
+    about the log.  Every other message, a follower's acknowledgement and a
+    vote above all, waits for the sync.
     """
 
     def send(self, node, message):
@@ -329,7 +330,8 @@ class SyncingTransport(TCPTransport):
         # Neither a leader's entries nor its "your command is at index i, term t" need its own log on
         # disk first: a follower acts on neither as on an acknowledgement (an entry lost in a leader's
         # crash is replaced in a higher term, and the follower's command is then reported discarded).
-        if journal is not None and kind not in ("append_entries", "apply_command_response"):
+        if journal is not None and kind not in ("append_entries", "apply_command_response") \
+                and not (kind or "").startswith("keg_forward"):  # writes a follower forwards, and answers
             journal.sync()
         if kind == "apply_command_response" and "log_idx" in message:
             # The leader placed a follower's forwarded command at log_idx: the follower answers its

@@ -240,3 +240,43 @@ def test_pipelined_writes_leave_every_log_whole_and_the_replicas_identical(clust
         [r.log()[-1500:] for r in cluster.replicas]
     cluster.close()
     assert set(git_heads([r.keg_path for r in cluster.replicas])) == {head[2:]}
+
+
+def test_writes_through_every_replica_at_once_share_log_entries(cluster):
+    # A follower forwards its clients' transactions to the leader, which puts them into its own next
+    # group: one log entry (one commit) carries writes that came in through different replicas, and
+    # each replica answers its own clients from its own apply of that entry.
+    import threading
+    leader = cluster.wait_leader()
+    answers: dict = {}
+
+    def writer(r, n):
+        for i in range(25):
+            answers[r.index, n, i] = cluster.write(r, f"/mix/r{r.index}w{n}/k{i}", f"{r.index}.{n}.{i}",
+                                                   timeout=30, tx_id=f"mix-{r.index}-{n}-{i}")
+    threads = [threading.Thread(target=writer, args=(r, n)) for r in cluster.replicas for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [status for status, _ in answers.values()] == [200] * 300, answers
+    through = {}
+    for (index, _, _), (_, answer) in answers.items():
+        through.setdefault(answer["revision"], set()).add(index)
+    shared = [rev for rev, replicas in through.items() if len(replicas) > 1]
+    assert shared, "no log entry carried writes that came through different replicas"
+    assert len(through) < 300  # fewer commits than writes
+    # A follower answered only once it had applied the write itself: it reads it back at once.
+    follower = followers(cluster, leader)[0]
+    status, answer = cluster.write(follower, "/mix/last", "read me", tx_id="mix-last")
+    got, headers, body = cluster.call(follower, "GET", "/v1/keg/mix/last")
+    assert (status, got, body) == (200, 200, b"read me") and int(headers["keg-revision"]) >= answer["revision"]
+    # Retried through the other follower, the same id gets the original answer, applied once.
+    again = cluster.write(followers(cluster, leader)[1], "/mix/last", "read me", tx_id="mix-last")
+    assert again == (200, answer)
+    statuses = [cluster.status(r) for r in cluster.replicas]
+    sent = sum(s["forwarded_sent"] for s in statuses)
+    assert sent >= 201 and cluster.status(leader)["forwarded_received"] == sent
+    head = cluster.wait_converged()
+    cluster.close()
+    assert set(git_heads([r.keg_path for r in cluster.replicas])) == {head[2:]}

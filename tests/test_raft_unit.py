@@ -12,7 +12,10 @@ import pytest
 
 import keg
 from keg.transaction import Author, Compare, Delete, Put, Transaction, compare, delete, put
-from master.raft import (RaftConfigError, decode_group, encode_group, encode_tx, parse_peers, peer_token)
+from master.interface import Pending
+from master.raft import (RaftConfigError, decode_entry, decode_group, decode_tx, encode_group, encode_tx,
+                         join_group, parse_peers, peer_token)
+from master.raft_forward import FAILED, FORWARD, REFUSED, Forwarder
 from master.raft_journal import RaftJournal
 
 
@@ -89,6 +92,86 @@ def test_group_encoding_is_sorted_compact_json_and_keeps_every_field():
         for op, op_again in zip(tx.ops, again.ops):
             assert [type(v) for v in dataclasses.astuple(op)] == [type(v) for v in dataclasses.astuple(op_again)]
         assert [type(c.kid) for c in tx.compares] == [type(c.kid) for c in again.compares]
+
+
+def test_a_group_names_its_forwarded_transactions_and_decodes_them_like_its_own():
+    own = Transaction((put("/own", "1"),), (), Author("ann", "ann@x"), None)
+    sent = Transaction((put("/sent", "2"), delete("/old", False)), (compare("/sent", None),), Author("bob", "b@x"), "t-9")
+    origins = [[1, "10.0.0.2:4001/0a1b2c3d4e5f", 7]]
+    payload = join_group([encode_tx(own), encode_tx(sent)], 1700000000, origins)
+    assert json.loads(payload) == {"from": origins, "time": 1700000000, "v": 1,
+                                   "txs": [json.loads(encode_tx(own)), json.loads(encode_tx(sent))]}
+    assert list(json.loads(payload)) == sorted(json.loads(payload))  # the key order json.dumps sorts to
+    assert decode_entry(payload) == (1700000000, [own, sent], origins)
+    assert decode_group(payload) == (1700000000, [own, sent])
+    # The commit is made from the transactions only: without forwarding the entry is the old format.
+    assert join_group([encode_tx(own)], 5, []) == encode_group([own], 5) and b"from" not in encode_group([own], 5)
+    assert decode_tx(encode_tx(sent)) == sent
+    for bad in (b"[1]", b"{}", b'{"ops":[],"compare":[],"author":["a","b"],"id":null}', b"not json", 3):
+        with pytest.raises(ValueError):
+            decode_tx(bad)
+
+
+class _Transport:
+    def __init__(self, up=True):
+        self.up, self.sent = up, []
+
+    def send(self, node, message):
+        self.sent.append((node, message))
+        return self.up
+
+
+@dataclasses.dataclass(frozen=True)
+class _Node:
+    address: str
+
+
+def _pending(text):
+    return Pending(Transaction((put("/" + text, text),)), None)
+
+
+def test_a_forwarded_transaction_is_answered_once_and_only_by_the_replica_that_sent_it():
+    follower, other = Forwarder("f:1", decode_tx), Forwarder("f:1", decode_tx)  # the same replica after a restart
+    assert follower.origin != other.origin and follower.origin.startswith("f:1/")
+    leader, transport = _Node("l:1"), _Transport()
+    a, b = _pending("a"), _pending("b")
+    assert follower.send(transport, leader, [(a, encode_tx(a.tx)), (b, encode_tx(b.tx))])
+    (_, message), = transport.sent
+    assert message["type"] == FORWARD and [seq for seq, _ in message["txs"]] == [1, 2]
+
+    receiver = Forwarder("l:1", decode_tx)
+    assert receiver.receive(_Node("f:1"), message) == []
+    incoming = receiver.take_incoming()
+    assert [i.tx for i in incoming] == [a.tx, b.tx] and receiver.incoming == [] and receiver.received == 2
+
+    results = [object(), object(), object()]
+    other.answered([[1, follower.origin, 1]], results)       # not its own: nothing happens
+    follower.answered([[0, "l:1/xyz", 1], [2, follower.origin, 2]], results)
+    assert not a.done and b.result is results[2] and list(follower.waiting) == [1]
+    follower.answered([[1, follower.origin, 1], [2, follower.origin, 2]], results)
+    assert a.result is results[1] and b.result is results[2] and follower.waiting == {}
+
+
+def test_refusals_failures_and_a_new_leader_each_end_a_forwarded_transaction():
+    follower, transport = Forwarder("f:1", decode_tx), _Transport()
+    pendings = [_pending(t) for t in "abcd"]
+    follower.send(transport, _Node("l:1"), [(p, encode_tx(p.tx)) for p in pendings])
+    assert follower.take({"type": REFUSED, "origin": "f:1/old", "seqs": [1]}) == []   # for an earlier start
+    assert follower.take({"type": REFUSED, "origin": follower.origin, "seqs": [1]}) == pendings[:1]
+    assert follower.take({"type": FAILED, "origin": follower.origin, "seqs": [2, 2, 99]}) == pendings[1:2]
+    assert follower.abandon("l:1") == []                      # the same leader: they still wait
+    assert follower.abandon("l:2") == pendings[2:] and follower.waiting == {}
+    # A connection that is down sends nothing and leaves nothing waiting.
+    assert not follower.send(_Transport(up=False), _Node("l:2"), [(pendings[0], b"{}")]) and follower.waiting == {}
+    # The leader answers malformed transactions by their sequence number, and queues the rest.
+    receiver = Forwarder("l:1", decode_tx)
+    bad = receiver.receive(_Node("f:1"), {"type": FORWARD, "origin": follower.origin,
+                                          "txs": [[5, b"garbage"], [6, encode_tx(pendings[0].tx)], "x"]})
+    assert [seq for seq, _ in bad] == [5, None] and [i.seq for i in receiver.incoming] == [6]
+    told = _Transport()
+    Forwarder.tell(told, FAILED, receiver.take_incoming(), "the leader changed")
+    assert told.sent == [(_Node("f:1"), {"type": FAILED, "origin": follower.origin, "seqs": [6],
+                                        "reason": "the leader changed"})]
 
 
 def test_same_groups_make_byte_identical_commits_on_two_replicas(tmp_path):

@@ -666,8 +666,8 @@ class RaftMaster(SingleMaster):
         now = time.monotonic()
         keep = []
         for deadline, group, payload in self._proposals:
-            if group and all(p.done for p in group):
-                self._own.pop(payload, None)
+            if all(p.done for p in group) if group else payload not in self._own:
+                self._own.pop(payload, None)  # answered; or (only forwarded writes in it) applied
                 continue
             if deadline > now:
                 keep.append((deadline, group, payload))

@@ -275,8 +275,8 @@ def test_writes_through_every_replica_at_once_share_log_entries(cluster):
     again = cluster.write(followers(cluster, leader)[1], "/mix/last", "read me", tx_id="mix-last")
     assert again == (200, answer)
     statuses = [cluster.status(r) for r in cluster.replicas]
-    sent = sum(s["forwarded_sent"] for s in statuses)
-    assert sent >= 201 and cluster.status(leader)["forwarded_received"] == sent
+    sent = sum(s["forwarded_sent"] for s in statuses)  # a write finding no connection to the leader yet
+    assert 0 < sent <= 201 and cluster.status(leader)["forwarded_received"] == sent  # goes via pysyncobj
     head = cluster.wait_converged()
     cluster.close()
     assert set(git_heads([r.keg_path for r in cluster.replicas])) == {head[2:]}

@@ -276,7 +276,7 @@ def test_writes_through_every_replica_at_once_share_log_entries(cluster):
     assert again == (200, answer)
     statuses = [cluster.status(r) for r in cluster.replicas]
     sent = sum(s["forwarded_sent"] for s in statuses)  # a write finding no connection to the leader yet
-    assert 0 < sent <= 201 and cluster.status(leader)["forwarded_received"] == sent  # goes via pysyncobj
+    assert 0 < sent <= 202 and cluster.status(leader)["forwarded_received"] == sent  # goes via pysyncobj
     head = cluster.wait_converged()
     cluster.close()
     assert set(git_heads([r.keg_path for r in cluster.replicas])) == {head[2:]}

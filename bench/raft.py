@@ -24,6 +24,13 @@ In one run, on this machine:
    ``Cluster(stacks=True)``), and a failed run keeps the logs (``--keep DIR``
    keeps them in any case; ``--no-rates`` runs the fault loops alone).
 
+``--cpu-per-server CORES`` holds the single node and each replica to the same
+share of a core (``bench/cpu_limit.py``, the cgroup ``cpu`` controller), as if
+each server had a machine of its own: without it the three replicas share the
+two cores, and the leader waits for a core the followers hold.  Pick a share
+the three replicas and the client fit in together (0.5 on two cores); the
+figures of both ways belong side by side.
+
 With each rate it reports CPU per put (/proc/PID/stat) and, for the single
 node and the leader, the share of the wall time they ran and the share they
 waited, runnable, for a core (/proc/PID/schedstat): on two cores shared by
@@ -53,6 +60,8 @@ import netns  # noqa: E402
 from http_load import KegApi, check_put, concurrent_puts, connect  # noqa: E402
 from conftest import MasterProcess, init_keg_with_token  # noqa: E402
 from raft_harness import Cluster, Workload, git_heads  # noqa: E402
+
+from cpu_limit import CpuLimit  # noqa: E402
 
 
 def _port(url: str) -> int:
@@ -115,12 +124,14 @@ def sched_seconds(pid: int) -> tuple:
     return int(running) / 1e9, int(waiting) / 1e9
 
 
-def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
+def rates(root: str, rounds: int, puts_one: int, puts_many: int, limit: CpuLimit = None) -> dict:
     """Write rates of a single node and a 3-replica cluster, both running, in alternating rounds.
 
     Each round measures both with 1 client and with 32, the order of the two
     systems alternating from round to round (``sync`` and a short pause
     before each measurement); a ratio is the median of its per-round ratios.
+    With ``limit``, the single node and each replica are held to its CPU
+    share, each in a cgroup of its own.
     """
     keg_dir = os.path.join(root, "single")
     single = MasterProcess(keg_dir, init_keg_with_token(keg_dir))
@@ -128,6 +139,10 @@ def rates(root: str, rounds: int, puts_one: int, puts_many: int) -> dict:
     try:
         cluster = Cluster(os.path.join(root, "raft"), 3).start()
         leader = cluster.wait_leader()
+        if limit is not None:
+            limit.add("single", single.proc.pid)
+            for i, replica in enumerate(cluster.replicas):
+                limit.add(f"replica{i}", replica.proc.pid)
         systems = {"single": ([single.url], single.token), "raft_leader": ([leader.url], cluster.token),
                    "raft_spread": ([r.url for r in cluster.replicas], cluster.token)}
         pids = {"single": [single.proc.pid], "raft_leader": [leader.proc.pid],
@@ -241,11 +256,20 @@ def main() -> None:
     parser.add_argument("--no-faults", action="store_true", help="skip the fault loops (only the write rates)")
     parser.add_argument("--keep", metavar="DIR",
                         help="work in DIR (new or empty) and keep it: the kegs and each replica's log, faults/r<i>.log")
+    parser.add_argument("--cpu-per-server", type=float, metavar="CORES",
+                        help="hold the single node and each replica to this share of a core (cgroup cpu "
+                             "controller), as if each ran on a machine of its own: e.g. 0.5 on two cores")
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
     reason = netns.unavailable()
     if reason:
         raise SystemExit(f"bench/raft.py needs network namespaces: {reason}")
+    limit = None
+    if args.cpu_per_server is not None:
+        try:
+            limit = CpuLimit("keg-bench-raft", args.cpu_per_server)
+        except (ValueError, RuntimeError) as err:
+            raise SystemExit(f"bench/raft.py --cpu-per-server: {err}")
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
         if os.listdir(args.keep):
@@ -254,7 +278,13 @@ def main() -> None:
     else:
         root = tempfile.mkdtemp(prefix="keg-bench-raft-")
     try:
-        figures = {"rates_per_s": rates(root, args.rounds, args.puts, args.puts_concurrent)} if not args.no_rates else {}
+        figures = {}
+        if limit is not None and not args.no_rates:
+            with limit:
+                figures["rates_per_s"] = rates(root, args.rounds, args.puts, args.puts_concurrent, limit)
+            figures["cpu_per_server"] = args.cpu_per_server
+        elif not args.no_rates:
+            figures["rates_per_s"] = rates(root, args.rounds, args.puts, args.puts_concurrent)
         if not args.no_faults:
             figures["faults"] = faults(root, args.leader_kills, args.restarts)
     except BaseException:

@@ -6,6 +6,7 @@ Needs root and the cgroup cpu controller (CI runs as root); fails, never skips, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,9 +14,17 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from cpu_limit import CpuLimit  # noqa: E402
+def _load_cpu_limit():
+    # Loaded by path: bench/ on sys.path would hide the packages of the same names (bench/mayor.py).
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "cpu_limit.py")
+    spec = importlib.util.spec_from_file_location("bench_cpu_limit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CpuLimit = _load_cpu_limit().CpuLimit
 
 
 def _cpu_seconds(pid: int) -> float:

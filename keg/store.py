@@ -25,7 +25,9 @@ forks a child that compresses and writes the pack on another core while
 commits go on; the writer installs it (revision index, ref, sealed journal
 segment dropped) at a later commit or ``poll_checkpoint``.  Without it, or
 while the process runs threads (forking one is unsafe), the checkpoint runs
-inside the commit that reaches it.
+inside the commit that reaches it.  Past ``PACKS_BEFORE_REPACK`` packs a
+checkpoint starts ``git repack --geometric=2`` in a child process, which
+runs beside the commits; ``poll_checkpoint`` or ``close`` ends it.
 
 Other processes may read at any time; they see the newest checkpoint.
 """
@@ -41,6 +43,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -177,13 +180,14 @@ class Store:
         self.background_checkpoints = background_checkpoints
         self._packing: dict = {}          # like _pending: what a background checkpoint is writing
         self._background: _Background | None = None
+        self._repacking: _Repack | None = None   # a ``git repack`` running in a child process
         self._revs: list = [None]          # revision number -> commit oid
         self._checkpoint_rev = 0
         self._trees: OrderedDict = OrderedDict()
         self._roots: dict = {}             # commit oid -> root tree oid (commits never change)
         self._tree_cache_entries = 0
         self._listeners: list = []
-        self.stats = {"tree_reads": 0, "tree_parses": 0, "checkpoints": 0}
+        self.stats = {"tree_reads": 0, "tree_parses": 0, "checkpoints": 0, "repacks": 0}
         self.last_checkpoint_error: OSError | None = None
         self._load_head()
 
@@ -200,6 +204,7 @@ class Store:
         if self._lock_fd is not None:
             try:
                 self.checkpoint()
+                self._poll_repack(wait=True)  # a repack must not outlive the lock
             finally:
                 self._journal.close()
                 os.close(self._lock_fd)
@@ -1034,14 +1039,22 @@ class Store:
         self._background = _Background(pid, revision, size, sealed)
 
     def poll_checkpoint(self) -> bool:
-        """Install a background checkpoint that has finished; True while one is still running."""
-        if self._background is None:
-            return False
+        """Install a background checkpoint that has finished, and end a finished repack.
+
+        Returns:
+            True while either is still running (call again later).
+        """
+        running = False
+        if self._background is not None:
+            try:
+                running = not self._finish_background(wait=False)
+            except (OSError, KegError) as err:  # installing (or the repack after it) failed; retried later
+                self.last_checkpoint_error = err
         try:
-            return not self._finish_background(wait=False)
-        except (OSError, KegError) as err:  # installing (or the repack after it) failed; retried later
+            running = self._poll_repack(wait=False) or running
+        except KegError as err:
             self.last_checkpoint_error = err
-            return False
+        return running
 
     def _finish_background(self, wait: bool) -> bool:
         """Install the background checkpoint's pack if its child is done (or ``wait``); True when it was.
@@ -1096,13 +1109,33 @@ class Store:
                 os.unlink(os.path.join(pack_dir, name))
 
     def _maybe_repack(self, pack_dir: str) -> None:
+        """Start a geometric repack in a child process when the packs pile up (one at a time).
+
+        Commits go on meanwhile: git's repack packs the packs it listed when
+        it started and deletes only those, so a pack a checkpoint writes in
+        the meantime stays as it is.  ``poll_checkpoint`` (and ``close``)
+        end it and report a failure.
+        """
+        if self._poll_repack(wait=False):
+            return
         packs = [n for n in os.listdir(pack_dir) if n.endswith(".pack")]
         if len(packs) > PACKS_BEFORE_REPACK:
-            self.repack()
+            self._repacking = _Repack.start(self.path, "repack", "-d", "-q", "--geometric=2")
+            self.stats["repacks"] += 1
 
-    def repack(self) -> None:
-        """Roll small packs into larger ones (geometric), so pack count and disk use stay bounded."""
-        _run_git_under_lock(self.path, "repack", "-d", "-q", "--geometric=2")
+    def _poll_repack(self, wait: bool) -> bool:
+        """End the running repack if it is done (or ``wait`` for it); True while it still runs.
+
+        Raises:
+            CorruptKeg: the repack failed (the old packs are still in place).
+        """
+        if self._repacking is None:
+            return False
+        if not self._repacking.done(wait):
+            return True
+        repack, self._repacking = self._repacking, None
+        repack.check()
+        return False
 
     # -------------------------------------------------------------- volatile
 
@@ -1156,6 +1189,7 @@ class Store:
         write_pack(pack_dir, [(tree_oid, OBJ_TREE, tree_data), (commit_oid, OBJ_COMMIT, commit_data)],
                    durable=self.durable)
         self._write_ref(RETENTION_REF, commit_oid)
+        self._poll_repack(wait=True)
         _run_git_under_lock(self.path, "repack", "-a", "-d", "-q")
         # libgit2 keeps the old packs open; reopen so this process sees what the repack dropped.
         self._repo = pygit2.Repository(self.path)
@@ -1489,6 +1523,33 @@ def _die_with_parent() -> None:
     # A git child must not outlive the writer that holds the lock: if the writer
     # is killed, an unfinished repack is killed too (git leaves the old packs in place).
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _Repack:
+    """A git maintenance command running in a child, tied to this (lock-holding) process's life."""
+
+    def __init__(self, proc: subprocess.Popen, args: tuple, errors):
+        self.proc, self.args, self.errors = proc, args, errors
+
+    @classmethod
+    def start(cls, keg_path: str, *args: str) -> "_Repack":
+        errors = tempfile.TemporaryFile()   # git's messages, read if it fails; never a pipe left full
+        proc = subprocess.Popen(["git", "-C", keg_path, *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=errors, env=_git_env(),
+                                preexec_fn=_die_with_parent)
+        return cls(proc, args, errors)
+
+    def done(self, wait: bool) -> bool:
+        """True once the command has ended (``wait``: block until it has)."""
+        return (self.proc.wait() if wait else self.proc.poll()) is not None
+
+    def check(self) -> None:
+        """Raise ``CorruptKeg`` with git's message if the ended command failed."""
+        self.errors.seek(0)
+        message = self.errors.read().decode(errors="replace").strip()
+        self.errors.close()
+        if self.proc.returncode != 0:
+            raise CorruptKeg(f"git {' '.join(self.args)} failed (exit status {self.proc.returncode}): {message}")
 
 
 def _run_git_under_lock(keg_path: str, *args: str) -> None:

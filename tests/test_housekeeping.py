@@ -1,6 +1,8 @@
 """Disk layout stays tidy: no loose objects, a bounded number of packs, stock git agrees."""
 
 import os
+import shutil
+import time
 
 import keg
 from keg import Transaction, put
@@ -31,6 +33,76 @@ def test_many_checkpoints_leave_few_packs_and_no_loose_objects(keg_dir):
     assert git(keg_dir, "rev-list", "--count", "main").stdout.strip() == "601"
     reopened = keg.Store(keg_dir)
     assert reopened.read("/hk/k9", rev=11) == b"value 9"  # old revisions survive repacking
+
+
+def _git_wrapper(tmp_path, monkeypatch, repack_script: str) -> None:
+    """Put a ``git`` first on PATH that runs ``repack_script`` (sh, "$@" the arguments) for a repack."""
+    real = shutil.which("git")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "git"
+    wrapper.write_text(f'#!/bin/sh\nREAL_GIT="{real}"\n'
+                       f'for a in "$@"; do if [ "$a" = repack ]; then\n{repack_script}\nfi; done\n'
+                       'exec "$REAL_GIT" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def _checkpoint_until_repack(store) -> int:
+    """Commit and checkpoint (a pack each) until one starts a repack; the number of revisions written."""
+    for i in range(PACKS_BEFORE_REPACK + 2):
+        store.apply(Transaction((put(f"/hk/k{i}", f"value {i}"),)))
+        store.checkpoint()
+        if store.stats["repacks"]:
+            return i + 1
+    raise AssertionError(f"{PACKS_BEFORE_REPACK + 2} checkpoints started no repack")
+
+
+def test_a_repack_runs_beside_the_writes_and_ends_by_close(keg_dir, tmp_path, monkeypatch):
+    # git's repack waits for the test's word: the checkpoint that starts it must return before that.
+    started, ended, release = (tmp_path / n for n in ("started", "ended", "release"))
+    _git_wrapper(tmp_path, monkeypatch, f'touch "{started}"; n=0\n'
+                 f'while [ ! -e "{release}" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done\n'
+                 f'"$REAL_GIT" "$@"; rc=$?; touch "{ended}"; exit $rc')
+    store = keg.init(keg_dir, durable=False)
+    store.checkpoint_revisions = 10_000  # packs only where the test checkpoints
+    written = _checkpoint_until_repack(store)
+    deadline = time.monotonic() + 10
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started.exists() and not ended.exists(), "the checkpoint waited for the repack"
+    # Writes, checkpoints and reads go on while it runs; its end is reported by poll_checkpoint.
+    store.apply(Transaction((put("/hk/during", "while repacking"),)))
+    store.checkpoint()
+    assert store.read("/hk/k0") == b"value 0"
+    assert store.poll_checkpoint() is True
+    release.touch()
+    store.close()
+    assert ended.exists()
+    assert store.last_checkpoint_error is None
+    assert len(_packs(keg_dir)) <= 3
+    assert git(keg_dir, "fsck", "--strict").returncode == 0
+    reopened = keg.Store(keg_dir)
+    assert reopened.head_revision == written + 2
+    assert reopened.read("/hk/during") == b"while repacking"
+    assert reopened.read("/hk/k0", rev=2) == b"value 0"
+
+
+def test_a_failed_repack_is_reported_and_loses_nothing(keg_dir, tmp_path, monkeypatch):
+    _git_wrapper(tmp_path, monkeypatch, 'echo "fatal: the disk is full (test)" >&2; exit 1')
+    store = keg.init(keg_dir, durable=False)
+    store.checkpoint_revisions = 10_000
+    written = _checkpoint_until_repack(store)
+    deadline = time.monotonic() + 10
+    while store.poll_checkpoint() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    error = store.last_checkpoint_error
+    assert error is not None and "git repack" in str(error) and "the disk is full (test)" in str(error)
+    store.close()
+    assert len(_packs(keg_dir)) > PACKS_BEFORE_REPACK  # the old packs are all still there
+    reopened = keg.Store(keg_dir)
+    assert reopened.head_revision == written + 1
+    assert [reopened.read(f"/hk/k{i}") for i in range(written)] == [f"value {i}".encode() for i in range(written)]
 
 
 def test_revision_index_is_rebuilt_when_lost(keg_dir):

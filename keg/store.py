@@ -26,8 +26,8 @@ commits go on; the writer installs it (revision index, ref, sealed journal
 segment dropped) at a later commit or ``poll_checkpoint``.  Without it, or
 while the process runs threads (forking one is unsafe), the checkpoint runs
 inside the commit that reaches it.  Past ``PACKS_BEFORE_REPACK`` packs a
-checkpoint starts ``git repack --geometric=2`` in a child process, which
-runs beside the commits; ``poll_checkpoint`` or ``close`` ends it.
+checkpoint starts ``git repack --geometric=2``; with background checkpoints
+it runs beside the commits, and ``poll_checkpoint`` or ``close`` ends it.
 
 Other processes may read at any time; they see the newest checkpoint.
 """
@@ -76,6 +76,7 @@ TREE_CACHE_ENTRIES = 1_000_000  # total entries of cached trees, whatever their 
 MAX_DELTA_DEPTH = 50
 LIST_VALUE_MAX = 64 << 10  # list_values (and ?values=1 over HTTP) carries the bytes of files up to this size
 PACKS_BEFORE_REPACK = 24
+REPACK_RETRY = 60.0        # seconds before a failed repack is tried again
 ROOT_CACHE_ENTRIES = 65536
 POINTER_CACHE_ENTRIES = 65536
 MIN_POINTER = len(MARKER) + 80  # no pointer blob is shorter than its header
@@ -181,6 +182,8 @@ class Store:
         self._packing: dict = {}          # like _pending: what a background checkpoint is writing
         self._background: _Background | None = None
         self._repacking: _Repack | None = None   # a ``git repack`` running in a child process
+        self._repack_not_before = 0.0            # after a failed repack: when to try again
+        self.last_repack_error: Exception | None = None  # the newest repack's failure, until one succeeds
         self._revs: list = [None]          # revision number -> commit oid
         self._checkpoint_rev = 0
         self._trees: OrderedDict = OrderedDict()
@@ -204,8 +207,8 @@ class Store:
         if self._lock_fd is not None:
             try:
                 self.checkpoint()
-                self._poll_repack(wait=True)  # a repack must not outlive the lock
             finally:
+                self._poll_repack(wait=True)  # a repack must not outlive the lock
                 self._journal.close()
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -1050,11 +1053,7 @@ class Store:
                 running = not self._finish_background(wait=False)
             except (OSError, KegError) as err:  # installing (or the repack after it) failed; retried later
                 self.last_checkpoint_error = err
-        try:
-            running = self._poll_repack(wait=False) or running
-        except KegError as err:
-            self.last_checkpoint_error = err
-        return running
+        return self._poll_repack(wait=False) or running
 
     def _finish_background(self, wait: bool) -> bool:
         """Install the background checkpoint's pack if its child is done (or ``wait``); True when it was.
@@ -1109,32 +1108,43 @@ class Store:
                 os.unlink(os.path.join(pack_dir, name))
 
     def _maybe_repack(self, pack_dir: str) -> None:
-        """Start a geometric repack in a child process when the packs pile up (one at a time).
+        """Roll small packs into larger ones (geometric) when they pile up, so their count stays bounded.
 
-        Commits go on meanwhile: git's repack packs the packs it listed when
-        it started and deletes only those, so a pack a checkpoint writes in
-        the meantime stays as it is.  ``poll_checkpoint`` (and ``close``)
-        end it and report a failure.
+        With ``background_checkpoints`` in a process without threads, the
+        repack runs in a child beside the commits (one at a time): git packs
+        the packs it listed when it started and deletes only those, so a pack
+        a checkpoint writes meanwhile stays as it is; ``poll_checkpoint`` and
+        ``close`` end it.  Otherwise it runs here, as a forked child must not
+        belong to a thread that may end (``PR_SET_PDEATHSIG``).  A failure is
+        kept in ``last_repack_error`` (the old packs stay) and the next try
+        waits ``REPACK_RETRY`` seconds; it never fails the checkpoint.
         """
-        if self._poll_repack(wait=False):
+        if self._poll_repack(wait=False) or time.monotonic() < self._repack_not_before:
             return
         packs = [n for n in os.listdir(pack_dir) if n.endswith(".pack")]
-        if len(packs) > PACKS_BEFORE_REPACK:
-            self._repacking = _Repack.start(self.path, "repack", "-d", "-q", "--geometric=2")
-            self.stats["repacks"] += 1
+        if len(packs) <= PACKS_BEFORE_REPACK:
+            return
+        self.stats["repacks"] += 1
+        self._repacking = _Repack.start(self.path, "repack", "-d", "-q", "--geometric=2")
+        if not self.background_checkpoints or threading.active_count() > 1:
+            self._poll_repack(wait=True)
 
     def _poll_repack(self, wait: bool) -> bool:
-        """End the running repack if it is done (or ``wait`` for it); True while it still runs.
-
-        Raises:
-            CorruptKeg: the repack failed (the old packs are still in place).
-        """
+        """End the running repack if it is done (or ``wait`` for it); True while it still runs."""
         if self._repacking is None:
             return False
         if not self._repacking.done(wait):
             return True
         repack, self._repacking = self._repacking, None
-        repack.check()
+        try:
+            repack.check()
+        except CorruptKeg as err:
+            self.last_repack_error = err
+            self._repack_not_before = time.monotonic() + REPACK_RETRY
+            return False
+        self.last_repack_error = None
+        # libgit2 keeps the packs it opened, also those the repack deleted (their disk space with them).
+        self._repo = pygit2.Repository(self.path)
         return False
 
     # -------------------------------------------------------------- volatile

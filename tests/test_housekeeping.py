@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import threading
 import time
 
 import keg
@@ -58,51 +59,86 @@ def _checkpoint_until_repack(store) -> int:
     raise AssertionError(f"{PACKS_BEFORE_REPACK + 2} checkpoints started no repack")
 
 
+def _wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def _all_revisions_readable(keg_dir, written: int) -> None:
+    assert git(keg_dir, "fsck", "--strict").returncode == 0
+    reopened = keg.Store(keg_dir)
+    for i in range(written):
+        assert reopened.read(f"/hk/k{i}", rev=i + 2) == f"value {i}".encode()
+
+
 def test_a_repack_runs_beside_the_writes_and_ends_by_close(keg_dir, tmp_path, monkeypatch):
-    # git's repack waits for the test's word: the checkpoint that starts it must return before that.
+    # git's repack first waits for the test's word: the checkpoint that starts it must return before that.
     started, ended, release = (tmp_path / n for n in ("started", "ended", "release"))
     _git_wrapper(tmp_path, monkeypatch, f'touch "{started}"; n=0\n'
                  f'while [ ! -e "{release}" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done\n'
                  f'"$REAL_GIT" "$@"; rc=$?; touch "{ended}"; exit $rc')
     store = keg.init(keg_dir, durable=False)
+    store.background_checkpoints = True  # as the master opens it
     store.checkpoint_revisions = 10_000  # packs only where the test checkpoints
     written = _checkpoint_until_repack(store)
-    deadline = time.monotonic() + 10
-    while not started.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert started.exists() and not ended.exists(), "the checkpoint waited for the repack"
-    # Writes, checkpoints and reads go on while it runs; its end is reported by poll_checkpoint.
-    store.apply(Transaction((put("/hk/during", "while repacking"),)))
-    store.checkpoint()
-    assert store.read("/hk/k0") == b"value 0"
+    assert _wait_for(started.exists, 10)
+    assert not ended.exists(), "the checkpoint waited for the repack"
     assert store.poll_checkpoint() is True
+    assert store.read("/hk/k0") == b"value 0"
+    # Then the real repack runs while writes and checkpoints (a new pack each) go on beside it.
     release.touch()
+    while store.poll_checkpoint() and written < 200:
+        store.apply(Transaction((put(f"/hk/k{written}", f"value {written}"),)))
+        store.checkpoint()
+        written += 1
     store.close()
     assert ended.exists()
-    assert store.last_checkpoint_error is None
-    assert len(_packs(keg_dir)) <= 3
-    assert git(keg_dir, "fsck", "--strict").returncode == 0
-    reopened = keg.Store(keg_dir)
-    assert reopened.head_revision == written + 2
-    assert reopened.read("/hk/during") == b"while repacking"
-    assert reopened.read("/hk/k0", rev=2) == b"value 0"
+    assert store.stats["repacks"] == 1 and store.last_repack_error is None
+    assert len(_packs(keg_dir)) < PACKS_BEFORE_REPACK
+    _all_revisions_readable(keg_dir, written)
 
 
-def test_a_failed_repack_is_reported_and_loses_nothing(keg_dir, tmp_path, monkeypatch):
+def test_a_failed_repack_is_kept_as_an_error_and_loses_nothing(keg_dir, tmp_path, monkeypatch):
     _git_wrapper(tmp_path, monkeypatch, 'echo "fatal: the disk is full (test)" >&2; exit 1')
     store = keg.init(keg_dir, durable=False)
+    store.background_checkpoints = True
     store.checkpoint_revisions = 10_000
     written = _checkpoint_until_repack(store)
-    deadline = time.monotonic() + 10
-    while store.poll_checkpoint() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    error = store.last_checkpoint_error
+    assert _wait_for(lambda: not store.poll_checkpoint(), 10)
+    error = store.last_repack_error
     assert error is not None and "git repack" in str(error) and "the disk is full (test)" in str(error)
+    # The checkpoints go on and succeed; the repack is not tried again at once.
+    store.apply(Transaction((put(f"/hk/k{written}", f"value {written}"),)))
+    store.checkpoint()
+    written += 1
+    assert store.last_checkpoint_error is None and store.stats["repacks"] == 1
     store.close()
     assert len(_packs(keg_dir)) > PACKS_BEFORE_REPACK  # the old packs are all still there
-    reopened = keg.Store(keg_dir)
-    assert reopened.head_revision == written + 1
-    assert [reopened.read(f"/hk/k{i}") for i in range(written)] == [f"value {i}".encode() for i in range(written)]
+    _all_revisions_readable(keg_dir, written)
+
+
+def test_a_process_with_threads_repacks_in_the_checkpoint(keg_dir, tmp_path, monkeypatch):
+    # A child forked by a thread dies with that thread (PR_SET_PDEATHSIG): with threads, repack here.
+    ended = tmp_path / "ended"
+    _git_wrapper(tmp_path, monkeypatch, f'"$REAL_GIT" "$@"; rc=$?; touch "{ended}"; exit $rc')
+    store = keg.init(keg_dir, durable=False)
+    store.background_checkpoints = True
+    store.checkpoint_revisions = 10_000
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        written = _checkpoint_until_repack(store)
+        assert ended.exists(), "the repack was left running after the checkpoint"
+        assert store.poll_checkpoint() is False
+    finally:
+        stop.set()
+        worker.join()
+    store.close()
+    assert len(_packs(keg_dir)) < PACKS_BEFORE_REPACK
+    _all_revisions_readable(keg_dir, written)
 
 
 def test_revision_index_is_rebuilt_when_lost(keg_dir):

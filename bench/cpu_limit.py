@@ -18,6 +18,7 @@ ended or moved).  Needs root and a mounted ``cpu`` controller.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 PERIOD_US = 10_000
@@ -51,18 +52,33 @@ class CpuLimit:
     """A set of cgroups, one per name, each holding its processes to ``share`` of one core."""
 
     def __init__(self, prefix: str, share: float):
-        if not 0 < share <= 64:
+        if not 0.1 <= share <= 64:
             raise ValueError(f"CPU share {share}: give a share of one core (0.5) or a number of cores, "
-                             "more than 0 and at most 64")
+                             "from 0.1 to 64")
         root, self.version = cgroup_root()
         self.base = os.path.join(root, f"{prefix}-{os.getpid()}")
         self.share = share
         self.groups: dict = {}
 
     def __enter__(self) -> "CpuLimit":
-        os.mkdir(self.base)
-        if self.version == 2:
-            _write(os.path.join(self.base, "cgroup.subtree_control"), "+cpu")
+        """Make the base cgroup (under v2, with the cpu controller enabled for it and its children).
+
+        Raises:
+            RuntimeError: the cgroup cannot be made or the controller not enabled.
+        """
+        try:
+            if self.version == 2:
+                _enable_cpu(os.path.dirname(self.base))
+            os.mkdir(self.base)
+            if self.version == 2:
+                _enable_cpu(self.base)
+        except OSError as err:
+            try:
+                os.rmdir(self.base)
+            except OSError:
+                pass
+            raise RuntimeError(f"cannot make a cgroup with the cpu controller at {self.base}: {err} "
+                               "(needs root; under cgroup v2 the parent must hold no processes of its own)") from err
         return self
 
     def add(self, name: str, pid: int) -> None:
@@ -71,7 +87,7 @@ class CpuLimit:
         if path is None:
             path = os.path.join(self.base, name)
             os.mkdir(path)
-            quota = max(1000, round(self.share * PERIOD_US))
+            quota = round(self.share * PERIOD_US)
             if self.version == 2:
                 _write(os.path.join(path, "cpu.max"), f"{quota} {PERIOD_US}")
             else:
@@ -90,11 +106,22 @@ class CpuLimit:
 
     def __exit__(self, *exc) -> None:
         for path in list(self.groups.values()) + [self.base]:
-            for _ in range(50):  # a killed process leaves its cgroup a moment after it is reaped
+            for attempt in range(50):  # a killed process leaves its cgroup a moment after it is reaped
                 try:
                     os.rmdir(path)
                     break
                 except FileNotFoundError:
                     break
-                except OSError:
+                except OSError as err:
+                    if attempt == 49:
+                        print(f"cpu_limit: cgroup {path} left behind ({err}); remove it with rmdir once "
+                              "its processes have ended", file=sys.stderr)
                     time.sleep(0.1)
+
+
+def _enable_cpu(cgroup: str) -> None:
+    """Enable the cpu controller for the children of the v2 ``cgroup`` unless it is already."""
+    with open(os.path.join(cgroup, "cgroup.subtree_control")) as f:
+        if "cpu" in f.read().split():
+            return
+    _write(os.path.join(cgroup, "cgroup.subtree_control"), "+cpu")

@@ -265,6 +265,8 @@ def main() -> None:
     if reason:
         raise SystemExit(f"bench/raft.py needs network namespaces: {reason}")
     limit = None
+    if args.cpu_per_server is not None and args.no_rates:
+        raise SystemExit("bench/raft.py: --cpu-per-server applies to the write rates, which --no-rates skips")
     if args.cpu_per_server is not None:
         try:
             limit = CpuLimit("keg-bench-raft", args.cpu_per_server)

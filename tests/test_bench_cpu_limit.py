@@ -35,8 +35,8 @@ def _cpu_seconds(pid: int) -> float:
 
 def test_a_busy_process_gets_its_share_of_a_core_and_no_more():
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        with CpuLimit("keg-test-cpu-limit", 0.2) as limit:
+    with CpuLimit("keg-test-cpu-limit", 0.2) as limit:
+        try:  # the spinner ends before the cgroups are removed, also when the test fails
             limit.add("spin", spin.pid)
             before, start = _cpu_seconds(spin.pid), time.monotonic()
             time.sleep(2.0)
@@ -44,18 +44,16 @@ def test_a_busy_process_gets_its_share_of_a_core_and_no_more():
             throttled = limit.throttled_s("spin")
             with open(os.path.join(limit.groups["spin"], "cgroup.procs")) as f:
                 members = f.read().split()
+        finally:
             spin.kill()
             spin.wait()
-        assert members == [str(spin.pid)]
-        assert share < 0.3, f"the process used {share:.2f} of a core; its limit is 0.2"
-        assert throttled > 0.5, f"the quota held the process back only {throttled:.2f} s of 2 s"
-        assert not os.path.exists(limit.base), "the cgroups are left behind"
-    finally:
-        spin.kill()
-        spin.wait()
+    assert members == [str(spin.pid)]
+    assert share < 0.3, f"the process used {share:.2f} of a core; its limit is 0.2"
+    assert throttled > 0.5, f"the quota held the process back only {throttled:.2f} s of 2 s"
+    assert not os.path.exists(limit.base), "the cgroups are left behind"
 
 
-@pytest.mark.parametrize("share", [0, -1, 100])
+@pytest.mark.parametrize("share", [0, 0.05, -1, 100])
 def test_a_share_out_of_range_is_refused_before_any_cgroup_is_made(share):
     with pytest.raises(ValueError, match="CPU share"):
         CpuLimit("keg-test-cpu-limit", share)

@@ -189,3 +189,28 @@ def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
         incoming.close()
     set_ref(keg_path, app, commit)
     return tree
+
+
+def has_commit(keg_path: str, commit: str) -> bool:
+    """Whether the keg holds commit ``commit`` (40 hex digits) itself; its history is not checked."""
+    if not SHA_RE.match(commit):
+        return False
+    done = subprocess.run(["git", "--git-dir", keg_path, "cat-file", "-e", f"{commit}^{{commit}}"],
+                          capture_output=True, env=_git_env(), check=False)
+    return done.returncode == 0
+
+
+def pack_of(keg_path: str, commit: str) -> bytes:
+    """A pack of ``commit`` and everything it reaches: all a keg lacking the whole source needs.
+
+    Raises:
+        BadSource: the keg does not hold the commit and its history.
+    """
+    if not SHA_RE.match(commit):
+        raise BadRequest(f"{commit!r} is not a commit id (40 hex digits)")
+    done = subprocess.run(["git", "--git-dir", keg_path, "pack-objects", "--stdout", "--revs", "--quiet"],
+                          input=f"{commit}\n".encode(), capture_output=True, env=_git_env(), check=False)
+    if done.returncode != 0:
+        raise BadSource(f"this keg cannot pack commit {commit}: "
+                        f"{done.stderr.decode(errors='replace').strip()[-300:]}")
+    return done.stdout

@@ -55,7 +55,7 @@ CONTENT_TYPES = {".json": "application/json", ".tsv": "text/tab-separated-values
                  ".html": "text/plain; charset=utf-8", ".sh": "text/plain; charset=utf-8"}
 REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request",
            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           411: "Length Required", 412: "Precondition Failed", 413: "Content Too Large",
+           411: "Length Required", 412: "Precondition Failed", 413: "Content Too Large", 422: "Unprocessable Content",
            500: "Internal Server Error", 503: "Service Unavailable"}
 
 

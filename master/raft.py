@@ -46,7 +46,9 @@ Large values: chunks are stored on a majority of replicas before the
 ``PUT`` that wrote them is answered (``chunk_put``, ``put_stream``); a
 proposal whose large puts name chunks this replica lacks is refused before
 it is proposed.  Applying never checks chunks, so it cannot fail on one
-replica and succeed on another.
+replica and succeed on another.  Pushed sources (``git push`` of an app) go
+the same way: on a majority before the ``/src/<app>`` pointer is proposed
+(master/raft_sources.py).
 
 The replicas talk Raft over pysyncobj's TCP transport, encrypted and
 authenticated with the cluster password (AES-GCM frames,
@@ -78,11 +80,13 @@ from pysyncobj.node import TCPNode
 from keg.errors import BadRequest, CorruptKeg, KegBusy, KegError, NotFound
 from keg.fsio import fsync_dir, write_file_atomic
 from keg.large import Pointer
+from keg.objects import MODE_GITLINK
 from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
-from master.app import HttpError
+from master.app import REASONS, HttpError
 from master.interface import Pending
 from master.raft_forward import FAILED, FORWARD, MESSAGES, REFUSED, Forwarder, origins_json
 from master.raft_journal import EpollPoller, RaftJournal, SyncingTransport, seams
+from master.raft_sources import SourceReplicas
 from master.raft_wire import WireCipher, use_stored_zlib
 from master.single import SingleMaster
 
@@ -381,6 +385,7 @@ class RaftMaster(SingleMaster):
         self._notice_urgent = False     # that send is for a follower's forwarded write (call_soon)
         self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
         self._wanted: set = set()       # chunks of committed values this replica lacks
+        self.sources = SourceReplicas(self)  # pushed sources: on a majority first, missed ones fetched
         self.forwarder = Forwarder(self.self_raft, decode_tx)
         self._held_since = None         # monotonic time the leader began keeping writes for the next group
         self._loop = None
@@ -453,7 +458,7 @@ class RaftMaster(SingleMaster):
             self.flush()
         self._expire()
         self.housekeeping()   # install a checkpoint a child has written
-        if self._wanted:
+        if self._wanted or self.sources.wanted:
             self._fetch_wanted()
         self._loop.call_later(TICK, self._timer)
 
@@ -729,7 +734,7 @@ class RaftMaster(SingleMaster):
             if result.ok and tx.id is not None:
                 self._ids[tx.id] = result.revision
             if result.ok:
-                self._want_chunks(tx)
+                self._want_missing(tx)
         for i, tx in enumerate(transactions):
             if results[i] is None:
                 results[i] = results[first_of[tx.id]]
@@ -745,32 +750,40 @@ class RaftMaster(SingleMaster):
             self._announce(after)
         return results
 
-    def _want_chunks(self, tx) -> None:
-        """Note the chunks of ``tx``'s large puts that this replica lacks (a majority has them): fetched later."""
+    def _want_missing(self, tx) -> None:
+        """Note what ``tx`` names that this replica lacks (a majority has it): chunks of its large puts, and
+        the commit of a pushed source (``/src/<app>``). Both are fetched later."""
         for op in tx.ops:
-            if isinstance(op, Put) and op.large:
+            if not isinstance(op, Put):
+                continue
+            if op.large:
                 names = sorted({n for n, _ in Pointer.parse(op.data, op.path).chunks})
                 self._wanted.update(self.chunks.missing(names))
+            elif op.mode == MODE_GITLINK:
+                self.sources.want((op,))
 
     def _fetch_wanted(self, budget: float = 0.05) -> None:
-        """Fetch chunks this replica missed from the others, for at most ``budget`` seconds per call."""
+        """Fetch chunks this replica missed from the others, for at most ``budget`` seconds per call; then
+        missed sources."""
         deadline = time.monotonic() + budget
         for name in sorted(self._wanted):
             if time.monotonic() > deadline:
                 return
             for address in sorted(a for a in self.peers if a != self.self_raft):
-                if self._peer_down.get(address, 0) > time.monotonic():
+                if self.peer_down(address):
                     continue
                 try:
                     status, data = self.peer_call(address, "GET", f"/v1/raft/chunks/{name}")
                 except (OSError, http.client.HTTPException):
-                    self._peer_down[address] = time.monotonic() + PEER_BACKOFF
+                    self.mark_down(address)
                     continue
                 if status == 200:
                     self.chunks.put(name, data)  # verified against its name
                     break
             if not self.chunks.missing([name]):
                 self._wanted.discard(name)
+        if self.sources.wanted:
+            self.sources.fetch_wanted()
 
     def _replayed(self, tx, number: int) -> TxResult:
         """The result of a transaction applied before, at revision ``number`` (a retry of the same id)."""
@@ -824,32 +837,50 @@ class RaftMaster(SingleMaster):
             self._replicate_chunks(sorted({n for n, _ in Pointer.parse(op.data, op.path).chunks}))
         return op
 
-    def _majority(self) -> int:
+    def majority(self) -> int:
+        """How many replicas are a majority of the cluster."""
         return len(self.peers) // 2 + 1
+
+    def others_leader_first(self) -> list:
+        """The other replicas' Raft addresses, the leader (if known and not this one) first."""
+        leader = self.raft._getLeader()
+        return sorted((a for a in self.peers if a != self.self_raft),
+                      key=lambda a: (leader is None or a != leader.address, a))
+
+    def peer_down(self, address: str) -> bool:
+        """Whether the replica at ``address`` failed to answer less than ``PEER_BACKOFF`` seconds ago."""
+        return self._peer_down.get(address, 0) > time.monotonic()
+
+    def mark_down(self, address: str) -> None:
+        """Ask the replica at ``address`` nothing more for ``PEER_BACKOFF`` seconds."""
+        self._peer_down[address] = time.monotonic() + PEER_BACKOFF
 
     def _replicate_chunks(self, names: list) -> None:
         """Store ``names`` (held here) on a majority of replicas, or raise KegBusy."""
         stored = 1
-        leader = self.raft._getLeader()
-        order = sorted((a for a in self.peers if a != self.self_raft),
-                       key=lambda a: (leader is None or a != leader.address, a))
         errors = []
-        for address in order:
-            if stored >= self._majority():
+        for address in self.others_leader_first():
+            if stored >= self.majority():
                 return
             try:
                 self._push_chunks(address, names)
                 stored += 1
             except (OSError, http.client.HTTPException, KegError) as err:
-                self._peer_down[address] = time.monotonic() + PEER_BACKOFF
+                self.mark_down(address)
                 errors.append(f"{address}: {err}")
-        if stored < self._majority():
+        if stored < self.majority():
             raise KegBusy(f"the chunks are stored on {stored} of {len(self.peers)} replicas and a majority "
-                          f"({self._majority()}) is needed before the write is answered: "
+                          f"({self.majority()}) is needed before the write is answered: "
                           f"{'; '.join(errors) or 'no replica answered'}")
 
+    def receive_source(self, app, commit, pack):
+        """Store a pushed source here and on a majority of replicas (master/raft_sources.py), or raise KegBusy."""
+        tree = self.sources.store_here(app, commit, pack)
+        self.sources.replicate(app, commit, pack)
+        return tree
+
     def _push_chunks(self, address: str, names: list) -> None:
-        if self._peer_down.get(address, 0) > time.monotonic():
+        if self.peer_down(address):
             raise KegBusy("it did not answer a moment ago")
         status, body = self.peer_call(address, "POST", "/v1/raft/chunks/missing",
                                       json.dumps({"chunks": names}).encode())
@@ -918,6 +949,7 @@ class RaftMaster(SingleMaster):
                                      "from a copy of another replica")
                 self._fetch_commit(snapshot["source"], commit)
                 self.stats["snapshots_loaded"] += 1
+                self.sources.want_all()  # git fetch brought the namespace, not the pushed sources it names
                 after = self.store.head_revision
                 self._load_applied()
                 self._announce(after)
@@ -1075,6 +1107,11 @@ def route(app, req, start_response):
             return [data]
         created = master.chunks.put(name, req.body())  # verified against its name; stored here only
         return app._json(start_response, {"chunk": name, "created": created}, 201 if created else 200)
+    if rest.startswith("sources/"):
+        app._allow(req, "GET", "POST")
+        status, kind, body = master.sources.serve(req, rest[len("sources/"):])
+        start_response(f"{status} {REASONS[status]}", [("Content-Type", kind), ("Content-Length", str(len(body)))])
+        return [body]
     if rest == "git/keg.git" or rest.startswith("git/keg.git/"):
         service = req.query.get("service", "")
         if rest.endswith("/git-receive-pack") or service == "git-receive-pack":

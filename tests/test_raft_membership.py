@@ -5,17 +5,22 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import keg_command
+from conftest import keg_command, wait_until
 from raft_harness import Cluster
+from test_push import make_repo, push
+from test_raft_sources import commit_of, holds, push_url, source_ref
 
 
-def test_a_replica_is_added_catches_up_from_a_snapshot_and_another_is_removed(tmp_path):
+def test_a_replica_is_added_catches_up_from_a_snapshot_and_another_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEG_BUILD_START_WAIT", "1")   # no builder runs: a push waits for one this long
     cluster = Cluster(str(tmp_path / "cluster"), 3, extra=["--raft-compact-entries", "20"])
     cluster.keep_seed()
     cluster.start()
     env = {**os.environ, "KEG_TOKEN": cluster.token}
     try:
         leader = cluster.wait_leader()
+        repo = make_repo(tmp_path / "app", {"app.py": "print('hi')\n"})
+        push(repo, push_url(cluster, leader))
         for i in range(60):
             assert cluster.write(cluster.replicas[i % 3], f"/before/{i}", str(i))[0] == 200
         assert cluster.status(leader)["snapshots_written"] >= 1  # the log was trimmed
@@ -28,6 +33,10 @@ def test_a_replica_is_added_catches_up_from_a_snapshot_and_another_is_removed(tm
         status = cluster.status(new)
         assert status["revision_kid"] == head and status["snapshots_loaded"] == 1
         assert cluster.call(new, "GET", "/v1/keg/before/59")[2] == b"59"
+        # The snapshot's git fetch brought the namespace; the pushed source /src/hello names follows.
+        commit = commit_of(repo)
+        wait_until(lambda: source_ref(new) == commit and holds(new, commit), "the pushed source on the new replica",
+                   timeout=20)
         assert sorted(cluster.status(leader)["members"]) == sorted(r.raft for r in cluster.replicas)
         # Writes through the new replica reach everyone.
         assert cluster.write(new, "/from-new", "hello")[0] == 200

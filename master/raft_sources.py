@@ -1,0 +1,179 @@
+"""Pushed sources on a Raft master: on a majority of replicas before ``/src/<app>`` names them (DESIGN §4).
+
+A ``git push`` of an app reaches one replica, whose hook sends the objects
+that replica's keg lacks (``POST /v1/src/<app>``, keg/sources.py). The
+pointer ``/src/<app>`` is a transaction like any other, applied on every
+replica, but the commit it names must not exist on one disk only: a builder
+or a ``git fetch`` may ask any replica for it, and the replica that received
+the push may be lost. So, before the transaction is proposed:
+
+1. the receiving replica checks and stores the objects itself
+   (``keg.sources.receive``: quarantine, ``index-pack --strict``, the tree
+   checks, ``refs/keg/src/<app>``);
+2. it sends the same pack to the other replicas, the leader first
+   (``POST /v1/raft/sources/<app>?commit=SHA``), each of which checks and
+   stores it the same way; a replica that lacks objects the pack leans on
+   (it missed an earlier push) is sent a whole pack of the commit and its
+   history instead;
+3. once a majority holds it the write is proposed; otherwise the push is
+   refused with 503 and nothing is committed.
+
+A replica that applies a pointer to a commit it lacks (it was down, or not
+among the majority) notes it and fetches a whole pack from another replica
+in the background (``GET /v1/raft/sources/<app>?commit=SHA``), as it does
+for chunks; so does one that caught up from a snapshot, for every pointer
+under ``/src``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import time
+import urllib.parse
+
+from keg import sources
+from keg.errors import BadRequest, KegBusy, KegError, NotFound
+from keg.objects import MODE_GITLINK
+from keg.transaction import Put
+
+SOURCE_TIMEOUT = 30.0   # one replica's answer to a source pack (it indexes and checks it first)
+FETCH_BUDGET = 0.5      # seconds of one housekeeping turn spent fetching missed sources, at most
+
+log = logging.getLogger("keg.raft")
+
+
+def source_pointer(op) -> tuple | None:
+    """``(app, commit hex)`` when ``op`` points ``/src/<app>`` at a pushed commit, else None."""
+    if not isinstance(op, Put) or op.mode != MODE_GITLINK or not op.path.startswith("/src/"):
+        return None
+    app = op.path[len("/src/"):]
+    if "/" in app or len(op.data) != 20:
+        return None
+    return app, op.data.hex()
+
+
+class SourceReplicas:
+    """Pushed sources of one replica: sent to a majority before their pointer, fetched when missed.
+
+    Args:
+        master: the ``RaftMaster`` (its peers, peer calls and keg).
+    """
+
+    def __init__(self, master):
+        self.master = master
+        self.wanted: dict = {}   # app -> commit hex this replica's pointer names and its keg lacks
+
+    # ------------------------------------------------------------ before the pointer
+
+    def replicate(self, app: str, commit: str, pack: bytes) -> None:
+        """Store the pushed ``pack`` (held here already) on a majority of replicas, or raise KegBusy."""
+        master = self.master
+        stored, errors = 1, []
+        for address in master.others_leader_first():
+            if stored >= master.majority():
+                return
+            try:
+                self._send(address, app, commit, pack)
+                stored += 1
+            except (OSError, http.client.HTTPException, KegError) as err:
+                errors.append(f"{address}: {err}")
+        if stored < master.majority():
+            raise KegBusy(f"the pushed source of {app} is stored on {stored} of {len(master.peers)} replicas and "
+                          f"a majority ({master.majority()}) is needed before /src/{app} may name it: "
+                          f"{'; '.join(errors) or 'no replica answered'}; push again")
+
+    def _send(self, address: str, app: str, commit: str, pack: bytes) -> None:
+        master = self.master
+        if master.peer_down(address):
+            raise KegBusy("it did not answer a moment ago")
+        target = f"/v1/raft/sources/{app}?commit={commit}"
+        try:
+            status, body = master.peer_call(address, "POST", target, pack, timeout=SOURCE_TIMEOUT)
+            if status == 422:   # it lacks what the pack leans on: send the commit with all it reaches
+                status, body = master.peer_call(address, "POST", target, sources.pack_of(master.store.path, commit),
+                                                timeout=SOURCE_TIMEOUT)
+        except (OSError, http.client.HTTPException):
+            master.mark_down(address)
+            raise
+        if status != 200:
+            raise KegBusy(f"storing the source gave HTTP {status}: {body[:300].decode(errors='replace')}")
+
+    # ------------------------------------------------------------ a peer's side
+
+    def serve(self, req, app: str):
+        """``(status, content type, body)`` for ``/v1/raft/sources/<app>?commit=SHA`` from another replica.
+
+        ``POST`` stores the pack in the body as a push would (422 when this
+        keg lacks objects the pack needs); ``GET`` answers a pack of the
+        commit and its history (404 when this keg lacks it).
+        """
+        sources.check_app(app)
+        commit = req.query.get("commit", "")
+        if not sources.SHA_RE.match(commit):
+            raise BadRequest(f"{commit!r} is not a commit id (40 hex digits)")
+        master = self.master
+        if req.method == "GET":
+            with master._lock:
+                if not sources.has_commit(master.store.path, commit):
+                    raise NotFound(f"this replica does not hold commit {commit}")
+                return 200, "application/x-git-packed-objects", sources.pack_of(master.store.path, commit)
+        try:
+            tree = self.store_here(app, commit, req.body())
+        except sources.BadSource as err:
+            return 422, "text/plain", str(err).encode()
+        return 200, "application/json", ('{"tree": "%s"}\n' % tree).encode()
+
+    def store_here(self, app: str, commit: str, pack: bytes) -> str:
+        """Check and store a source pack in this replica's keg only; returns the source's tree id."""
+        with self.master._lock:
+            return sources.receive(self.master.store.path, app, commit, pack)
+
+    # ------------------------------------------------------------ catching up
+
+    def want(self, ops) -> None:
+        """Note each ``/src/<app>`` pointer among ``ops`` (applied here) whose commit this keg lacks."""
+        self._note(p for p in map(source_pointer, ops) if p is not None)
+
+    def want_all(self) -> None:
+        """After the keg moved to a snapshot's commit: note every pointer under ``/src`` it lacks."""
+        with self.master._lock:
+            try:
+                entries = self.master.store.list("/src")
+            except NotFound:
+                return
+        self._note((e.name, e.kid[2:]) for e in entries if e.mode == MODE_GITLINK)
+
+    def _note(self, pointers) -> None:
+        for app, commit in pointers:
+            if sources.has_commit(self.master.store.path, commit):
+                self.wanted.pop(app, None)
+            else:
+                self.wanted[app] = commit
+
+    def fetch_wanted(self) -> None:
+        """Fetch missed sources from the other replicas, for at most ``FETCH_BUDGET`` seconds."""
+        master = self.master
+        deadline = time.monotonic() + FETCH_BUDGET
+        for app, commit in sorted(self.wanted.items()):
+            if time.monotonic() > deadline:
+                return
+            for address in master.others_leader_first():
+                if master.peer_down(address):
+                    continue
+                target = f"/v1/raft/sources/{app}?commit={urllib.parse.quote(commit)}"
+                try:
+                    status, pack = master.peer_call(address, "GET", target, timeout=SOURCE_TIMEOUT)
+                except (OSError, http.client.HTTPException):
+                    master.mark_down(address)
+                    continue
+                if status != 200:
+                    continue
+                try:
+                    self.store_here(app, commit, pack)
+                except KegError as err:
+                    log.warning("raft: the source of %s from %s was refused: %s", app, address, err)
+                    continue
+                break
+            if sources.has_commit(master.store.path, commit):
+                del self.wanted[app]

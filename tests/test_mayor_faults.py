@@ -68,11 +68,17 @@ def test_processes_outlive_the_master_and_status_catches_up(site):
         killed_at = time.time()
 
         def crasher_back():
+            # runc lists the new container as running a moment before its shim records it (running.json).
             c = mayor.runc_list().get(mayor.cid("crasher"), {})
-            return c if c.get("status") == "running" and c["pid"] != before["crasher"]["pid"] else None
-        again = wait_until(crasher_back, "the crasher to be restarted without the master", log=mayor.log)
-        with open(os.path.join(mayor.data, "containers", "crasher", "running.json")) as f:
-            restarted = json.load(f)["started"]
+            if c.get("status") != "running" or c["pid"] == before["crasher"]["pid"]:
+                return None
+            try:
+                with open(os.path.join(mayor.data, "containers", "crasher", "running.json")) as f:
+                    record = json.load(f)
+            except (FileNotFoundError, ValueError):
+                return None
+            return (c, record["started"]) if record.get("pid") == c["pid"] else None
+        again, restarted = wait_until(crasher_back, "the crasher to be restarted without the master", log=mayor.log)
         assert restarted - killed_at >= 0.9  # after its back-off (1 s), not at once
 
         containers = mayor.runc_list()
@@ -81,9 +87,15 @@ def test_processes_outlive_the_master_and_status_catches_up(site):
         assert start_time(before["steady"]["pid"]) == born["steady"]  # the same process, never restarted
         assert mayor.proc.poll() is None
         assert "status kept for later" in mayor.log()  # it knew the master was away, and kept supervising
-        with open(os.path.join(mayor.data, "outbox.json")) as f:
-            queued = json.load(f)
-        assert json.loads(queued[f"/machines/{m}/status/crasher.json"])["pid"] == again["pid"]
+        def queued_status():
+            try:
+                with open(os.path.join(mayor.data, "outbox.json")) as f:
+                    queued = json.load(f)
+            except (FileNotFoundError, ValueError):
+                return None
+            status = queued.get(f"/machines/{m}/status/crasher.json")
+            return status and json.loads(status)["pid"] == again["pid"]
+        wait_until(queued_status, "the crasher's new status kept in the outbox", timeout=10, log=mayor.log)
 
         time.sleep(max(0.0, 4.0 - (time.monotonic() - gone_at)))  # away for a while: four seconds at least
         assert mayor.runc_list()[mayor.cid("crasher")]["pid"] == again["pid"]  # restarted once, running since

@@ -42,6 +42,10 @@ class BadSource(BadRequest):
     """A pushed source the keg refuses: nothing of it was kept."""
 
 
+class IncompleteSource(BadSource):
+    """Pushed objects that lean on objects this keg lacks (sent for a keg that had them): nothing was kept."""
+
+
 def _git_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
 
@@ -80,8 +84,10 @@ class Incoming:
             input=pack, capture_output=True, env=_git_env(), check=False)
         if done.returncode != 0:
             message = done.stderr.decode(errors="replace").strip().splitlines()
-            raise BadSource("the pushed objects are malformed: "
-                            + ("; ".join(message[-3:]) or "git index-pack failed"))
+            text = "; ".join(message[-3:]) or "git index-pack failed"
+            if "did not receive expected object" in text:   # a base, or a referenced object, is not here
+                raise IncompleteSource(f"the pushed objects lean on objects this keg lacks: {text}")
+            raise BadSource(f"the pushed objects are malformed: {text}")
 
     def accept(self) -> None:
         """Move the checked pack into the keg (index last, so no reader sees a pack without one)."""
@@ -183,7 +189,7 @@ def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
         missing = subprocess.run(["git", "--git-dir", incoming.path, "rev-list", "--objects", "--quiet", commit],
                                  capture_output=True, env=_git_env(), check=False)
         if missing.returncode != 0:
-            raise BadSource(f"the objects of commit {commit} are incomplete: send everything the keg lacks")
+            raise IncompleteSource(f"the objects of commit {commit} are incomplete: send everything the keg lacks")
         incoming.accept()
     finally:
         incoming.close()
@@ -204,6 +210,7 @@ def pack_of(keg_path: str, commit: str) -> bytes:
     """A pack of ``commit`` and everything it reaches: all a keg lacking the whole source needs.
 
     Raises:
+        BadRequest: ``commit`` is not 40 hex digits.
         BadSource: the keg does not hold the commit and its history.
     """
     if not SHA_RE.match(commit):

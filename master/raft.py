@@ -447,6 +447,7 @@ class RaftMaster(SingleMaster):
     def attach(self, loop) -> None:
         """Run the Raft loop on ``loop`` (the server's asyncio loop): socket events and a timer."""
         self._loop = loop
+        self.sources.want_all()   # what was still missing before a restart is known again
         loop.add_reader(self.poller.fileno(), self._tick)
         loop.call_later(TICK, self._timer)
 
@@ -874,7 +875,20 @@ class RaftMaster(SingleMaster):
                           f"{'; '.join(errors) or 'no replica answered'}")
 
     def receive_source(self, app, commit, pack):
-        """Store a pushed source here and on a majority of replicas (master/raft_sources.py), or raise KegBusy."""
+        """Store a pushed source here and on a majority of replicas (master/raft_sources.py).
+
+        Args:
+            app: the app's name.
+            commit: the pushed commit (40 hex digits).
+            pack: the objects the push sent.
+
+        Returns:
+            The source's tree id.
+
+        Raises:
+            BadSource: the objects are malformed or the tree is refused (nothing kept).
+            KegBusy: fewer than a majority of replicas stored it (the pointer must not be proposed).
+        """
         tree = self.sources.store_here(app, commit, pack)
         self.sources.replicate(app, commit, pack)
         return tree
@@ -896,8 +910,10 @@ class RaftMaster(SingleMaster):
         """One HTTP request to another replica with the peer token: ``(status, body)``."""
         url = urllib.parse.urlsplit(self.peer_url(address))
         conn = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
-            url.hostname, url.port, timeout=timeout)
+            url.hostname, url.port, timeout=min(timeout, PEER_TIMEOUT))  # a replica that is down: found fast
         try:
+            conn.connect()
+            conn.sock.settimeout(timeout)
             conn.request(method, target, body=body, headers={"Authorization": f"Bearer {self.peer_token}"})
             response = conn.getresponse()
             return response.status, response.read()

@@ -38,7 +38,8 @@ from keg.objects import MODE_GITLINK
 from keg.transaction import Put
 
 SOURCE_TIMEOUT = 30.0   # one replica's answer to a source pack (it indexes and checks it first)
-FETCH_BUDGET = 0.5      # seconds of one housekeeping turn spent fetching missed sources, at most
+FETCH_BUDGET = 0.5      # a housekeeping turn starts no new fetch of a missed source after this long
+FETCH_RETRY = 2.0       # a missed source no replica gave is asked for again after this long
 
 log = logging.getLogger("keg.raft")
 
@@ -63,11 +64,21 @@ class SourceReplicas:
     def __init__(self, master):
         self.master = master
         self.wanted: dict = {}   # app -> commit hex this replica's pointer names and its keg lacks
+        self.retry_at: dict = {}  # app -> monotonic time its missed source may be asked for again
 
     # ------------------------------------------------------------ before the pointer
 
     def replicate(self, app: str, commit: str, pack: bytes) -> None:
-        """Store the pushed ``pack`` (held here already) on a majority of replicas, or raise KegBusy."""
+        """Store the pushed ``pack`` (held here already) on a majority of replicas.
+
+        Args:
+            app: the app's name.
+            commit: the pushed commit (40 hex digits).
+            pack: the objects the push sent.
+
+        Raises:
+            KegBusy: fewer than a majority hold it; the reasons of each replica that did not take it.
+        """
         master = self.master
         stored, errors = 1, []
         for address in master.others_leader_first():
@@ -107,6 +118,14 @@ class SourceReplicas:
         ``POST`` stores the pack in the body as a push would (422 when this
         keg lacks objects the pack needs); ``GET`` answers a pack of the
         commit and its history (404 when this keg lacks it).
+
+        Args:
+            req: the request (``master.app.Request``), from a replica (the peer token was checked).
+            app: the app's name, from the path.
+
+        Raises:
+            BadRequest: a bad app name or commit id, or a source the checks refuse (nothing kept).
+            NotFound: ``GET`` of a commit this replica does not hold.
         """
         sources.check_app(app)
         commit = req.query.get("commit", "")
@@ -120,20 +139,29 @@ class SourceReplicas:
                 return 200, "application/x-git-packed-objects", sources.pack_of(master.store.path, commit)
         try:
             tree = self.store_here(app, commit, req.body())
-        except sources.BadSource as err:
+        except sources.IncompleteSource as err:
             return 422, "text/plain", str(err).encode()
         return 200, "application/json", ('{"tree": "%s"}\n' % tree).encode()
 
     def store_here(self, app: str, commit: str, pack: bytes) -> str:
-        """Check and store a source pack in this replica's keg only; returns the source's tree id."""
+        """Check and store a source pack in this replica's keg only (``keg.sources.receive``).
+
+        Returns:
+            The source's tree id.
+
+        Raises:
+            BadSource: the objects are malformed, incomplete here, or refused by the tree checks.
+        """
         with self.master._lock:
             return sources.receive(self.master.store.path, app, commit, pack)
 
     # ------------------------------------------------------------ catching up
 
     def want(self, ops) -> None:
-        """Note each ``/src/<app>`` pointer among ``ops`` (applied here) whose commit this keg lacks."""
-        self._note(p for p in map(source_pointer, ops) if p is not None)
+        """For each ``/src/<app>`` pointer among ``ops`` (applied here): point ``refs/keg/src/<app>`` at its
+        commit when this keg holds it (the ref follows what is committed, not the newest push received),
+        else note the commit as missing."""
+        self._note((p for p in map(source_pointer, ops) if p is not None), set_refs=True)
 
     def want_all(self) -> None:
         """After the keg moved to a snapshot's commit: note every pointer under ``/src`` it lacks."""
@@ -144,12 +172,19 @@ class SourceReplicas:
                 return
         self._note((e.name, e.kid[2:]) for e in entries if e.mode == MODE_GITLINK)
 
-    def _note(self, pointers) -> None:
+    def _note(self, pointers, set_refs: bool = False) -> None:
+        path = self.master.store.path
         for app, commit in pointers:
-            if sources.has_commit(self.master.store.path, commit):
+            self.retry_at.pop(app, None)
+            try:
+                if not sources.has_commit(path, commit):
+                    self.wanted[app] = commit
+                    continue
                 self.wanted.pop(app, None)
-            else:
-                self.wanted[app] = commit
+                if set_refs:
+                    sources.set_ref(path, app, commit)
+            except (OSError, KegError) as err:  # git could not run: the next pointer, or a restart, tries again
+                log.warning("raft: recording the source of %s (%s) failed: %s", app, commit, err)
 
     def fetch_wanted(self) -> None:
         """Fetch missed sources from the other replicas, for at most ``FETCH_BUDGET`` seconds."""
@@ -158,8 +193,14 @@ class SourceReplicas:
         for app, commit in sorted(self.wanted.items()):
             if time.monotonic() > deadline:
                 return
+            if self.retry_at.get(app, 0) > time.monotonic():
+                continue
+            if not self._still_named(app, commit):
+                del self.wanted[app]  # pushed again since: the newer pointer was noted when it was applied
+                continue
+            self.retry_at[app] = time.monotonic() + FETCH_RETRY
             for address in master.others_leader_first():
-                if master.peer_down(address):
+                if master.peer_down(address) or time.monotonic() > deadline:
                     continue
                 target = f"/v1/raft/sources/{app}?commit={urllib.parse.quote(commit)}"
                 try:
@@ -177,3 +218,11 @@ class SourceReplicas:
                 break
             if sources.has_commit(master.store.path, commit):
                 del self.wanted[app]
+                self.retry_at.pop(app, None)
+
+    def _still_named(self, app: str, commit: str) -> bool:
+        with self.master._lock:
+            try:
+                return self.master.store.kid(f"/src/{app}") == "K-" + commit
+            except NotFound:
+                return False

@@ -20,7 +20,7 @@ def test_a_replica_is_added_catches_up_from_a_snapshot_and_another_is_removed(tm
     try:
         leader = cluster.wait_leader()
         repo = make_repo(tmp_path / "app", {"app.py": "print('hi')\n"})
-        push(repo, push_url(cluster, leader))
+        assert f"source K-{commit_of(repo)}" in push(repo, push_url(cluster, leader)).stderr
         for i in range(60):
             assert cluster.write(cluster.replicas[i % 3], f"/before/{i}", str(i))[0] == 200
         assert cluster.status(leader)["snapshots_written"] >= 1  # the log was trimmed

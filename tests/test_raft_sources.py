@@ -85,8 +85,8 @@ def test_a_push_is_on_a_majority_before_its_pointer_and_reaches_every_replica(cl
 def test_a_push_that_reaches_no_majority_is_refused_and_commits_nothing(cluster, tmp_path):
     leader = cluster.wait_leader()
     repo = make_repo(tmp_path / "app", {"app.py": "print('one')\n"})
-    push(repo, push_url(cluster, leader))
     first = commit_of(repo)
+    assert f"source K-{first}" in push(repo, push_url(cluster, leader)).stderr
     cluster.wait_converged()
     head = cluster.status(leader)["revision"]
     for r in cluster.replicas:

@@ -28,6 +28,7 @@ FIXED_UPSTREAM = (1, 1, 12)
 # Debian backported the fix without changing the upstream version: release -> first fixed "+debNuM".
 DEBIAN_FIXED = {12: 1, 11: 3}  # bookworm 1.1.5+ds1-1+deb12u1, bullseye 1.0.0~rc93+ds1-5+deb11u3
 TIMEOUT = 60  # seconds for one runc command; runc itself never takes that long
+LIST_ATTEMPTS = 5  # runc list calls before a container deleted under it is reported as an error
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -182,6 +183,12 @@ def _output(target, mode: str = "ab"):
         yield target.fileno()
 
 
+def _lost_list_race(message: str, root: str) -> bool:
+    """Whether a failed ``runc list`` only lost a container deleted while it listed: runc stats each directory
+    it read under the root and gives up when one has gone (``stat ROOT/ID: no such file or directory``)."""
+    return f"stat {root}/" in message and "no such file or directory" in message
+
+
 def _runc_message(log_path: str) -> str:
     """The error lines runc wrote to its JSON log, or "" if it wrote none."""
     messages = []
@@ -334,9 +341,25 @@ class Runc:
         return json.loads(out.stdout)
 
     def list(self) -> list:
-        """The states of every container under this root."""
-        out = self._call("list", "--format", "json", what="list")
-        return json.loads(out.stdout or "null") or []
+        """The states of every container under this root.
+
+        ``runc list`` fails outright when a container is deleted between its reading of the root and its stat
+        of the container's directory (``stat ROOT/ID: no such file or directory``); that race is retried, as
+        the container is simply gone.
+
+        Raises:
+            RuncError: runc failed for another reason, or kept losing the race.
+        """
+        attempt = 1
+        while True:
+            try:
+                out = self._call("list", "--format", "json", what="list")
+            except RuncError as e:
+                if attempt == LIST_ATTEMPTS or not _lost_list_race(str(e), self.root):
+                    raise
+                attempt += 1
+                continue
+            return json.loads(out.stdout or "null") or []
 
     def kill(self, container_id: str, signal: str = "TERM", all_processes: bool = False) -> None:
         """Send ``signal`` (a name like "TERM" or a number) to the container's init, or to all its processes."""

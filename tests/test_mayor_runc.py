@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -508,3 +510,40 @@ def test_an_image_comes_from_the_master(host, keg_dir):
         remote.close()
     finally:
         server.stop()
+
+
+def test_runc_list_survives_containers_deleted_while_it_lists(tmp_path):
+    """``runc list`` gives up when a directory it read under its root is gone by the time it stats it (a
+    container deleted meanwhile). With real runc and directories coming and going under its root, every
+    listing succeeds: the lost races are retried (counted by a wrapper that logs each runc call)."""
+    root = tmp_path / "runc"
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "runc-counted"
+    wrapper.write_text(f"#!/bin/sh\necho call >> {calls}\nexec runc \"$@\"\n")
+    wrapper.chmod(0o755)
+    runc = Runc(str(root), runc=str(wrapper))
+    stop = threading.Event()
+
+    def churn():
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            entry = root / f"{MACHINE}.gone-{i % 50}"
+            entry.mkdir()
+            entry.rmdir()
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    lists = 0
+
+    def retries() -> int:
+        return (calls.read_text().count("call") if calls.exists() else 0) - lists
+
+    try:
+        while lists < 3000 and retries() < 3:
+            assert runc.list() == []
+            lists += 1
+    finally:
+        stop.set()
+        churner.join()
+    assert retries() >= 3, f"runc lost no race to the deletes in {lists} listings"

@@ -36,6 +36,7 @@ from conftest import init_keg_with_token, keg_command, read_text, stop_waiting, 
 from keg.errors import KegError, NotFound
 from master import auth
 from master.client import RemoteKeg
+from mayor.runc import Runc
 from mayor.runc_runtime import RuncRuntime
 from test_mayor_e2e import Away
 from test_router import NGINX, Load
@@ -252,10 +253,8 @@ class Cluster:
     def containers(self, m: str, job: str | None = None) -> dict:
         """``{process name: status}`` of the runc containers on machine ``m`` (of ``job``'s replicas only, when
         given), as runc itself lists them: what really runs, whatever the tables say."""
-        done = subprocess.run(["runc", "--root", os.path.join(self.data(m), "runc"), "list", "--format", "json"],
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        found = {c["id"].split(".", 1)[1]: c["status"] for c in json.loads(done.stdout or "null") or []}
+        listed = Runc(os.path.join(self.data(m), "runc")).list()
+        found = {c["id"].split(".", 1)[1]: c["status"] for c in listed}
         return {n: st for n, st in found.items() if job is None or n.startswith(job + "-")}
 
     def running(self, job: str) -> dict:

@@ -8,10 +8,20 @@ pack, and the master calls :func:`receive`:
    as ``fsck`` would) in a quarantine repository that borrows the keg's objects,
    the source's tree is checked (:func:`check_tree`), and only then is the pack
    moved into the keg's object store (fsynced);
-2. ``refs/keg/src/<app>`` is set to the commit, so the source stays reachable
-   (served by ``git fetch``, kept by repacks) — before the pointer exists;
+2. ``refs/keg/incoming/<app>/<commit>-<unix time>`` is set to the commit, so
+   its objects stay reachable (kept by repacks) until the pointer commits;
 3. the caller commits the pointer ``/src/<app>`` (a gitlink whose KID is the
-   commit id) in a transaction compared against the pointer the push started from.
+   commit id) in a transaction compared against the pointer the push started from;
+4. once that transaction is committed the master calls :func:`committed`:
+   ``refs/keg/src/<app>`` (served by ``git fetch``, what builders fetch) moves
+   to the commit and the incoming ref goes, in one ref transaction.
+
+So the source ref follows the committed pointer: a push refused at step 3 (a
+lost race, no Raft majority) leaves ``refs/keg/src/<app>`` on the committed
+source, whose objects a repack must keep even when the refused commit does not
+descend from it. A refused push's incoming ref is dropped by the next
+``keg compact`` once it is :data:`INCOMING_TTL` old (:func:`prune_incoming`),
+and its objects with it.
 
 A source is checked before anything else sees it (:func:`check_tree`): no
 submodules (``.gitmodules``, gitlinks), no symbolic link that is absolute, leaves
@@ -26,14 +36,19 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 
 import pygit2
 
 from keg.errors import BadRequest, KegError
 from keg.fsio import fsync_dir
+from keg.objects import MODE_GITLINK
 from keg.paths import check_app  # noqa: F401 - where pushes check app names
+from keg.transaction import Put
 
 SRC_REFS = "refs/keg/src/"
+INCOMING_REFS = "refs/keg/incoming/"
+INCOMING_TTL = 3600.0   # seconds a received source whose pointer never committed is kept
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_SYMLINK_TARGET = 4096
 
@@ -162,18 +177,72 @@ def check_tree(keg_path: str, commit: str, most_files: int = 100_000) -> str:
     return str(obj.tree_id)
 
 
-def set_ref(keg_path: str, app: str, commit: str) -> None:
-    """Point ``refs/keg/src/<app>`` at ``commit`` (fsynced), keeping its objects reachable."""
+def _update_refs(keg_path: str, commands: list, what: str) -> None:
+    """Run ``git update-ref --stdin`` with ``commands`` (one ref transaction: all or none), fsynced."""
     done = subprocess.run(
         ["git", "-c", "core.fsync=reference", "-c", "core.fsyncMethod=fsync", "--git-dir", keg_path,
-         "update-ref", "-m", f"push of {app}", SRC_REFS + app, commit],
-        capture_output=True, env=_git_env(), check=False)
+         "update-ref", "--stdin", "-m", what],
+        input="".join(line + "\n" for line in commands).encode(), capture_output=True, env=_git_env(), check=False)
     if done.returncode != 0:
-        raise KegError(f"cannot record the source of {app}: {done.stderr.decode(errors='replace').strip()}")
+        raise KegError(f"cannot record {what}: {done.stderr.decode(errors='replace').strip()}")
+
+
+def _refs(keg_path: str, prefix: str) -> list:
+    """The names of the refs under ``prefix``."""
+    done = subprocess.run(["git", "--git-dir", keg_path, "for-each-ref", "--format=%(refname)", prefix],
+                          capture_output=True, env=_git_env(), check=False)
+    if done.returncode != 0:
+        raise KegError(f"cannot list {prefix}: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout.decode().split()
+
+
+def source_pointer(op) -> tuple | None:
+    """``(app, commit hex)`` when ``op`` points ``/src/<app>`` at a pushed commit, else None."""
+    if not isinstance(op, Put) or op.mode != MODE_GITLINK or not op.path.startswith("/src/"):
+        return None
+    app = op.path[len("/src/"):]
+    if "/" in app or len(op.data) != 20:
+        return None
+    return app, op.data.hex()
+
+
+def committed(keg_path: str, app: str, commit: str) -> None:
+    """Step 4 of the module text: ``/src/<app>`` now names ``commit``; point ``refs/keg/src/<app>`` at it and
+    drop its incoming refs, in one ref transaction. The caller makes sure no newer pointer was committed.
+
+    Raises:
+        KegError: git could not update the refs (the source stays reachable by its incoming ref).
+    """
+    incoming = [ref for ref in _refs(keg_path, f"{INCOMING_REFS}{app}/")
+                if ref.rpartition("/")[2].startswith(commit + "-")]
+    _update_refs(keg_path, [f"update {SRC_REFS}{app} {commit}", *(f"delete {ref}" for ref in incoming)],
+                 f"the source of {app}")
+
+
+def prune_incoming(keg_path: str, ttl: float = INCOMING_TTL) -> int:
+    """Drop the incoming refs of received sources at least ``ttl`` seconds old, whose pointers never
+    committed (a committed one's went at :func:`committed`); a repack then drops their objects.
+
+    Returns:
+        How many refs were dropped.
+
+    Raises:
+        KegError: git could not list or delete the refs.
+    """
+    cutoff = time.time() - ttl
+    old = []
+    for ref in _refs(keg_path, INCOMING_REFS):
+        stamp = ref.rpartition("-")[2]
+        if stamp.isdigit() and int(stamp) <= cutoff:
+            old.append(ref)
+    if old:
+        _update_refs(keg_path, [f"delete {ref}" for ref in old], "dropping sources never committed")
+    return len(old)
 
 
 def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
-    """Steps 1 and 2 of the module text; returns the source's tree id. The caller commits the pointer.
+    """Steps 1 and 2 of the module text; returns the source's tree id. The caller commits the pointer, then
+    calls :func:`committed`.
 
     Raises:
         BadRequest: a bad app name or commit id.
@@ -193,7 +262,8 @@ def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
         incoming.accept()
     finally:
         incoming.close()
-    set_ref(keg_path, app, commit)
+    _update_refs(keg_path, [f"update {INCOMING_REFS}{app}/{commit}-{int(time.time())} {commit}"],
+                 f"a push of {app}")
     return tree
 
 

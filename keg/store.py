@@ -52,7 +52,7 @@ from fnmatch import fnmatchcase
 import pygit2
 
 import kid as kidlib
-from keg import paths
+from keg import paths, sources
 from keg.chunks import ChunkStore
 from keg.delta import apply_delta, make_delta
 from keg.errors import (AmbiguousKid, BadRequest, CompareFailed, CorruptKeg, KegBusy, KegError, MissingObject,
@@ -1174,10 +1174,12 @@ class Store:
         one retention commit at ``refs/keg/volatile``; ``git repack -a -d``
         then drops every object nothing reaches any more.  History of
         everything that is not volatile is untouched, and no revision KID
-        changes.
+        changes.  Pushed sources whose pointers never committed go too, once
+        ``keg.sources.INCOMING_TTL`` old (``keg.sources.prune_incoming``).
 
         Returns:
-            ``{"from_revision": first kept revision, "kept_trees": count}``.
+            ``{"from_revision": first kept revision, "kept_trees": count,
+            "dropped_sources": incoming refs dropped}``.
         """
         if window < 1:
             raise BadRequest("the window must keep at least the newest revision")
@@ -1199,12 +1201,13 @@ class Store:
         write_pack(pack_dir, [(tree_oid, OBJ_TREE, tree_data), (commit_oid, OBJ_COMMIT, commit_data)],
                    durable=self.durable)
         self._write_ref(RETENTION_REF, commit_oid)
+        dropped = sources.prune_incoming(self.path)
         self._poll_repack(wait=True)
         _run_git_under_lock(self.path, "repack", "-a", "-d", "-q")
         # libgit2 keeps the old packs open; reopen so this process sees what the repack dropped.
         self._repo = pygit2.Repository(self.path)
         self.drop_caches()
-        return {"from_revision": first, "kept_trees": len(kept)}
+        return {"from_revision": first, "kept_trees": len(kept), "dropped_sources": dropped}
 
     # -------------------------------------------------------------- chunks
 

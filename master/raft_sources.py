@@ -9,7 +9,7 @@ the push may be lost. So, before the transaction is proposed:
 
 1. the receiving replica checks and stores the objects itself
    (``keg.sources.receive``: quarantine, ``index-pack --strict``, the tree
-   checks, ``refs/keg/src/<app>``);
+   checks, an incoming ref that keeps the objects);
 2. it sends the same pack to the other replicas, the leader first
    (``POST /v1/raft/sources/<app>?commit=SHA``), each of which checks and
    stores it the same way; a replica that lacks objects the pack leans on
@@ -18,7 +18,10 @@ the push may be lost. So, before the transaction is proposed:
 3. once a majority holds it the write is proposed; otherwise the push is
    refused with 503 and nothing is committed.
 
-A replica that applies a pointer to a commit it lacks (it was down, or not
+Each replica that applies the pointer and holds the commit moves
+``refs/keg/src/<app>`` to it (``keg.sources.committed``); a refused push
+leaves the ref where the committed pointer is. A replica that applies a
+pointer to a commit it lacks (it was down, or not
 among the majority) notes it and fetches a whole pack from another replica
 in the background (``GET /v1/raft/sources/<app>?commit=SHA``), as it does
 for chunks; so does one that caught up from a snapshot, for every pointer
@@ -35,23 +38,12 @@ import urllib.parse
 from keg import sources
 from keg.errors import BadRequest, KegBusy, KegError, NotFound
 from keg.objects import MODE_GITLINK
-from keg.transaction import Put
 
 SOURCE_TIMEOUT = 30.0   # one replica's answer to a source pack (it indexes and checks it first)
 FETCH_BUDGET = 0.5      # a housekeeping turn starts no new fetch of a missed source after this long
 FETCH_RETRY = 2.0       # a missed source no replica gave is asked for again after this long
 
 log = logging.getLogger("keg.raft")
-
-
-def source_pointer(op) -> tuple | None:
-    """``(app, commit hex)`` when ``op`` points ``/src/<app>`` at a pushed commit, else None."""
-    if not isinstance(op, Put) or op.mode != MODE_GITLINK or not op.path.startswith("/src/"):
-        return None
-    app = op.path[len("/src/"):]
-    if "/" in app or len(op.data) != 20:
-        return None
-    return app, op.data.hex()
 
 
 class SourceReplicas:
@@ -161,10 +153,10 @@ class SourceReplicas:
         """For each ``/src/<app>`` pointer among ``ops`` (applied here): point ``refs/keg/src/<app>`` at its
         commit when this keg holds it (the ref follows what is committed, not the newest push received),
         else note the commit as missing."""
-        self._note((p for p in map(source_pointer, ops) if p is not None), set_refs=True)
+        self._note(p for p in map(sources.source_pointer, ops) if p is not None)
 
     def want_all(self) -> None:
-        """After the keg moved to a snapshot's commit: note every pointer under ``/src`` it lacks."""
+        """After the keg moved to a snapshot's commit: the same for every pointer under ``/src``."""
         with self.master._lock:
             try:
                 entries = self.master.store.list("/src")
@@ -172,7 +164,7 @@ class SourceReplicas:
                 return
         self._note((e.name, e.kid[2:]) for e in entries if e.mode == MODE_GITLINK)
 
-    def _note(self, pointers, set_refs: bool = False) -> None:
+    def _note(self, pointers) -> None:
         path = self.master.store.path
         for app, commit in pointers:
             self.retry_at.pop(app, None)
@@ -181,10 +173,16 @@ class SourceReplicas:
                     self.wanted[app] = commit
                     continue
                 self.wanted.pop(app, None)
-                if set_refs:
-                    sources.set_ref(path, app, commit)
+                self._record(app, commit)
             except (OSError, KegError) as err:  # git could not run: the next pointer, or a restart, tries again
                 log.warning("raft: recording the source of %s (%s) failed: %s", app, commit, err)
+
+    def _record(self, app: str, commit: str) -> None:
+        """Point ``refs/keg/src/<app>`` at ``commit`` if ``/src/<app>`` still names it; under the replica's lock,
+        so a newer pointer applied meanwhile is never undone."""
+        with self.master._lock:
+            if self._still_named(app, commit):
+                sources.committed(self.master.store.path, app, commit)
 
     def fetch_wanted(self) -> None:
         """Fetch missed sources from the other replicas, for at most ``FETCH_BUDGET`` seconds."""
@@ -212,7 +210,8 @@ class SourceReplicas:
                     continue
                 try:
                     self.store_here(app, commit, pack)
-                except KegError as err:
+                    self._record(app, commit)
+                except (OSError, KegError) as err:
                     log.warning("raft: the source of %s from %s was refused: %s", app, address, err)
                     continue
                 break

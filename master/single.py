@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import threading
 from collections import OrderedDict
 
-from keg import paths
+from keg import paths, sources
 from keg.errors import BadRequest, KegError
 from keg.store import Store
 from keg.transaction import TxResult
@@ -39,6 +40,8 @@ EVENT_CACHE_REVISIONS = 4096   # recent revisions whose events are kept, shared 
 INDEX_REVISIONS = 4096         # revisions that touched a watched prefix kept in its index, at most
 HOUSEKEEPING_POLL = 0.05      # seconds between looks at a checkpoint written in the background
 INDEX_JUMP = EVENT_CACHE_REVISIONS // 2  # more new revisions at once (a snapshot loaded): wake everyone, index none
+
+log = logging.getLogger("keg.master")
 
 
 class _Watched:
@@ -168,6 +171,7 @@ class SingleMaster(Master):
                 before = self.store.head_revision
                 results = self.store.commit([p.tx for p in batch])
                 after = self.store.head_revision
+                self._record_sources(batch, results)
         except KegError as err:
             # The whole group failed before it was acknowledged (a full disk, a
             # damaged journal): every transaction in it gets the error.
@@ -179,6 +183,18 @@ class SingleMaster(Master):
         if after != before:
             self.stats["commits"] += 1
             self._announce(after)
+
+    def _record_sources(self, batch: list, results: list) -> None:
+        """Point ``refs/keg/src/<app>`` at each pushed source whose ``/src/<app>`` pointer just committed
+        (``keg.sources.committed``), before anyone hears of the revision; in commit order, under the lock."""
+        for pending, result in zip(batch, results):
+            if not result.ok:
+                continue
+            for app, commit in filter(None, map(sources.source_pointer, pending.tx.ops)):
+                try:
+                    sources.committed(self.store.path, app, commit)
+                except (OSError, KegError) as err:  # committed already: the incoming ref keeps the objects
+                    log.warning("master: recording the source of %s (%s) failed: %s", app, commit, err)
 
     def _announce(self, head: int) -> None:
         """Tell waiting threads at once, and the subscribers whose prefixes the new revisions touched.

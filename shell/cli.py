@@ -362,13 +362,18 @@ def compact_cmd(window, opener, as_json):
     keg/config.json ("volatile", by default /machines/*/status). Reading
     one at a revision older than the window kept says it was compacted.
     Nothing else loses history, and no revision KID changes.
+
+    Pushed sources that were received but never became /src/<app> (a push
+    refused after its objects arrived) are dropped too, once an hour old.
     """
     with opener() as store:
         done = store.compact(window)
     if as_json:
         _emit_json(done)
     else:
-        click.echo(f"volatile history kept from revision {done['from_revision']} ({done['kept_trees']} trees)")
+        dropped = done.get("dropped_sources", 0)
+        click.echo(f"volatile history kept from revision {done['from_revision']} ({done['kept_trees']} trees)"
+                   + (f"; {dropped} pushed source(s) never committed dropped" if dropped else ""))
 
 
 def _seconds(text: str) -> float:

@@ -86,6 +86,51 @@ def test_a_push_puts_the_source_in_the_keg_and_waits_for_a_builder(cluster, tmp_
     assert author.startswith("alice")
 
 
+def test_a_refused_push_leaves_the_committed_source_safe_through_a_compact(cluster, tmp_path):
+    """A push refused after its objects arrived (here it lost the compare: unrelated history sent as if
+    /src/hello did not exist) leaves refs/keg/src/hello on the committed source, and ``keg compact`` keeps
+    that source; the refused objects are kept for an hour, then dropped by the next compact."""
+    server, admin, tokens = cluster
+    repo = make_repo(tmp_path / "app", {"app.py": "print('one')\n"})
+    push(repo, remote(server, "alice", tokens["alice"]))   # no builder runs: the push fails after the commit
+    first = run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    assert admin.stat("/src/hello").kid == "K-" + first
+    other = make_repo(tmp_path / "other", {"app.py": "print('other')\n"})
+    refused = run("git", "rev-parse", "HEAD", cwd=other).stdout.strip()
+    pack = subprocess.run(["git", "pack-objects", "--stdout", "--revs", "--quiet"], cwd=other, check=True,
+                          input=f"{refused}\n".encode(), capture_output=True).stdout
+    alice = RemoteKeg(server.url, tokens["alice"])
+    try:
+        result = alice.send_source("hello", refused, pack, old=None)
+    finally:
+        alice.close()
+    assert not result.ok and "/src/hello" in str(result.error), result
+
+    def ref(name: str) -> str:
+        return git(server.keg_path, "rev-parse", "--verify", "--quiet", name).stdout.strip()
+
+    def has(commit: str) -> bool:
+        return git(server.keg_path, "cat-file", "-e", commit + "^{tree}").returncode == 0
+
+    assert admin.stat("/src/hello").kid == "K-" + first and ref("refs/keg/src/hello") == first
+    incoming = git(server.keg_path, "for-each-ref", "--format=%(refname)", "refs/keg/incoming/").stdout.split()
+    assert len(incoming) == 1 and incoming[0].startswith(f"refs/keg/incoming/hello/{refused}-"), incoming
+    assert admin.compact()["dropped_sources"] == 0
+    assert has(first) and has(refused)   # the refused objects are kept for now: a push may still be committing
+    assert admin.read("/src/hello/app.py") == b"print('one')\n"
+
+    # An hour later (the ref's time stamp made older), the next compact drops the refused push.
+    stamp = int(incoming[0].rpartition("-")[2])
+    aged = incoming[0].rpartition("-")[0] + f"-{stamp - 3601}"
+    assert git(server.keg_path, "update-ref", aged, refused).returncode == 0
+    assert git(server.keg_path, "update-ref", "-d", incoming[0]).returncode == 0
+    assert admin.compact()["dropped_sources"] == 1
+    assert has(first) and not has(refused)
+    assert ref("refs/keg/src/hello") == first and admin.read("/src/hello/app.py") == b"print('one')\n"
+    check = git(server.keg_path, "fsck", "--strict", "--no-dangling")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 @pytest.mark.parametrize("case", ["anonymous", "wrong-token", "other-users-app", "machine", "branch", "bad-name"])
 def test_pushes_without_the_right_are_refused(cluster, tmp_path, case):
     server, admin, tokens = cluster

@@ -43,7 +43,7 @@ import pygit2
 from keg.errors import BadRequest, KegError
 from keg.fsio import fsync_dir
 from keg.objects import MODE_GITLINK
-from keg.paths import check_app  # noqa: F401 - where pushes check app names
+from keg.paths import check_app
 from keg.transaction import Put
 
 SRC_REFS = "refs/keg/src/"
@@ -240,6 +240,13 @@ def prune_incoming(keg_path: str, ttl: float = INCOMING_TTL) -> int:
     return len(old)
 
 
+def check_commit(app: str, commit: str) -> None:
+    """Raise BadRequest unless ``app`` is an app's name and ``commit`` a commit id (40 lowercase hex digits)."""
+    check_app(app)
+    if not isinstance(commit, str) or not SHA_RE.match(commit):
+        raise BadRequest(f"{commit!r} is not a commit id (40 hex digits)")
+
+
 def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
     """Steps 1 and 2 of the module text; returns the source's tree id. The caller commits the pointer, then
     calls :func:`committed`.
@@ -248,9 +255,7 @@ def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
         BadRequest: a bad app name or commit id.
         BadSource: malformed objects, a missing commit, or a source :func:`check_tree` refuses.
     """
-    check_app(app)
-    if not isinstance(commit, str) or not SHA_RE.match(commit):
-        raise BadRequest(f"{commit!r} is not a commit id (40 hex digits)")
+    check_commit(app, commit)
     incoming = Incoming(keg_path)
     try:
         incoming.index(pack)

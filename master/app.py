@@ -693,8 +693,13 @@ class KegApp:
         raise Forbidden(f"a push's hook may only send the source of {app} and read")
 
     def _source(self, req, start_response, principal, app):
-        """``POST /v1/src/<app>?commit=SHA&old=KID|none``: a pack of the source's objects; commits ``/src/<app>``."""
+        """``POST /v1/src/<app>?commit=SHA&old=KID|none``: a pack of the source's objects; commits ``/src/<app>``.
+
+        The objects are checked and stored by a child process (master/source_job.py) while the event loop
+        goes on serving; then the pointer's transaction is submitted, and its result is the answer.
+        """
         from keg.sources import check_app
+        from master.source_job import JobResponse
 
         self._allow(req, "POST")
         app = check_app(app)
@@ -703,10 +708,18 @@ class KegApp:
         old = req.query.get("old", "none")
         if len(req.body()) > self.max_push:
             raise HttpError(413, f"the source pack has {len(req.body())} bytes; at most {self.max_push} are accepted")
-        self.master.receive_source(app, commit, req.body())
         tx = Transaction((link(f"/src/{app}", "K-" + commit),),
                          (compare(f"/src/{app}", None if old in ("", "none") else old),), principal.author)
-        return self._submit(start_response, tx)
+        job = self.master.start_source(app, commit, req.body())
+
+        def then():
+            try:
+                self.master.source_stored(job)
+            except KegError as err:
+                return self._error(start_response, err, req.environ)
+            return self._submit(start_response, tx)
+
+        return JobResponse(start_response, job, then)
 
 
 def _linearizable(req: Request) -> bool:

@@ -212,13 +212,29 @@ class Master(abc.ABC):
     def put_stream(self, path: str, stream, mode: int = 0o100644):
         """A put op for a stream's bytes, its chunks stored first when it is large (see ``Store.put_stream``)."""
 
-    def receive_source(self, app: str, commit: str, pack: bytes) -> str:
-        """Store a pushed source's objects (``keg.sources.receive``): returns its tree id.
+    def start_source(self, app: str, commit: str, pack: bytes):
+        """Start storing a pushed source's objects (``keg.sources.receive``) in a child process.
 
-        The caller then commits the pointer ``/src/<app>``; objects are durable (and,
-        replicated, on a quorum) before this returns.
+        Returns:
+            The running ``master.source_job.SourceJob``; once it has finished, ``source_stored`` says how it
+            went. The caller then commits the pointer ``/src/<app>``: the objects are durable (and,
+            replicated, on a majority) by then.
         """
         raise KegError(f"{type(self).__name__} does not receive pushes yet")
+
+    def source_stored(self, job) -> str:
+        """The tree id of the source a finished ``start_source`` job stored.
+
+        Raises:
+            BadRequest, BadSource, KegBusy or KegError: why it was not stored.
+        """
+        return job.tree()
+
+    def receive_source(self, app: str, commit: str, pack: bytes) -> str:
+        """``start_source``, waiting for it: the stored source's tree id (raises as ``source_stored``)."""
+        job = self.start_source(app, commit, pack)
+        job.wait()
+        return self.source_stored(job)
 
     @abc.abstractmethod
     def publish(self) -> str:

@@ -77,6 +77,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.node import TCPNode
 
+from keg import sources
 from keg.errors import BadRequest, CorruptKeg, KegBusy, KegError, NotFound
 from keg.fsio import fsync_dir, write_file_atomic
 from keg.large import Pointer
@@ -84,6 +85,7 @@ from keg.objects import MODE_GITLINK
 from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
 from master.app import REASONS, HttpError
 from master.interface import Pending
+from master.peers import PEER_TIMEOUT, peer_request
 from master.raft_forward import FAILED, FORWARD, MESSAGES, REFUSED, Forwarder, origins_json
 from master.raft_journal import EpollPoller, RaftJournal, SyncingTransport, seams
 from master.raft_sources import SourceReplicas
@@ -101,7 +103,6 @@ IDEMPOTENCY_WINDOW = 100_000     # revisions within which a repeated transaction
 TICK = 0.02                      # timer tick for Raft's timeouts and heartbeats
 COMMIT_NOTICE = 0.005            # a commit index no entry carries is sent on its own after this long
 MAX_TICKS = 8                    # pysyncobj ticks in a row while each one's poll reads messages
-PEER_TIMEOUT = 2.0               # one HTTP call to another replica
 PEER_BACKOFF = 2.0               # a replica that did not answer is not asked again for this long
 RAFT_INDEX_TRAILER = "Keg-Raft-Index: "
 TX_TRAILER = "Keg-Transaction: "
@@ -874,24 +875,20 @@ class RaftMaster(SingleMaster):
                           f"({self.majority()}) is needed before the write is answered: "
                           f"{'; '.join(errors) or 'no replica answered'}")
 
-    def receive_source(self, app, commit, pack):
-        """Store a pushed source here and on a majority of replicas (master/raft_sources.py).
+    def start_source(self, app, commit, pack):
+        """As ``SingleMaster.start_source``; the child also sends the source to the other replicas, the leader
+        first, until a majority holds it (master/raft_sources.py), else the job fails with KegBusy."""
+        from master.source_job import SourceJob
 
-        Args:
-            app: the app's name.
-            commit: the pushed commit (40 hex digits).
-            pack: the objects the push sent.
+        sources.check_commit(app, commit)
+        peers = [(a, self.peer_url(a)) for a in self.others_leader_first() if not self.peer_down(a)]
+        return SourceJob(self.store.path, app, commit, pack, peers=peers, majority=self.majority(),
+                         replicas=len(self.peers), token=self.peer_token)
 
-        Returns:
-            The source's tree id.
-
-        Raises:
-            BadSource: the objects are malformed or the tree is refused (nothing kept).
-            KegBusy: fewer than a majority of replicas stored it (the pointer must not be proposed).
-        """
-        tree = self.sources.store_here(app, commit, pack)
-        self.sources.replicate(app, commit, pack)
-        return tree
+    def source_stored(self, job) -> str:
+        for address in job.result.get("down", ()):
+            self.mark_down(address)
+        return super().source_stored(job)
 
     def _push_chunks(self, address: str, names: list) -> None:
         if self.peer_down(address):
@@ -907,18 +904,8 @@ class RaftMaster(SingleMaster):
 
     def peer_call(self, address: str, method: str, target: str, body: bytes | None = None,
                   timeout: float = PEER_TIMEOUT) -> tuple:
-        """One HTTP request to another replica with the peer token: ``(status, body)``."""
-        url = urllib.parse.urlsplit(self.peer_url(address))
-        conn = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
-            url.hostname, url.port, timeout=min(timeout, PEER_TIMEOUT))  # a replica that is down: found fast
-        try:
-            conn.connect()
-            conn.sock.settimeout(timeout)
-            conn.request(method, target, body=body, headers={"Authorization": f"Bearer {self.peer_token}"})
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        """One HTTP request to another replica with the peer token: ``(status, body)`` (``peers.peer_request``)."""
+        return peer_request(self.peer_url(address), self.peer_token, method, target, body, timeout)
 
     def peer_url(self, address: str) -> str:
         """The HTTP URL of the replica at Raft ``address`` (also of one added after the start)."""
@@ -1125,6 +1112,8 @@ def route(app, req, start_response):
         return app._json(start_response, {"chunk": name, "created": created}, 201 if created else 200)
     if rest.startswith("sources/"):
         app._allow(req, "GET", "POST")
+        if req.method == "POST":
+            return master.sources.store_sent(req, rest[len("sources/"):], start_response)
         status, kind, body = master.sources.serve(req, rest[len("sources/"):])
         start_response(f"{status} {REASONS[status]}", [("Content-Type", kind), ("Content-Length", str(len(body)))])
         return [body]

@@ -18,6 +18,10 @@ the push may be lost. So, before the transaction is proposed:
 3. once a majority holds it the write is proposed; otherwise the push is
    refused with 503 and nothing is committed.
 
+Steps 1 and 2, and a replica's storing of a pack sent to it, run in a child
+process (master/source_job.py), so the event loop that drives Raft goes on
+while packs are indexed and sent.
+
 Each replica that applies the pointer and holds the commit moves
 ``refs/keg/src/<app>`` to it (``keg.sources.committed``); a refused push
 leaves the ref where the committed pointer is. A replica that applies a
@@ -31,13 +35,15 @@ under ``/src``.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import time
 import urllib.parse
 
 from keg import sources
-from keg.errors import BadRequest, KegBusy, KegError, NotFound
+from keg.errors import KegError, NotFound
 from keg.objects import MODE_GITLINK
+from master.app import REASONS, error_body, status_of
 
 SOURCE_TIMEOUT = 30.0   # one replica's answer to a source pack (it indexes and checks it first)
 FETCH_BUDGET = 0.5      # a housekeeping turn starts no new fetch of a missed source after this long
@@ -58,82 +64,55 @@ class SourceReplicas:
         self.wanted: dict = {}   # app -> commit hex this replica's pointer names and its keg lacks
         self.retry_at: dict = {}  # app -> monotonic time its missed source may be asked for again
 
-    # ------------------------------------------------------------ before the pointer
-
-    def replicate(self, app: str, commit: str, pack: bytes) -> None:
-        """Store the pushed ``pack`` (held here already) on a majority of replicas.
-
-        Args:
-            app: the app's name.
-            commit: the pushed commit (40 hex digits).
-            pack: the objects the push sent.
-
-        Raises:
-            KegBusy: fewer than a majority hold it; the reasons of each replica that did not take it.
-        """
-        master = self.master
-        stored, errors = 1, []
-        for address in master.others_leader_first():
-            if stored >= master.majority():
-                return
-            try:
-                self._send(address, app, commit, pack)
-                stored += 1
-            except (OSError, http.client.HTTPException, KegError) as err:
-                errors.append(f"{address}: {err}")
-        if stored < master.majority():
-            raise KegBusy(f"the pushed source of {app} is stored on {stored} of {len(master.peers)} replicas and "
-                          f"a majority ({master.majority()}) is needed before /src/{app} may name it: "
-                          f"{'; '.join(errors) or 'no replica answered'}; push again")
-
-    def _send(self, address: str, app: str, commit: str, pack: bytes) -> None:
-        master = self.master
-        if master.peer_down(address):
-            raise KegBusy("it did not answer a moment ago")
-        target = f"/v1/raft/sources/{app}?commit={commit}"
-        try:
-            status, body = master.peer_call(address, "POST", target, pack, timeout=SOURCE_TIMEOUT)
-            if status == 422:   # it lacks what the pack leans on: send the commit with all it reaches
-                status, body = master.peer_call(address, "POST", target, sources.pack_of(master.store.path, commit),
-                                                timeout=SOURCE_TIMEOUT)
-        except (OSError, http.client.HTTPException):
-            master.mark_down(address)
-            raise
-        if status != 200:
-            raise KegBusy(f"storing the source gave HTTP {status}: {body[:300].decode(errors='replace')}")
-
     # ------------------------------------------------------------ a peer's side
 
     def serve(self, req, app: str):
-        """``(status, content type, body)`` for ``/v1/raft/sources/<app>?commit=SHA`` from another replica.
-
-        ``POST`` stores the pack in the body as a push would (422 when this
-        keg lacks objects the pack needs); ``GET`` answers a pack of the
-        commit and its history (404 when this keg lacks it).
+        """``(status, content type, body)`` for ``GET /v1/raft/sources/<app>?commit=SHA`` from another replica:
+        a pack of the commit and its history.
 
         Args:
             req: the request (``master.app.Request``), from a replica (the peer token was checked).
             app: the app's name, from the path.
 
         Raises:
-            BadRequest: a bad app name or commit id, or a source the checks refuse (nothing kept).
-            NotFound: ``GET`` of a commit this replica does not hold.
+            BadRequest: a bad app name or commit id.
+            NotFound: a commit this replica does not hold.
         """
-        sources.check_app(app)
         commit = req.query.get("commit", "")
-        if not sources.SHA_RE.match(commit):
-            raise BadRequest(f"{commit!r} is not a commit id (40 hex digits)")
+        sources.check_commit(app, commit)
         master = self.master
-        if req.method == "GET":
-            with master._lock:
-                if not sources.has_commit(master.store.path, commit):
-                    raise NotFound(f"this replica does not hold commit {commit}")
-                return 200, "application/x-git-packed-objects", sources.pack_of(master.store.path, commit)
-        try:
-            tree = self.store_here(app, commit, req.body())
-        except sources.IncompleteSource as err:
-            return 422, "text/plain", str(err).encode()
-        return 200, "application/json", ('{"tree": "%s"}\n' % tree).encode()
+        with master._lock:
+            if not sources.has_commit(master.store.path, commit):
+                raise NotFound(f"this replica does not hold commit {commit}")
+            return 200, "application/x-git-packed-objects", sources.pack_of(master.store.path, commit)
+
+    def store_sent(self, req, app: str, start_response):
+        """``POST /v1/raft/sources/<app>?commit=SHA`` from the replica a push reached: store the pack in the
+        body here only, as a push would, in a child process (master/source_job.py). The answer is 200 with
+        the tree, 422 when this keg lacks objects the pack leans on, else the error's status.
+
+        Raises:
+            BadRequest: a bad app name or commit id.
+        """
+        from master.source_job import JobResponse, SourceJob
+
+        commit = req.query.get("commit", "")
+        sources.check_commit(app, commit)
+        job = SourceJob(self.master.store.path, app, commit, req.body())
+
+        def then():
+            try:
+                status, body = 200, {"tree": job.tree()}
+            except sources.IncompleteSource as err:
+                status, body = 422, {"error": str(err), "status": 422}
+            except KegError as err:
+                status, body = status_of(err), error_body(err)
+            data = (json.dumps(body) + "\n").encode()
+            start_response(f"{status} {REASONS.get(status, 'Error')}", [("Content-Type", "application/json"),
+                                                                         ("Content-Length", str(len(data)))])
+            return [data]
+
+        return JobResponse(start_response, job, then)
 
     def store_here(self, app: str, commit: str, pack: bytes) -> str:
         """Check and store a source pack in this replica's keg only (``keg.sources.receive``).

@@ -363,11 +363,11 @@ class SingleMaster(Master):
     def put_stream(self, path, stream, mode=0o100644):
         return self.store.put_stream(path, stream, mode)  # chunks need no lock; the commit checks them
 
-    def receive_source(self, app, commit, pack):
-        from keg import sources
+    def start_source(self, app, commit, pack):
+        from master.source_job import SourceJob
 
-        with self._lock:
-            return sources.receive(self.store.path, app, commit, pack)
+        sources.check_commit(app, commit)
+        return SourceJob(self.store.path, app, commit, pack)
 
     def changed_since(self, top, revision):
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -292,3 +293,52 @@ def http_get(port: int, host: str, path: str = "/", address: str = "127.0.0.1", 
         return None, str(err)
     finally:
         conn.close()
+
+
+class GitGate:
+    """A ``git`` first on PATH that holds every ``git index-pack`` while the gate is closed, then runs the real
+    git: a stand-in for a big pack whose indexing takes long, at a moment the test chooses.
+
+    Args:
+        directory: where the wrapper and the gate's files go.
+        monkeypatch: pytest's, to put the wrapper first on PATH (for this process and what it starts).
+    """
+
+    def __init__(self, directory, monkeypatch):
+        real = shutil.which("git")
+        self.closed_file = os.path.join(directory, "gate-closed")
+        self.held_file = os.path.join(directory, "gate-held")
+        bin_dir = os.path.join(directory, "gated-bin")
+        os.makedirs(bin_dir, exist_ok=True)
+        wrapper = os.path.join(bin_dir, "git")
+        with open(wrapper, "w") as f:
+            f.write(f"""#!/bin/sh
+case " $* " in
+*" index-pack "*)
+    if [ -e {self.closed_file} ]; then
+        echo "$$" >> {self.held_file}
+        i=0
+        while [ -e {self.closed_file} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+    fi;;
+esac
+exec {real} "$@"
+""")
+        os.chmod(wrapper, 0o755)
+        monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
+
+    def close(self) -> None:
+        """Hold every ``index-pack`` that starts from now on (for at most a minute)."""
+        open(self.closed_file, "w").close()
+
+    def held(self) -> int:
+        """How many ``index-pack`` runs the gate has held so far."""
+        try:
+            with open(self.held_file) as f:
+                return len(f.read().split())
+        except FileNotFoundError:
+            return 0
+
+    def open(self) -> None:
+        """Let every held ``index-pack`` go on."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.closed_file)

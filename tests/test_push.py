@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
-from conftest import MasterProcess, git, init_keg_with_token
+from conftest import GitGate, MasterProcess, git, init_keg_with_token, wait_until
 from keg.transaction import Transaction, put
 from master import auth
 from master.client import RemoteKeg
@@ -129,6 +130,38 @@ def test_a_refused_push_leaves_the_committed_source_safe_through_a_compact(clust
     assert ref("refs/keg/src/hello") == first and admin.read("/src/hello/app.py") == b"print('one')\n"
     check = git(server.keg_path, "fsck", "--strict", "--no-dangling")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_master_serves_while_a_pushed_source_is_indexed(keg_dir, tmp_path, monkeypatch):
+    """A pushed source is checked and stored by a child process: while its ``index-pack`` is held (a big
+    pack), the master goes on answering reads and writes, and the push completes once it is let go."""
+    monkeypatch.setenv("KEG_BUILD_START_WAIT", "1")
+    gate = GitGate(str(tmp_path), monkeypatch)
+    admin_token = init_keg_with_token(keg_dir)
+    server = MasterProcess(keg_dir, admin_token)
+    admin = RemoteKeg(server.url, admin_token, timeout=10)
+    try:
+        repo = make_repo(tmp_path / "app", {"app.py": "print('hi')\n"})
+        gate.close()
+        pusher = subprocess.Popen(["git", "push", remote(server, "admin", admin_token), "main"], cwd=repo,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+        try:
+            wait_until(lambda: gate.held() >= 1, "the pushed pack's index-pack to start", timeout=30)
+            started = time.monotonic()
+            revision = admin.apply(Transaction((put("/notes/during-push", "still serving\n"),))).revision
+            assert admin.read("/notes/during-push") == b"still serving\n"
+            assert time.monotonic() - started < 5, "the master waited for the push"
+            assert pusher.poll() is None and not admin.exists("/src/hello")
+        finally:
+            gate.open()
+        out, _ = pusher.communicate(timeout=60)
+        commit = run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+        assert f"source K-{commit}" in out, out
+        assert admin.stat("/src/hello").kid == "K-" + commit and admin.revision().number > revision
+    finally:
+        admin.close()
+        server.stop()
 
 
 @pytest.mark.parametrize("case", ["anonymous", "wrong-token", "other-users-app", "machine", "branch", "bad-name"])

@@ -10,11 +10,12 @@ from __future__ import annotations
 import http.client
 import os
 import subprocess
+import time
 import urllib.parse
 
 import pytest
 
-from conftest import git, wait_until
+from conftest import GitGate, git, wait_until
 from master.raft import peer_token
 from raft_harness import Cluster
 from test_push import make_repo, push, run
@@ -23,8 +24,11 @@ from test_push import make_repo, push, run
 @pytest.fixture
 def cluster(tmp_path, monkeypatch):
     monkeypatch.setenv("KEG_BUILD_START_WAIT", "1")   # the replicas hand KEG_BUILD_* to the push hook
+    gate = GitGate(str(tmp_path), monkeypatch)          # open: git as usual, until a test closes it
     c = Cluster(str(tmp_path / "cluster"), 3).start()
+    c.gate = gate
     yield c
+    gate.open()
     c.close()
 
 
@@ -102,6 +106,40 @@ def test_a_push_that_reaches_no_majority_is_refused_and_commits_nothing(cluster,
     assert status == 200 and headers["etag"].strip('"') == "K-" + first
     # The leader keeps the refused objects for a while, but what git fetch and builders see is the committed one.
     assert source_ref(leader) == first and holds(leader, first)
+
+
+def test_raft_goes_on_while_pushed_packs_are_indexed(cluster, tmp_path):
+    """Replicas store a pushed pack in a child process: with every ``index-pack`` held for longer than an
+    election timeout, the cluster keeps its leader and term and accepts writes through any replica; the push
+    completes once the packs are let go."""
+    leader = cluster.wait_leader()
+    target = next(r for r in cluster.replicas if r is not leader)
+    term = cluster.status(leader)["term"]
+    repo = make_repo(tmp_path / "app", {"app.py": "print('one')\n"})
+    cluster.gate.close()
+    pusher = subprocess.Popen(["git", "push", push_url(cluster, target), "main"], cwd=repo, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+    try:
+        wait_until(lambda: cluster.gate.held() >= 1, "the receiving replica's index-pack to start", timeout=30)
+        held_since = time.monotonic()
+        n = 0
+        while time.monotonic() - held_since < 3.0:   # three times the longest election timeout (1 s)
+            for r in (target, leader):
+                n += 1
+                status, answer = cluster.write(r, f"/notes/during-push-{n}", "still serving\n")
+                assert status == 200, answer
+            time.sleep(0.2)
+        assert pusher.poll() is None
+        now = cluster.status(target)
+        assert (now["leader"], now["term"]) == (leader.raft, term), now
+    finally:
+        cluster.gate.open()
+    out, _ = pusher.communicate(timeout=60)
+    commit = commit_of(repo)
+    assert f"source K-{commit}" in out, out
+    assert sum(holds(r, commit) for r in cluster.replicas) >= 2
+    assert cluster.status(leader)["term"] == term
 
 
 def test_a_replica_lacking_the_base_of_a_pack_asks_for_the_whole_source(cluster, tmp_path):

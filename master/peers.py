@@ -1,0 +1,47 @@
+"""HTTP calls from one Raft replica to another, with the peer token (DESIGN §4).
+
+The replicas' own endpoints (``/v1/raft/chunks``, ``/v1/raft/sources``,
+``/v1/raft/git``) take the peer token derived from the cluster password.
+A call connects within ``PEER_TIMEOUT`` seconds, so a replica that is down
+is found fast, and then allows the answer as long as the caller says (a
+replica indexing a pushed source answers in seconds, not milliseconds).
+"""
+
+from __future__ import annotations
+
+import http.client
+import urllib.parse
+
+PEER_TIMEOUT = 2.0   # seconds to connect to another replica, and for an answer unless the caller allows more
+
+
+def peer_request(url: str, token: str, method: str, target: str, body: bytes | None = None,
+                 timeout: float = PEER_TIMEOUT) -> tuple:
+    """One HTTP request to the replica serving at ``url``.
+
+    Args:
+        url: the replica's HTTP URL (``http://HOST:PORT`` or ``https://…``).
+        token: the peer token.
+        method: the HTTP method.
+        target: the path and query.
+        body: the request body, if any.
+        timeout: seconds allowed for the answer once connected.
+
+    Returns:
+        ``(status, body bytes)``.
+
+    Raises:
+        OSError: the replica could not be reached or stopped answering.
+        http.client.HTTPException: it answered something that is not HTTP.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    conn = (http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection)(
+        parsed.hostname, parsed.port, timeout=min(timeout, PEER_TIMEOUT))
+    try:
+        conn.connect()
+        conn.sock.settimeout(timeout)
+        conn.request(method, target, body=body, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()

@@ -1,0 +1,240 @@
+"""A pushed source's slow work, in a child process, so the master's event loop keeps serving (DESIGN §1.5).
+
+Checking and storing a pushed pack (``keg.sources.receive``: ``index-pack
+--strict``, the tree checks) takes as long as the pack is big, and on a Raft
+replica so does sending it to the other replicas (``master/raft_sources.py``,
+each answer allowed 30 s). The event loop that would wait for them also
+serves every other request and, on a Raft replica, drives Raft itself: a
+push held there would stall writes and heartbeats, and could start an
+election. So the master runs that work as ``python -m master.source_job``:
+the pack on its standard input, its orders on the command line (the peer
+token in the environment), and one JSON object on its standard output::
+
+    {"tree": TREE, "down": [...]}                       stored (on a majority)
+    {"error": MESSAGE, "kind": "BadSource", "down": [...]}   refused, or no majority
+
+``down`` lists the replicas that could not be reached, for the master to
+leave alone for a moment. The event loop watches the child's output
+(``JobResponse``) and answers the request when it is done; a threaded
+server (FastCGI) simply waits. A child whose client went away is left to
+finish: what it stored is kept by an incoming ref, as for a refused push.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from keg import sources
+from keg.errors import BadRequest, KegBusy, KegError
+from master.bodies import AsyncBody
+
+TOKEN_ENV = "KEG_PEER_TOKEN"
+ERRORS = {cls.__name__: cls for cls in (sources.IncompleteSource, sources.BadSource, BadRequest, KegBusy)}
+
+
+class SourceJob:
+    """One child process storing a pushed source; ``result`` (the child's JSON object) once it has exited.
+
+    Args:
+        keg_path: the keg.
+        app: the app's name.
+        commit: the pushed commit (40 hex digits).
+        pack: the objects the push sent.
+        peers: on a Raft replica, ``[(Raft address, HTTP URL), …]`` of the other replicas to send it to, in
+            order (the leader first); empty to store it here only.
+        majority: how many replicas, this one included, must hold it.
+        replicas: how many replicas the cluster has (for the message when there is no majority).
+        token: the peer token for ``peers``.
+    """
+
+    def __init__(self, keg_path: str, app: str, commit: str, pack: bytes, peers=(), majority: int = 1,
+                 replicas: int = 1, token: str = ""):
+        argv = [sys.executable, "-m", "master.source_job", "--keg", keg_path, "--app", app, "--commit", commit,
+                "--majority", str(majority), "--replicas", str(replicas)]
+        for address, url in peers:
+            argv += ["--peer", f"{address}={url}"]
+        env = dict(os.environ, **{TOKEN_ENV: token})
+        self.errors = tempfile.TemporaryFile()
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(pack)
+            stdin.seek(0)
+            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=self.errors, env=env)
+        self.output = b""
+        self.result: dict | None = None
+
+    def fileno(self) -> int:
+        """The child's standard output, to watch for readability."""
+        return self.proc.stdout.fileno()
+
+    def read_some(self) -> bool:
+        """Read what the child wrote, without blocking; True once it closed its output (then ``finish``)."""
+        fd = self.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return False
+            if not data:
+                return True
+            self.output += data
+
+    def wait(self) -> dict:
+        """Block until the child has finished; its result."""
+        self.output += self.proc.stdout.read()
+        self.finish()
+        return self.result
+
+    def finish(self) -> None:
+        """Reap the child that closed its output and set ``result`` (an error if it wrote none)."""
+        self.proc.stdout.close()
+        code = self.proc.wait()
+        try:
+            self.result = json.loads(self.output)
+        except ValueError:
+            self.errors.seek(0)
+            why = self.errors.read()[-2000:].decode(errors="replace").strip()
+            self.result = {"error": f"storing the source failed (exit status {code}): {why or 'no output'}",
+                           "kind": "KegError", "down": []}
+        self.errors.close()
+
+    def tree(self) -> str:
+        """The stored source's tree id.
+
+        Raises:
+            BadRequest, BadSource, IncompleteSource, KegBusy or KegError: why the source was not stored.
+        """
+        if "error" in self.result:
+            raise ERRORS.get(self.result.get("kind"), KegError)(self.result["error"])
+        return self.result["tree"]
+
+    def abandon(self) -> None:
+        """Stop listening to a child whose answer nobody wants; it finishes by itself."""
+        if self.result is None:
+            self.proc.stdout.close()
+            self.errors.close()
+
+
+class JobResponse(AsyncBody):
+    """An answer that waits for a ``SourceJob`` without blocking the event loop, then for what follows.
+
+    Args:
+        job: the running ``SourceJob``.
+        then: called once the child has finished; calls ``start_response`` and returns the body, or returns
+            another ``AsyncBody`` (a ``DeferredResponse`` waiting for the pointer's transaction).
+    """
+
+    def __init__(self, start_response, job: SourceJob, then):
+        super().__init__(start_response)
+        self.job = job
+        self.then = then
+        self.next = None
+        self._loop = None
+        self._wake = None
+
+    def arm(self, loop, wake) -> None:
+        self._loop, self._wake = loop, wake
+        loop.add_reader(self.job.fileno(), wake)
+
+    def poll(self) -> tuple:
+        if self.next is None:
+            if not self.job.read_some():
+                return [], False
+            self._loop.remove_reader(self.job.fileno())
+            self.job.finish()
+            self.next = self.then()
+            if isinstance(self.next, AsyncBody):
+                self.next.arm(self._loop, self._wake)
+        if isinstance(self.next, AsyncBody):
+            return self.next.poll()
+        return list(self.next), True
+
+    def __iter__(self):
+        self.job.wait()
+        self.next = self.then()
+        yield from self.next
+
+    def close(self) -> None:
+        if self.next is None:
+            if self._loop is not None and not self.job.proc.stdout.closed:
+                self._loop.remove_reader(self.job.fileno())
+            self.job.abandon()
+        elif hasattr(self.next, "close"):
+            self.next.close()
+
+
+# ------------------------------------------------------------ the child
+
+def _send(peer_url: str, token: str, app: str, commit: str, pack: bytes, keg_path: str) -> None:
+    """Store the pack on one other replica (a whole pack of the commit if it lacks what the pack leans on)."""
+    from master.peers import peer_request
+    from master.raft_sources import SOURCE_TIMEOUT
+
+    target = f"/v1/raft/sources/{app}?commit={commit}"
+    status, body = peer_request(peer_url, token, "POST", target, pack, timeout=SOURCE_TIMEOUT)
+    if status == 422:   # it missed an earlier push: send the commit with all it reaches
+        status, body = peer_request(peer_url, token, "POST", target, sources.pack_of(keg_path, commit),
+                                    timeout=SOURCE_TIMEOUT)
+    if status != 200:
+        raise KegBusy(f"storing the source gave HTTP {status}: {body[:300].decode(errors='replace')}")
+
+
+def replicate(args, pack: bytes, token: str, down: list) -> None:
+    """Send the stored pack to the other replicas in order until a majority holds it; the Raft addresses of
+    those that could not be reached are added to ``down``.
+
+    Raises:
+        KegBusy: fewer than a majority hold it, with each replica's reason.
+    """
+    import http.client
+
+    stored, errors = 1, []
+    for peer in args.peer:
+        if stored >= args.majority:
+            break
+        address, _, url = peer.partition("=")
+        try:
+            _send(url, token, args.app, args.commit, pack, args.keg)
+            stored += 1
+        except (OSError, http.client.HTTPException) as err:
+            down.append(address)
+            errors.append(f"{address}: {err}")
+        except KegError as err:
+            errors.append(f"{address}: {err}")
+    if stored < args.majority:
+        raise KegBusy(f"the pushed source of {args.app} is stored on {stored} of {args.replicas} replicas and "
+                      f"a majority ({args.majority}) is needed before /src/{args.app} may name it: "
+                      f"{'; '.join(errors) or 'no replica answered'}; push again")
+
+
+def main(argv=None) -> int:
+    """The child: store the pack from standard input here, then on a majority; print the result."""
+    parser = argparse.ArgumentParser(prog="python -m master.source_job", description=__doc__.split("\n")[0])
+    parser.add_argument("--keg", required=True)
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--commit", required=True)
+    parser.add_argument("--majority", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--peer", action="append", default=[], metavar="ADDRESS=URL")
+    args = parser.parse_args(argv)
+    pack = sys.stdin.buffer.read()
+    result: dict = {"down": []}
+    try:
+        result["tree"] = sources.receive(args.keg, args.app, args.commit, pack)
+        if args.majority > 1:
+            replicate(args, pack, os.environ.get(TOKEN_ENV, ""), result["down"])
+    except KegError as err:
+        result.pop("tree", None)
+        result.update(error=str(err), kind=type(err).__name__)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

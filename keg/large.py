@@ -28,7 +28,6 @@ the chunk, never wrong bytes.
 from __future__ import annotations
 
 import io
-import os
 import re
 from dataclasses import dataclass
 

@@ -14,7 +14,6 @@ import http.client
 import io
 import json
 import socket
-import threading
 import time
 import urllib.parse
 

@@ -31,6 +31,8 @@ component ``.git`` in any case.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -219,9 +221,48 @@ def committed(keg_path: str, app: str, commit: str) -> None:
                  f"the source of {app}")
 
 
-def prune_incoming(keg_path: str, ttl: float = INCOMING_TTL) -> int:
-    """Drop the incoming refs of received sources at least ``ttl`` seconds old, whose pointers never
-    committed (a committed one's went at :func:`committed`); a repack then drops their objects.
+@contextlib.contextmanager
+def repack_lock(keg_path: str, exclusive: bool):
+    """Hold ``keg/repack.lock``: shared while a received pack is moved in and given its ref, exclusive while
+    ``Store.compact`` drops refs and runs ``git repack -a -d`` (which deletes the packs it listed at its start,
+    keeping only what some ref reaches)."""
+    os.makedirs(os.path.join(keg_path, "keg"), exist_ok=True)
+    fd = os.open(os.path.join(keg_path, "keg", "repack.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def reconcile(keg_path: str, named: dict) -> int:
+    """Point each ``refs/keg/src/<app>`` at the commit ``/src/<app>`` names (``named``: app -> commit hex), where
+    the keg holds it and the ref differs: a master that stopped between a pointer's commit and
+    :func:`committed`, or whose git failed there, catches up.
+
+    Returns:
+        How many refs moved.
+
+    Raises:
+        KegError: git could not list or update the refs.
+    """
+    done = subprocess.run(["git", "--git-dir", keg_path, "for-each-ref", "--format=%(refname) %(objectname)",
+                           SRC_REFS], capture_output=True, env=_git_env(), check=False)
+    if done.returncode != 0:
+        raise KegError(f"cannot list {SRC_REFS}: {done.stderr.decode(errors='replace').strip()}")
+    current = dict(line.split(" ", 1) for line in done.stdout.decode().splitlines() if " " in line)
+    moved = 0
+    for app, commit in sorted(named.items()):
+        if current.get(SRC_REFS + app) != commit and has_commit(keg_path, commit):
+            committed(keg_path, app, commit)
+            moved += 1
+    return moved
+
+
+def prune_incoming(keg_path: str, named=(), ttl: float = INCOMING_TTL) -> int:
+    """Drop the incoming refs of received sources at least ``ttl`` seconds old whose pointers never committed
+    (a committed one's went at :func:`committed`; one whose commit is in ``named`` is kept all the same), and
+    quarantines that old (a receiving process killed mid-way); a repack then drops their objects.
 
     Returns:
         How many refs were dropped.
@@ -230,13 +271,20 @@ def prune_incoming(keg_path: str, ttl: float = INCOMING_TTL) -> int:
         KegError: git could not list or delete the refs.
     """
     cutoff = time.time() - ttl
+    keep = set(named)
     old = []
     for ref in _refs(keg_path, INCOMING_REFS):
-        stamp = ref.rpartition("-")[2]
-        if stamp.isdigit() and int(stamp) <= cutoff:
+        commit, _, stamp = ref.rpartition("/")[2].partition("-")
+        if stamp.isdigit() and int(stamp) <= cutoff and commit not in keep:
             old.append(ref)
     if old:
         _update_refs(keg_path, [f"delete {ref}" for ref in old], "dropping sources never committed")
+    base = os.path.join(keg_path, "keg", "incoming")
+    for name in os.listdir(base) if os.path.isdir(base) else ():
+        path = os.path.join(base, name)
+        with contextlib.suppress(OSError):
+            if name.startswith("push-") and os.stat(path).st_mtime <= cutoff:
+                shutil.rmtree(path, ignore_errors=True)
     return len(old)
 
 
@@ -264,11 +312,12 @@ def receive(keg_path: str, app: str, commit: str, pack: bytes) -> str:
                                  capture_output=True, env=_git_env(), check=False)
         if missing.returncode != 0:
             raise IncompleteSource(f"the objects of commit {commit} are incomplete: send everything the keg lacks")
-        incoming.accept()
+        with repack_lock(keg_path, exclusive=False):   # a repack -a -d must not see the pack without its ref
+            incoming.accept()
+            _update_refs(keg_path, [f"update {INCOMING_REFS}{app}/{commit}-{int(time.time())} {commit}"],
+                         f"a push of {app}")
     finally:
         incoming.close()
-    _update_refs(keg_path, [f"update {INCOMING_REFS}{app}/{commit}-{int(time.time())} {commit}"],
-                 f"a push of {app}")
     return tree
 
 

@@ -1175,7 +1175,9 @@ class Store:
         then drops every object nothing reaches any more.  History of
         everything that is not volatile is untouched, and no revision KID
         changes.  Pushed sources whose pointers never committed go too, once
-        ``keg.sources.INCOMING_TTL`` old (``keg.sources.prune_incoming``).
+        ``keg.sources.INCOMING_TTL`` old (``keg.sources.prune_incoming``);
+        every ``refs/keg/src/<app>`` is first pointed at the commit
+        ``/src/<app>`` names (``keg.sources.reconcile``), so none is dropped.
 
         Returns:
             ``{"from_revision": first kept revision, "kept_trees": count,
@@ -1201,13 +1203,24 @@ class Store:
         write_pack(pack_dir, [(tree_oid, OBJ_TREE, tree_data), (commit_oid, OBJ_COMMIT, commit_data)],
                    durable=self.durable)
         self._write_ref(RETENTION_REF, commit_oid)
-        dropped = sources.prune_incoming(self.path)
-        self._poll_repack(wait=True)
-        _run_git_under_lock(self.path, "repack", "-a", "-d", "-q")
+        named = self.source_pointers()
+        with sources.repack_lock(self.path, exclusive=True):   # no pushed pack lands between listing and refs
+            sources.reconcile(self.path, named)
+            dropped = sources.prune_incoming(self.path, named.values())
+            self._poll_repack(wait=True)
+            _run_git_under_lock(self.path, "repack", "-a", "-d", "-q")
         # libgit2 keeps the old packs open; reopen so this process sees what the repack dropped.
         self._repo = pygit2.Repository(self.path)
         self.drop_caches()
         return {"from_revision": first, "kept_trees": len(kept), "dropped_sources": dropped}
+
+    def source_pointers(self) -> dict:
+        """``{app: commit hex}`` of the pushed sources ``/src/<app>`` names at the head."""
+        try:
+            entries = self.list("/src")
+        except NotFound:
+            return {}
+        return {e.name: e.kid[2:] for e in entries if e.mode == MODE_GITLINK}
 
     # -------------------------------------------------------------- chunks
 

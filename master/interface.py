@@ -230,12 +230,6 @@ class Master(abc.ABC):
         """
         return job.tree()
 
-    def receive_source(self, app: str, commit: str, pack: bytes) -> str:
-        """``start_source``, waiting for it: the stored source's tree id (raises as ``source_stored``)."""
-        job = self.start_source(app, commit, pack)
-        job.wait()
-        return self.source_stored(job)
-
     @abc.abstractmethod
     def publish(self) -> str:
         """Make the git repository on disk show the head (for git fetch); returns its path."""

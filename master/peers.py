@@ -12,7 +12,8 @@ from __future__ import annotations
 import http.client
 import urllib.parse
 
-PEER_TIMEOUT = 2.0   # seconds to connect to another replica, and for an answer unless the caller allows more
+PEER_TIMEOUT = 2.0     # seconds to connect to another replica, and for an answer unless the caller allows more
+SOURCE_TIMEOUT = 30.0  # seconds for one replica's answer to a source pack (it indexes and checks it first)
 
 
 def peer_request(url: str, token: str, method: str, target: str, body: bytes | None = None,

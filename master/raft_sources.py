@@ -44,8 +44,8 @@ from keg import sources
 from keg.errors import KegError, NotFound
 from keg.objects import MODE_GITLINK
 from master.app import REASONS, error_body, status_of
+from master.peers import SOURCE_TIMEOUT
 
-SOURCE_TIMEOUT = 30.0   # one replica's answer to a source pack (it indexes and checks it first)
 FETCH_BUDGET = 0.5      # a housekeeping turn starts no new fetch of a missed source after this long
 FETCH_RETRY = 2.0       # a missed source no replica gave is asked for again after this long
 

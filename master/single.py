@@ -93,6 +93,10 @@ class SingleMaster(Master):
         self._events: OrderedDict = OrderedDict()  # revision -> all its events
         self.on_submit = None   # set by an event-loop server: schedules a flush
         self.stats = {"commits": 0, "transactions": 0}
+        try:   # a stop between a pointer's commit and its ref left the ref behind: catch up
+            sources.reconcile(store.path, store.source_pointers())
+        except (OSError, KegError) as err:
+            log.warning("master: recording the pushed sources /src names failed: %s", err)
 
     # ------------------------------------------------------------------ reads
 

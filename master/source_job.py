@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,7 +36,11 @@ from keg.errors import BadRequest, KegBusy, KegError
 from master.bodies import AsyncBody
 
 TOKEN_ENV = "KEG_PEER_TOKEN"
+MAX_JOBS = 4   # sources stored at once; one more push is refused with 503 ("push again")
 ERRORS = {cls.__name__: cls for cls in (sources.IncompleteSource, sources.BadSource, BadRequest, KegBusy)}
+
+log = logging.getLogger("keg.master")
+_running: list = []   # the jobs whose children have not been reaped, abandoned ones included
 
 
 class SourceJob:
@@ -55,16 +60,26 @@ class SourceJob:
 
     def __init__(self, keg_path: str, app: str, commit: str, pack: bytes, peers=(), majority: int = 1,
                  replicas: int = 1, token: str = ""):
-        argv = [sys.executable, "-m", "master.source_job", "--keg", keg_path, "--app", app, "--commit", commit,
-                "--majority", str(majority), "--replicas", str(replicas)]
+        _running[:] = [job for job in _running if job.proc.poll() is None]   # reap the finished
+        if len(_running) >= MAX_JOBS:
+            raise KegBusy(f"{len(_running)} pushed sources are being stored; push again in a moment")
+        # -P: the master's working directory (a keg's, with its keg/ directory) must not shadow the packages.
+        argv = [sys.executable, "-P", "-m", "master.source_job", "--keg", keg_path, "--app", app,
+                "--commit", commit, "--majority", str(majority), "--replicas", str(replicas)]
         for address, url in peers:
             argv += ["--peer", f"{address}={url}"]
         env = dict(os.environ, **{TOKEN_ENV: token})
-        self.errors = tempfile.TemporaryFile()
-        with tempfile.TemporaryFile() as stdin:
-            stdin.write(pack)
-            stdin.seek(0)
-            self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=self.errors, env=env)
+        try:
+            self.errors = tempfile.TemporaryFile()
+            with tempfile.TemporaryFile() as stdin:
+                stdin.write(pack)
+                stdin.seek(0)
+                self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=self.errors,
+                                             env=env)
+        except OSError as err:
+            raise KegBusy(f"cannot start storing the pushed source of {app}: {err}; push again") from err
+        _running.append(self)
+        self.app = app
         self.output = b""
         self.result: dict | None = None
 
@@ -100,8 +115,10 @@ class SourceJob:
         except ValueError:
             self.errors.seek(0)
             why = self.errors.read()[-2000:].decode(errors="replace").strip()
-            self.result = {"error": f"storing the source failed (exit status {code}): {why or 'no output'}",
-                           "kind": "KegError", "down": []}
+            log.warning("master: storing the pushed source of %s failed (exit status %s): %s", self.app, code,
+                        why or "no output")
+            self.result = {"error": f"storing the pushed source of {self.app} failed (exit status {code}); "
+                                    "the master's log says why", "kind": "KegError", "down": []}
         self.errors.close()
 
     def tree(self) -> str:
@@ -115,7 +132,7 @@ class SourceJob:
         return self.result["tree"]
 
     def abandon(self) -> None:
-        """Stop listening to a child whose answer nobody wants; it finishes by itself."""
+        """Stop listening to a child whose answer nobody wants; it finishes by itself (reaped by a later job)."""
         if self.result is None:
             self.proc.stdout.close()
             self.errors.close()
@@ -125,6 +142,7 @@ class JobResponse(AsyncBody):
     """An answer that waits for a ``SourceJob`` without blocking the event loop, then for what follows.
 
     Args:
+        start_response: the WSGI ``start_response`` (``then`` calls it).
         job: the running ``SourceJob``.
         then: called once the child has finished; calls ``start_response`` and returns the body, or returns
             another ``AsyncBody`` (a ``DeferredResponse`` waiting for the pointer's transaction).
@@ -173,8 +191,7 @@ class JobResponse(AsyncBody):
 
 def _send(peer_url: str, token: str, app: str, commit: str, pack: bytes, keg_path: str) -> None:
     """Store the pack on one other replica (a whole pack of the commit if it lacks what the pack leans on)."""
-    from master.peers import peer_request
-    from master.raft_sources import SOURCE_TIMEOUT
+    from master.peers import SOURCE_TIMEOUT, peer_request
 
     target = f"/v1/raft/sources/{app}?commit={commit}"
     status, body = peer_request(peer_url, token, "POST", target, pack, timeout=SOURCE_TIMEOUT)
@@ -224,14 +241,18 @@ def main(argv=None) -> int:
     parser.add_argument("--peer", action="append", default=[], metavar="ADDRESS=URL")
     args = parser.parse_args(argv)
     pack = sys.stdin.buffer.read()
+    token = os.environ.pop(TOKEN_ENV, "")   # not for the git commands below
     result: dict = {"down": []}
     try:
         result["tree"] = sources.receive(args.keg, args.app, args.commit, pack)
         if args.majority > 1:
-            replicate(args, pack, os.environ.get(TOKEN_ENV, ""), result["down"])
+            replicate(args, pack, token, result["down"])
     except KegError as err:
         result.pop("tree", None)
         result.update(error=str(err), kind=type(err).__name__)
+    except OSError as err:
+        result.pop("tree", None)
+        result.update(error=f"storing the pushed source of {args.app} failed: {err}", kind="KegError")
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

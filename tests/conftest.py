@@ -308,6 +308,7 @@ class GitGate:
         real = shutil.which("git")
         self.closed_file = os.path.join(directory, "gate-closed")
         self.held_file = os.path.join(directory, "gate-held")
+        self.pass_file = os.path.join(directory, "gate-lets-one-pass")
         bin_dir = os.path.join(directory, "gated-bin")
         os.makedirs(bin_dir, exist_ok=True)
         wrapper = os.path.join(bin_dir, "git")
@@ -315,7 +316,7 @@ class GitGate:
             f.write(f"""#!/bin/sh
 case " $* " in
 *" index-pack "*)
-    if [ -e {self.closed_file} ]; then
+    if [ -e {self.closed_file} ] && ! rm {self.pass_file} 2>/dev/null; then
         echo "$$" >> {self.held_file}
         i=0
         while [ -e {self.closed_file} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
@@ -326,8 +327,11 @@ exec {real} "$@"
         os.chmod(wrapper, 0o755)
         monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
 
-    def close(self) -> None:
-        """Hold every ``index-pack`` that starts from now on (for at most a minute)."""
+    def close(self, let_one_pass: bool = False) -> None:
+        """Hold every ``index-pack`` that starts from now on (for at most a minute), but the first one if
+        ``let_one_pass``."""
+        if let_one_pass:
+            open(self.pass_file, "w").close()
         open(self.closed_file, "w").close()
 
     def held(self) -> int:

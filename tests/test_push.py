@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import GitGate, MasterProcess, git, init_keg_with_token, wait_until
+from keg.errors import BadRequest
 from keg.transaction import Transaction, put
 from master import auth
 from master.client import RemoteKeg
@@ -130,6 +131,49 @@ def test_a_refused_push_leaves_the_committed_source_safe_through_a_compact(clust
     assert ref("refs/keg/src/hello") == first and admin.read("/src/hello/app.py") == b"print('one')\n"
     check = git(server.keg_path, "fsck", "--strict", "--no-dangling")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_source_ref_left_behind_is_caught_up_before_anything_is_dropped(cluster, tmp_path):
+    """A master stopped between a pointer's commit and its ``refs/keg/src/<app>`` (here: the ref put back by
+    hand, and the incoming ref aged past its hour) loses nothing: ``keg compact`` first points the ref at what
+    /src/<app> names, and so does a master starting on the keg."""
+    server, admin, tokens = cluster
+    url = remote(server, "alice", tokens["alice"])
+    repo = make_repo(tmp_path / "app", {"app.py": "print('one')\n"})
+    push(repo, url)
+    first = run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    (repo / "app.py").write_text("print('two')\n")
+    run("git", "-c", "user.name=Dev", "-c", "user.email=dev@example.org", "commit", "-qam", "two", cwd=repo)
+    push(repo, url)
+    second = run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    assert admin.stat("/src/hello").kid == "K-" + second
+
+    def leave_behind():
+        assert git(server.keg_path, "update-ref", "refs/keg/src/hello", first).returncode == 0
+        aged = f"refs/keg/incoming/hello/{second}-{int(time.time()) - 7200}"
+        assert git(server.keg_path, "update-ref", aged, second).returncode == 0
+
+    def src_ref() -> str:
+        return git(server.keg_path, "rev-parse", "refs/keg/src/hello").stdout.strip()
+
+    leave_behind()
+    admin.compact()
+    assert src_ref() == second
+    assert git(server.keg_path, "cat-file", "-e", second + "^{tree}").returncode == 0
+    assert admin.read("/src/hello/app.py") == b"print('two')\n"
+    leave_behind()
+    server.stop()
+    server.start()
+    assert src_ref() == second
+
+    # A pack the checks refuse is answered 400 (the push's hook shows the message), and nothing is kept.
+    alice = RemoteKeg(server.url, tokens["alice"])
+    try:
+        with pytest.raises(BadRequest, match="malformed"):
+            alice.send_source("hello", "0" * 40, b"PACK not really", old="K-" + second)
+    finally:
+        alice.close()
+    assert admin.stat("/src/hello").kid == "K-" + second and src_ref() == second
 
 
 def test_the_master_serves_while_a_pushed_source_is_indexed(keg_dir, tmp_path, monkeypatch):

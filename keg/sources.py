@@ -339,9 +339,15 @@ def pack_of(keg_path: str, commit: str) -> bytes:
     """
     if not SHA_RE.match(commit):
         raise BadRequest(f"{commit!r} is not a commit id (40 hex digits)")
-    done = subprocess.run(["git", "--git-dir", keg_path, "pack-objects", "--stdout", "--revs", "--quiet"],
-                          input=f"{commit}\n".encode(), capture_output=True, env=_git_env(), check=False)
+    argv, env = pack_command(keg_path)
+    done = subprocess.run(argv, input=f"{commit}\n".encode(), capture_output=True, env=env, check=False)
     if done.returncode != 0:
         raise BadSource(f"this keg cannot pack commit {commit}: "
                         f"{done.stderr.decode(errors='replace').strip()[-300:]}")
     return done.stdout
+
+
+def pack_command(keg_path: str) -> tuple:
+    """``(argv, env)`` of the git command that writes to its output a pack of the commits named on its input,
+    one per line, and everything they reach (``pack_of`` runs it; a server may stream it instead)."""
+    return ["git", "--git-dir", keg_path, "pack-objects", "--stdout", "--revs", "--quiet"], _git_env()

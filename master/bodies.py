@@ -12,6 +12,16 @@ step of iteration, which WSGI allows (PEP 3333, "the start_response callable").
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import subprocess
+import tempfile
+
+READ_SIZE = 256 << 10
+
+log = logging.getLogger("keg.master")
+
 
 class AsyncBody:
     """Base of bodies that produce data over time."""
@@ -110,3 +120,126 @@ class ValueStream(AsyncBody):
 
     def close(self) -> None:
         self.reader.close()
+
+
+class CommandBody(AsyncBody):
+    """The streamed standard output of a command (git's, as a rule), read as it becomes readable.
+
+    The response starts with the command's first bytes (``_head``), so a
+    command that fails before it writes anything is answered 500 with its
+    standard error (also logged).  One that fails later is logged, and the
+    answer is cut off without its end (``cut_on_failure``; a chunked answer
+    without its last chunk, which no client takes for a whole one).
+
+    Args:
+        argv: the command.
+        env: its environment.
+        stdin: what it reads (through a temporary file, so that a large input
+            cannot deadlock against a large output).
+        status, headers: the answer's status line and headers.
+        what: names the command in the 500 answer and the log.
+    """
+
+    cut_on_failure = True   # a subclass whose command reports its own failures in its output sets False
+
+    def __init__(self, start_response, argv: list, env: dict, stdin: bytes = b"", status: str = "200 OK",
+                 headers=(), what: str = "the command"):
+        super().__init__(start_response)
+        self.status, self.headers, self.what = status, list(headers), what
+        self.err = tempfile.TemporaryFile()
+        try:
+            with tempfile.TemporaryFile() as source:
+                source.write(stdin)
+                source.seek(0)
+                self.proc = subprocess.Popen(argv, env=env, stdin=source, stdout=subprocess.PIPE, stderr=self.err)
+        except BaseException:
+            self.err.close()
+            raise
+        self.out = self.proc.stdout
+        self.headers_done = False
+        self._loop = None
+
+    def _head(self, data: bytes) -> bytes:
+        """Start the response on the command's first output; returns the body bytes among ``data``."""
+        self.start_response(self.status, self.headers)
+        self.headers_done = True
+        return data
+
+    def _why(self) -> str:
+        """The command's standard error (the end of it), logged with its exit status."""
+        self.err.seek(0, os.SEEK_END)
+        self.err.seek(max(0, self.err.tell() - 4096))
+        why = self.err.read().decode(errors="replace").strip() or "no output"
+        log.warning("master: %s failed (exit status %s): %s", self.what, self.proc.returncode, why)
+        return why
+
+    def _finish_error(self) -> bytes:
+        why = self._why()
+        self.start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+        self.headers_done = True
+        return f"{self.what} failed: {why}\n".encode()
+
+    def _check_end(self) -> None:
+        """At the end of a started answer: raise if the command failed (the server then cuts the answer off)."""
+        if self.cut_on_failure and self.proc.wait() != 0:
+            why = self._why()
+            self.close()
+            raise OSError(f"{self.what} failed after its answer began: {why}")
+
+    # ------------------------------------------------------------ event loop
+
+    def arm(self, loop, wake) -> None:
+        self._loop = loop
+        fd = self.out.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        loop.add_reader(fd, wake)
+
+    def poll(self) -> tuple:
+        if self.out.closed:
+            return [], True
+        try:
+            data = os.read(self.out.fileno(), READ_SIZE)
+        except BlockingIOError:
+            return [], False
+        if not data:
+            if self.headers_done:
+                self._check_end()
+                answer = []
+            else:
+                self.proc.wait()
+                answer = [self._finish_error()]
+            self.close()
+            return answer, True
+        if not self.headers_done:
+            data = self._head(data)
+        return ([data] if data else []), False
+
+    def close(self) -> None:
+        if self._loop is not None and self.out is not None and not self.out.closed:
+            self._loop.remove_reader(self.out.fileno())
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if not self.out.closed:
+            self.out.close()
+        self.err.close()
+
+    # ------------------------------------------------------------ threads
+
+    def __iter__(self):
+        try:
+            while True:
+                data = self.out.read1(READ_SIZE) if hasattr(self.out, "read1") else self.out.read(READ_SIZE)
+                if not data:
+                    if self.headers_done:
+                        self._check_end()
+                    else:
+                        self.proc.wait()
+                        yield self._finish_error()
+                    return
+                if not self.headers_done:
+                    data = self._head(data)
+                if data:
+                    yield data
+        finally:
+            self.close()

@@ -15,15 +15,13 @@ loop reads the pipe as it becomes readable, a threaded server just reads.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
 import tempfile
 
-from master.bodies import AsyncBody
+from master.bodies import CommandBody
 
-READ_SIZE = 256 << 10
 SERVE_LINK = os.path.join("keg", "http")   # <keg>/keg/http/keg.git -> the keg itself
 
 
@@ -73,30 +71,22 @@ def cgi_environ(environ: dict, root: str, path_info: str, remote_user: str) -> d
     return env
 
 
-class CgiBody(AsyncBody):
-    """The streamed output of ``git http-backend``.
+class CgiBody(CommandBody):
+    """The streamed output of ``git http-backend``: CGI headers, a blank line, then the body.
 
     Args:
         env: the CGI environment.
-        body: the request body (it goes to the backend through a temporary
-            file, so a large request cannot deadlock against a large answer).
+        body: the request body.
     """
 
-    def __init__(self, start_response, env: dict, body: bytes):
-        super().__init__(start_response)
-        git = shutil.which("git") or "git"
-        self.err = tempfile.TemporaryFile()
-        with tempfile.TemporaryFile() as stdin:
-            stdin.write(body)
-            stdin.seek(0)
-            self.proc = subprocess.Popen([git, "http-backend"], env=env, stdin=stdin, stdout=subprocess.PIPE,
-                                         stderr=self.err)
-        self.out = self.proc.stdout
-        self.header_buf = b""
-        self.headers_done = False
-        self._loop = None
+    cut_on_failure = False   # git's protocol carries its own errors to the client
 
-    def _headers(self, data: bytes) -> bytes:
+    def __init__(self, start_response, env: dict, body: bytes):
+        super().__init__(start_response, [shutil.which("git") or "git", "http-backend"], env, body,
+                         what="git http-backend")
+        self.header_buf = b""
+
+    def _head(self, data: bytes) -> bytes:
         """Collect CGI headers; once complete, start the response and return the body bytes read so far."""
         self.header_buf += data
         end = self.header_buf.find(b"\r\n\r\n")
@@ -116,66 +106,6 @@ class CgiBody(AsyncBody):
         self.headers_done = True
         rest, self.header_buf = self.header_buf[end + sep:], b""
         return rest
-
-    def _finish_error(self) -> bytes:
-        self.err.seek(0)
-        err = self.err.read(4096).decode(errors="replace").strip()
-        self.start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
-        self.headers_done = True
-        return f"git http-backend failed: {err or 'no output'}\n".encode()
-
-    # ------------------------------------------------------------ event loop
-
-    def arm(self, loop, wake) -> None:
-        self._loop = loop
-        fd = self.out.fileno()
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        loop.add_reader(fd, wake)
-
-    def poll(self) -> tuple:
-        if self.out.closed:
-            return [], True
-        try:
-            data = os.read(self.out.fileno(), READ_SIZE)
-        except BlockingIOError:
-            return [], False
-        if not data:
-            if not self.headers_done:
-                self.proc.wait()
-            answer = [] if self.headers_done else [self._finish_error()]
-            self.close()
-            return answer, True
-        if not self.headers_done:
-            data = self._headers(data)
-        return ([data] if data else []), False
-
-    def close(self) -> None:
-        if self._loop is not None and self.out is not None and not self.out.closed:
-            self._loop.remove_reader(self.out.fileno())
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if not self.out.closed:
-            self.out.close()
-        self.err.close()
-
-    # ------------------------------------------------------------ threads
-
-    def __iter__(self):
-        try:
-            while True:
-                data = self.out.read1(READ_SIZE) if hasattr(self.out, "read1") else self.out.read(READ_SIZE)
-                if not data:
-                    if not self.headers_done:
-                        self.proc.wait()
-                        yield self._finish_error()
-                    return
-                if not self.headers_done:
-                    data = self._headers(data)
-                if data:
-                    yield data
-        finally:
-            self.close()
 
 
 # ------------------------------------------------------------ app pushes

@@ -80,10 +80,11 @@ from pysyncobj.node import TCPNode
 from keg import sources
 from keg.errors import BadRequest, CorruptKeg, KegBusy, KegError, NotFound
 from keg.fsio import fsync_dir, write_file_atomic
+from keg.gitenv import git_http_env
 from keg.large import Pointer
 from keg.objects import MODE_GITLINK
 from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
-from master.app import REASONS, HttpError
+from master.app import HttpError
 from master.interface import Pending
 from master.peers import PEER_TIMEOUT, peer_request
 from master.raft_forward import FAILED, FORWARD, MESSAGES, REFUSED, Forwarder, origins_json
@@ -460,7 +461,7 @@ class RaftMaster(SingleMaster):
             self.flush()
         self._expire()
         self.housekeeping()   # install a checkpoint a child has written
-        if self._wanted or self.sources.wanted:
+        if self._wanted or self.sources.wanted or self.sources.fetching:
             self._fetch_wanted()
         self._loop.call_later(TICK, self._timer)
 
@@ -784,7 +785,7 @@ class RaftMaster(SingleMaster):
                     break
             if not self.chunks.missing([name]):
                 self._wanted.discard(name)
-        if self.sources.wanted:
+        if self.sources.wanted or self.sources.fetching:
             self.sources.fetch_wanted()
 
     def _replayed(self, tx, number: int) -> TxResult:
@@ -964,10 +965,10 @@ class RaftMaster(SingleMaster):
     def _fetch_commit(self, source: str, commit: str) -> None:
         """git fetch ``commit`` from the replica at ``source`` and make it this keg's head."""
         url = self.peer_url(source) + "/v1/raft/git/keg.git"
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_TERMINAL_PROMPT": "0",
-               "HOME": self.raft_dir}
+        # The peer token goes in the environment, not on the command line (keg/gitenv.py).
+        env = git_http_env(self.peer_token, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.raft_dir})
         done = subprocess.run(
-            ["git", "-c", f"http.extraHeader=Authorization: Bearer {self.peer_token}",
+            ["git",
              # Always one pack (never loose objects), fsynced by git, whose name fsync_dir below makes durable.
              "-c", "fetch.unpackLimit=1", "-c", "core.fsync=pack,pack-metadata", "-c", "core.fsyncMethod=fsync",
              "--git-dir", self.store.path,
@@ -1044,6 +1045,7 @@ class RaftMaster(SingleMaster):
             except (ValueError, RuntimeError):
                 pass
         self.flush()
+        self.sources.close()
         try:
             self.raft.destroy()
         finally:
@@ -1114,9 +1116,7 @@ def route(app, req, start_response):
         app._allow(req, "GET", "POST")
         if req.method == "POST":
             return master.sources.store_sent(req, rest[len("sources/"):], start_response)
-        status, kind, body = master.sources.serve(req, rest[len("sources/"):])
-        start_response(f"{status} {REASONS[status]}", [("Content-Type", kind), ("Content-Length", str(len(body)))])
-        return [body]
+        return master.sources.serve(req, rest[len("sources/"):], start_response)
     if rest == "git/keg.git" or rest.startswith("git/keg.git/"):
         service = req.query.get("service", "")
         if rest.endswith("/git-receive-pack") or service == "git-receive-pack":

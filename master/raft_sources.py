@@ -25,29 +25,29 @@ while packs are indexed and sent.
 Each replica that applies the pointer and holds the commit moves
 ``refs/keg/src/<app>`` to it (``keg.sources.committed``); a refused push
 leaves the ref where the committed pointer is. A replica that applies a
-pointer to a commit it lacks (it was down, or not
-among the majority) notes it and fetches a whole pack from another replica
-in the background (``GET /v1/raft/sources/<app>?commit=SHA``), as it does
-for chunks; so does one that caught up from a snapshot, for every pointer
-under ``/src``.
+pointer to a commit it lacks (it was down, or not among the majority) notes
+it and fetches a whole pack from another replica in the background (``GET
+/v1/raft/sources/<app>?commit=SHA``); so does one that caught up from a
+snapshot, for every pointer under ``/src``. The fetch and the storing run in
+a child process as well, and the replica asked streams its answer from
+``git pack-objects``: neither event loop waits for git.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import time
-import urllib.parse
 
 from keg import sources
 from keg.errors import KegError, NotFound
 from keg.objects import MODE_GITLINK
 from master.app import REASONS, error_body, status_of
-from master.peers import SOURCE_TIMEOUT
+from master.bodies import CommandBody
+from master.source_job import JobResponse, SourceJob
 
-FETCH_BUDGET = 0.5      # a housekeeping turn starts no new fetch of a missed source after this long
-FETCH_RETRY = 2.0       # a missed source no replica gave is asked for again after this long
+FETCH_RETRY = 2.0       # a missed source no replica gave is asked for again this long after
+MAX_FETCHES = 1         # missed sources fetched at once: the other children's places are for pushes
 
 log = logging.getLogger("keg.raft")
 
@@ -63,12 +63,13 @@ class SourceReplicas:
         self.master = master
         self.wanted: dict = {}   # app -> commit hex this replica's pointer names and its keg lacks
         self.retry_at: dict = {}  # app -> monotonic time its missed source may be asked for again
+        self.fetching: dict = {}  # app -> (commit, SourceJob) fetching its missed source
 
     # ------------------------------------------------------------ a peer's side
 
-    def serve(self, req, app: str):
-        """``(status, content type, body)`` for ``GET /v1/raft/sources/<app>?commit=SHA`` from another replica:
-        a pack of the commit and its history.
+    def serve(self, req, app: str, start_response):
+        """``GET /v1/raft/sources/<app>?commit=SHA`` from another replica: a pack of the commit and its history,
+        streamed from ``git pack-objects`` as it writes it (the event loop goes on meanwhile).
 
         Args:
             req: the request (``master.app.Request``), from a replica (the peer token was checked).
@@ -80,11 +81,12 @@ class SourceReplicas:
         """
         commit = req.query.get("commit", "")
         sources.check_commit(app, commit)
-        master = self.master
-        with master._lock:
-            if not sources.has_commit(master.store.path, commit):
-                raise NotFound(f"this replica does not hold commit {commit}")
-            return 200, "application/x-git-packed-objects", sources.pack_of(master.store.path, commit)
+        if not sources.has_commit(self.master.store.path, commit):
+            raise NotFound(f"this replica does not hold commit {commit}")
+        argv, env = sources.pack_command(self.master.store.path)
+        return CommandBody(start_response, argv, env, f"{commit}\n".encode(),
+                           headers=[("Content-Type", "application/x-git-packed-objects")],
+                           what=f"packing the source of {app} ({commit})")
 
     def store_sent(self, req, app: str, start_response):
         """``POST /v1/raft/sources/<app>?commit=SHA`` from the replica a push reached: store the pack in the
@@ -94,8 +96,6 @@ class SourceReplicas:
         Raises:
             BadRequest: a bad app name or commit id.
         """
-        from master.source_job import JobResponse, SourceJob
-
         commit = req.query.get("commit", "")
         sources.check_commit(app, commit)
         job = SourceJob(self.master.store.path, app, commit, req.body())
@@ -113,18 +113,6 @@ class SourceReplicas:
             return [data]
 
         return JobResponse(start_response, job, then)
-
-    def store_here(self, app: str, commit: str, pack: bytes) -> str:
-        """Check and store a source pack in this replica's keg only (``keg.sources.receive``).
-
-        Returns:
-            The source's tree id.
-
-        Raises:
-            BadSource: the objects are malformed, incomplete here, or refused by the tree checks.
-        """
-        with self.master._lock:
-            return sources.receive(self.master.store.path, app, commit, pack)
 
     # ------------------------------------------------------------ catching up
 
@@ -164,39 +152,56 @@ class SourceReplicas:
                 sources.committed(self.master.store.path, app, commit)
 
     def fetch_wanted(self) -> None:
-        """Fetch missed sources from the other replicas, for at most ``FETCH_BUDGET`` seconds."""
+        """Take in the missed sources fetched so far; start fetching those not being fetched, each in a child
+        process (master/source_job.py) that asks the other replicas in turn, the leader first."""
         master = self.master
-        deadline = time.monotonic() + FETCH_BUDGET
+        for app, (commit, job) in list(self.fetching.items()):
+            if job.read_some():
+                job.finish()
+                del self.fetching[app]
+                self._fetched(app, commit, job)
+        now = time.monotonic()
         for app, commit in sorted(self.wanted.items()):
-            if time.monotonic() > deadline:
+            if len(self.fetching) >= MAX_FETCHES:
                 return
-            if self.retry_at.get(app, 0) > time.monotonic():
+            if app in self.fetching or self.retry_at.get(app, 0) > now:
                 continue
             if not self._still_named(app, commit):
                 del self.wanted[app]  # pushed again since: the newer pointer was noted when it was applied
                 continue
-            self.retry_at[app] = time.monotonic() + FETCH_RETRY
-            for address in master.others_leader_first():
-                if master.peer_down(address) or time.monotonic() > deadline:
-                    continue
-                target = f"/v1/raft/sources/{app}?commit={urllib.parse.quote(commit)}"
-                try:
-                    status, pack = master.peer_call(address, "GET", target, timeout=SOURCE_TIMEOUT)
-                except (OSError, http.client.HTTPException):
-                    master.mark_down(address)
-                    continue
-                if status != 200:
-                    continue
-                try:
-                    self.store_here(app, commit, pack)
-                    self._record(app, commit)
-                except (OSError, KegError) as err:
-                    log.warning("raft: the source of %s from %s was refused: %s", app, address, err)
-                    continue
-                break
-            if sources.has_commit(master.store.path, commit):
-                del self.wanted[app]
-                self.retry_at.pop(app, None)
+            peers = [(a, master.peer_url(a)) for a in master.others_leader_first() if not master.peer_down(a)]
+            if not peers:
+                continue
+            try:
+                job = SourceJob(master.store.path, app, commit, b"", token=master.peer_token, fetch_from=peers)
+            except KegError:  # as many children as allowed are storing sources: a later turn
+                return
+            self.fetching[app] = (commit, job)
+
+    def _fetched(self, app: str, commit: str, job) -> None:
+        """The fetch of ``app``'s missed source ``commit`` ended: record it, or ask again later."""
+        for address in job.result.get("down", ()):
+            self.master.mark_down(address)
+        try:
+            job.tree()
+        except KegError as err:
+            log.warning("raft: fetching the source of %s (%s) failed: %s", app, commit, err)
+            if self.wanted.get(app) == commit:   # not a newer pointer's commit, which is fetched at once
+                self.retry_at[app] = time.monotonic() + FETCH_RETRY
+            return
+        try:
+            self._record(app, commit)
+        except (OSError, KegError) as err:  # stored; the ref is set by the next pointer, or a restart
+            log.warning("raft: recording the source of %s (%s) failed: %s", app, commit, err)
+        if self.wanted.get(app) == commit:
+            del self.wanted[app]
+            self.retry_at.pop(app, None)
+
+    def close(self) -> None:
+        """Stop the fetches still running (what they stored is kept by incoming refs, pruned later)."""
+        for _, job in self.fetching.values():
+            job.kill()
+        self.fetching.clear()
 
     def _still_named(self, app: str, commit: str) -> bool:
         with self.master._lock:

@@ -3,7 +3,7 @@
 Checking and storing a pushed pack (``keg.sources.receive``: ``index-pack
 --strict``, the tree checks) takes as long as the pack is big, and on a Raft
 replica so does sending it to the other replicas (``master/raft_sources.py``,
-each answer allowed 30 s). The event loop that would wait for them also
+each answer allowed 30 s), or fetching one this replica missed from them. The event loop that would wait for them also
 serves every other request and, on a Raft replica, drives Raft itself: a
 push held there would stall writes and heartbeats, and could start an
 election. So the master runs that work as ``python -m master.source_job``:
@@ -12,6 +12,10 @@ token in the environment), and one JSON object on its standard output::
 
     {"tree": TREE, "down": [...]}                       stored (on a majority)
     {"error": MESSAGE, "kind": "BadSource", "down": [...]}   refused, or no majority
+
+With ``--fetch-from`` the child reads no pack: it asks those replicas in turn
+for the commit's whole pack (``GET /v1/raft/sources/<app>?commit=SHA``) and
+stores the first one that passes the checks (``"from"`` names its replica).
 
 ``down`` lists the replicas that could not be reached, for the master to
 leave alone for a moment. The event loop watches the child's output
@@ -23,10 +27,12 @@ finish: what it stored is kept by an incoming ref, as for a refused push.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,11 +61,13 @@ class SourceJob:
             order (the leader first); empty to store it here only.
         majority: how many replicas, this one included, must hold it.
         replicas: how many replicas the cluster has (for the message when there is no majority).
-        token: the peer token for ``peers``.
+        token: the peer token for ``peers`` and ``fetch_from``.
+        fetch_from: ``[(Raft address, HTTP URL), …]`` to fetch the source from, in order, instead of storing
+            ``pack`` (which is then empty): a replica that missed it.
     """
 
     def __init__(self, keg_path: str, app: str, commit: str, pack: bytes, peers=(), majority: int = 1,
-                 replicas: int = 1, token: str = ""):
+                 replicas: int = 1, token: str = "", fetch_from=()):
         _running[:] = [job for job in _running if job.proc.poll() is None]   # reap the finished
         if len(_running) >= MAX_JOBS:
             raise KegBusy(f"{len(_running)} pushed sources are being stored; push again in a moment")
@@ -68,14 +76,17 @@ class SourceJob:
                 "--commit", commit, "--majority", str(majority), "--replicas", str(replicas)]
         for address, url in peers:
             argv += ["--peer", f"{address}={url}"]
+        for address, url in fetch_from:
+            argv += ["--fetch-from", f"{address}={url}"]
         env = dict(os.environ, **{TOKEN_ENV: token})
         try:
             self.errors = tempfile.TemporaryFile()
             with tempfile.TemporaryFile() as stdin:
                 stdin.write(pack)
                 stdin.seek(0)
+                # A session of its own: kill() stops its git commands too.
                 self.proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=self.errors,
-                                             env=env)
+                                             env=env, start_new_session=True)
         except OSError as err:
             raise KegBusy(f"cannot start storing the pushed source of {app}: {err}; push again") from err
         _running.append(self)
@@ -115,9 +126,9 @@ class SourceJob:
         except ValueError:
             self.errors.seek(0)
             why = self.errors.read()[-2000:].decode(errors="replace").strip()
-            log.warning("master: storing the pushed source of %s failed (exit status %s): %s", self.app, code,
+            log.warning("master: the source job of %s failed (exit status %s): %s", self.app, code,
                         why or "no output")
-            self.result = {"error": f"storing the pushed source of {self.app} failed (exit status {code}); "
+            self.result = {"error": f"storing the source of {self.app} failed (exit status {code}); "
                                     "the master's log says why", "kind": "KegError", "down": []}
         self.errors.close()
 
@@ -136,6 +147,16 @@ class SourceJob:
         if self.result is None:
             self.proc.stdout.close()
             self.errors.close()
+
+
+    def kill(self) -> None:
+        """Stop the child and the git commands it runs now (the master is closing), and reap it."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.errors.close()
 
 
 class JobResponse(AsyncBody):
@@ -230,8 +251,44 @@ def replicate(args, pack: bytes, token: str, down: list) -> None:
                       f"{'; '.join(errors) or 'no replica answered'}; push again")
 
 
+def fetch(args, token: str, result: dict) -> None:
+    """Fetch the source from the replicas of ``--fetch-from`` in turn and store the first pack that passes the
+    checks; sets ``result["tree"]`` and ``result["from"]``, and adds those that could not be reached to
+    ``result["down"]``.
+
+    Raises:
+        KegBusy: no replica gave a pack that could be stored, with each one's reason.
+    """
+    import http.client
+
+    from master.peers import SOURCE_TIMEOUT, peer_request
+
+    errors = []
+    for peer in args.fetch_from:
+        address, _, url = peer.partition("=")
+        try:
+            status, pack = peer_request(url, token, "GET", f"/v1/raft/sources/{args.app}?commit={args.commit}",
+                                        timeout=SOURCE_TIMEOUT)
+        except (OSError, http.client.HTTPException) as err:
+            result["down"].append(address)
+            errors.append(f"{address}: {err}")
+            continue
+        if status != 200:
+            errors.append(f"{address}: HTTP {status}: {pack[:200].decode(errors='replace').strip()}")
+            continue
+        try:
+            result["tree"] = sources.receive(args.keg, args.app, args.commit, pack)
+        except KegError as err:
+            errors.append(f"{address}: {err}")
+            continue
+        result["from"] = address
+        return
+    raise KegBusy(f"no replica gave the source of {args.app} ({args.commit}): "
+                  f"{'; '.join(errors) or 'none was asked'}")
+
+
 def main(argv=None) -> int:
-    """The child: store the pack from standard input here, then on a majority; print the result."""
+    """The child: store the pack from standard input here, then on a majority (or fetch it); print the result."""
     parser = argparse.ArgumentParser(prog="python -m master.source_job", description=__doc__.split("\n")[0])
     parser.add_argument("--keg", required=True)
     parser.add_argument("--app", required=True)
@@ -239,12 +296,16 @@ def main(argv=None) -> int:
     parser.add_argument("--majority", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--peer", action="append", default=[], metavar="ADDRESS=URL")
+    parser.add_argument("--fetch-from", action="append", default=[], metavar="ADDRESS=URL")
     args = parser.parse_args(argv)
-    pack = sys.stdin.buffer.read()
+    pack = b"" if args.fetch_from else sys.stdin.buffer.read()
     token = os.environ.pop(TOKEN_ENV, "")   # not for the git commands below
     result: dict = {"down": []}
     try:
-        result["tree"] = sources.receive(args.keg, args.app, args.commit, pack)
+        if args.fetch_from:
+            fetch(args, token, result)
+        else:
+            result["tree"] = sources.receive(args.keg, args.app, args.commit, pack)
         if args.majority > 1:
             replicate(args, pack, token, result["down"])
     except KegError as err:

@@ -296,8 +296,9 @@ def http_get(port: int, host: str, path: str = "/", address: str = "127.0.0.1", 
 
 
 class GitGate:
-    """A ``git`` first on PATH that holds every ``git index-pack`` while the gate is closed, then runs the real
-    git: a stand-in for a big pack whose indexing takes long, at a moment the test chooses.
+    """A ``git`` first on PATH that holds every ``git index-pack`` (or another subcommand) while the gate is
+    closed, then runs the real git: a stand-in for a big pack whose indexing (or packing) takes long, at a
+    moment the test chooses.  It also writes every git command line it runs into ``argv_file``, one per line.
 
     Args:
         directory: where the wrapper and the gate's files go.
@@ -309,33 +310,48 @@ class GitGate:
         self.closed_file = os.path.join(directory, "gate-closed")
         self.held_file = os.path.join(directory, "gate-held")
         self.pass_file = os.path.join(directory, "gate-lets-one-pass")
+        self.argv_file = os.path.join(directory, "gate-argv")
         bin_dir = os.path.join(directory, "gated-bin")
         os.makedirs(bin_dir, exist_ok=True)
         wrapper = os.path.join(bin_dir, "git")
         with open(wrapper, "w") as f:
             f.write(f"""#!/bin/sh
-case " $* " in
-*" index-pack "*)
-    if [ -e {self.closed_file} ] && ! rm {self.pass_file} 2>/dev/null; then
-        echo "$$" >> {self.held_file}
-        i=0
-        while [ -e {self.closed_file} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
-    fi;;
-esac
+echo "$*" >> {self.argv_file}
+held=$(cat {self.closed_file} 2>/dev/null)
+if [ -n "$held" ]; then
+    case " $* " in
+    *" $held "*)
+        if ! rm {self.pass_file} 2>/dev/null; then
+            echo "$$" >> {self.held_file}
+            i=0
+            while [ -e {self.closed_file} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+        fi;;
+    esac
+fi
 exec {real} "$@"
 """)
         os.chmod(wrapper, 0o755)
         monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
 
-    def close(self, let_one_pass: bool = False) -> None:
-        """Hold every ``index-pack`` that starts from now on (for at most a minute), but the first one if
+    def close(self, let_one_pass: bool = False, command: str = "index-pack") -> None:
+        """Hold every ``git COMMAND`` that starts from now on (for at most a minute), but the first one if
         ``let_one_pass``."""
         if let_one_pass:
             open(self.pass_file, "w").close()
-        open(self.closed_file, "w").close()
+        with open(self.closed_file + ".new", "w") as f:
+            f.write(command)
+        os.replace(self.closed_file + ".new", self.closed_file)   # never seen empty
+
+    def commands(self) -> list:
+        """The command lines (arguments after ``git``, space-separated) git ran with so far."""
+        try:
+            with open(self.argv_file) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
 
     def held(self) -> int:
-        """How many ``index-pack`` runs the gate has held so far."""
+        """How many git runs the gate has held so far."""
         try:
             with open(self.held_file) as f:
                 return len(f.read().split())
@@ -343,6 +359,6 @@ exec {real} "$@"
             return 0
 
     def open(self) -> None:
-        """Let every held ``index-pack`` go on."""
+        """Let every held git run go on."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.closed_file)

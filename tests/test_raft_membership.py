@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import keg_command, wait_until
+from conftest import GitGate, keg_command, wait_until
+from master.raft import peer_token
 from raft_harness import Cluster
 from test_push import make_repo, push
 from test_raft_sources import commit_of, holds, push_url, source_ref
@@ -13,6 +14,7 @@ from test_raft_sources import commit_of, holds, push_url, source_ref
 
 def test_a_replica_is_added_catches_up_from_a_snapshot_and_another_is_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("KEG_BUILD_START_WAIT", "1")   # no builder runs: a push waits for one this long
+    gate = GitGate(str(tmp_path), monkeypatch)          # never closed: it records the replicas' git commands
     cluster = Cluster(str(tmp_path / "cluster"), 3, extra=["--raft-compact-entries", "20"])
     cluster.keep_seed()
     cluster.start()
@@ -33,6 +35,11 @@ def test_a_replica_is_added_catches_up_from_a_snapshot_and_another_is_removed(tm
         status = cluster.status(new)
         assert status["revision_kid"] == head and status["snapshots_loaded"] == 1
         assert cluster.call(new, "GET", "/v1/keg/before/59")[2] == b"59"
+        # The snapshot came by git fetch with the peer token, which no local user could read on its command line.
+        with open(cluster.password_file) as f:
+            token = peer_token(f.read().strip())
+        fetches = [c for c in gate.commands() if " fetch " in f" {c} " and "/v1/raft/git/keg.git" in c]
+        assert fetches and not [c for c in gate.commands() if token in c]
         # The snapshot's git fetch brought the namespace; the pushed source /src/hello names follows.
         commit = commit_of(repo)
         wait_until(lambda: source_ref(new) == commit and holds(new, commit), "the pushed source on the new replica",

@@ -143,6 +143,43 @@ def test_raft_goes_on_while_pushed_packs_are_indexed(cluster, tmp_path, held):
     assert cluster.status(leader)["term"] == term
 
 
+@pytest.mark.parametrize("held", ["index-pack", "pack-objects"])
+def test_raft_goes_on_while_a_missed_source_is_fetched(cluster, tmp_path, held):
+    """A replica that missed a push fetches the source in a child process, and the replica it asks streams the
+    pack from ``git pack-objects``: with the fetching replica's ``index-pack``, or the asked replica's
+    ``pack-objects``, held for longer than an election timeout, every replica accepts writes and the leader
+    and term do not change; the source arrives once git is let go."""
+    leader = cluster.wait_leader()
+    target, other = [r for r in cluster.replicas if r is not leader]
+    other.stop()
+    repo = make_repo(tmp_path / "app", {"app.py": "print('one')\n"})
+    commit = commit_of(repo)
+    assert f"source K-{commit}" in push(repo, push_url(cluster, target)).stderr
+    cluster.gate.close(command=held)
+    try:
+        other.start()   # it applies the pointer, lacks the commit, and asks the others for it
+        wait_until(lambda: cluster.gate.held() >= 1, f"the {held} of the missed source to start", timeout=30)
+        cluster.wait_converged()
+        term = cluster.status(leader)["term"]
+        held_since, n = time.monotonic(), 0
+        while time.monotonic() - held_since < 3.0:   # three times the longest election timeout (1 s)
+            for r in cluster.replicas:
+                n += 1
+                status, answer = cluster.write(r, f"/notes/during-fetch-{n}", "still serving\n")
+                assert status == 200, answer
+            time.sleep(0.2)
+        assert not holds(other, commit)
+        for r in cluster.replicas:
+            now = cluster.status(r)
+            assert (now["leader"], now["term"]) == (leader.raft, term), now
+    finally:
+        cluster.gate.open()
+    wait_until(lambda: source_ref(other) == commit and holds(other, commit), "the source on the replica that missed it",
+               timeout=20)
+    check = git(other.keg_path, "fsck", "--strict", "--no-dangling")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_a_replica_lacking_the_base_of_a_pack_asks_for_the_whole_source(cluster, tmp_path):
     """The peer endpoint: a pack leaning on objects the replica lacks gets 422 (and changes nothing); the
     whole pack of the commit is accepted; a GET returns the whole pack to another replica."""

@@ -37,11 +37,13 @@ import blake3
 
 from keg import paths
 from keg.errors import CompareFailed, KegError, NotFound
+from keg.gitenv import git_http_env
 from keg.transaction import Author, Transaction, compare, put
 from builders import releases
 
 LOG_PUBLISH_SECONDS = 0.5
 WATCH_SECONDS = 2.0   # the longest the loop waits for a change under /src before looking anyway
+FETCH_DELAYS = (0.5, 1.0, 2.0, 4.0)   # a source not on the master asked yet is fetched again after these
 CACHE_DIR = "/builds/_cache"
 CACHE_VERSION = "keg-build-1"
 
@@ -159,30 +161,15 @@ class Builder:
     # ------------------------------------------------------------------ source
 
     def _env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-        if self.token:
-            env.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",
-                        "GIT_CONFIG_VALUE_0": f"Authorization: Bearer {self.token}"})
-        env["GIT_TERMINAL_PROMPT"] = "0"
-        return env
+        return git_http_env(self.token)
 
     def checkout(self, job: Job, directory: str) -> str:
-        """Fetch the source commit and write its tree to ``directory``; returns the tree id."""
-        remote = f"{self.git_url.rstrip('/')}/git/keg.git" if self.git_url else self.keg.path
-        ref = f"refs/keg/src/{job.app}"
-        have = subprocess.run(["git", "--git-dir", self.cache_repo, "cat-file", "-e", job.commit + "^{commit}"],
-                              capture_output=True, env=self._env(), check=False).returncode == 0
-        if not have:
-            done = subprocess.run(["git", "--git-dir", self.cache_repo, "fetch", "--quiet", "--no-tags",
-                                   "--no-write-fetch-head", remote, f"+{ref}:{ref}"],
-                                  capture_output=True, env=self._env(), check=False)
-            if done.returncode != 0:
-                raise KegError(f"cannot fetch the source of {job.app}: "
-                               f"{done.stderr.decode(errors='replace').strip()}")
-        tree = subprocess.run(["git", "--git-dir", self.cache_repo, "rev-parse", job.commit + "^{tree}"],
-                              capture_output=True, env=self._env(), check=False)
-        if tree.returncode != 0:
-            raise KegError(f"the source {job.source_kid} of {job.app} is not in {ref}: pushed again meanwhile?")
+        """Fetch the source commit and write its tree to ``directory``; returns the tree id.
+
+        Raises:
+            KegError: the source could not be fetched (after ``FETCH_DELAYS``) or checked out.
+        """
+        tree = self._fetch_source(job)
         os.makedirs(directory, exist_ok=True)
         env = dict(self._env(), GIT_INDEX_FILE=os.path.join(os.path.dirname(directory), "index"))
         for args in (["read-tree", job.commit], ["checkout-index", "--all", "--force"]):
@@ -190,7 +177,41 @@ class Builder:
                                   capture_output=True, env=env, check=False)
             if done.returncode != 0:
                 raise KegError(f"cannot check out {job.source_kid}: {done.stderr.decode(errors='replace').strip()}")
-        return tree.stdout.decode().strip()
+        return tree
+
+    def _fetch_source(self, job: Job) -> str:
+        """Fetch ``refs/keg/src/<app>`` until it holds the job's commit; returns the commit's tree id.
+
+        On a Raft master the replica asked may not hold a source the others
+        committed yet (it fetches it in the background): a fetch that fails,
+        or brings an older commit, is tried again after each of ``FETCH_DELAYS``.
+        """
+        remote = f"{self.git_url.rstrip('/')}/git/keg.git" if self.git_url else self.keg.path
+        ref = f"refs/keg/src/{job.app}"
+        tree = self._tree_of(job.commit)
+        for delay in (*FETCH_DELAYS, None):
+            if tree is not None:
+                return tree
+            done = subprocess.run(["git", "--git-dir", self.cache_repo, "fetch", "--quiet", "--no-tags",
+                                   "--no-write-fetch-head", remote, f"+{ref}:{ref}"],
+                                  capture_output=True, env=self._env(), check=False)
+            tree = self._tree_of(job.commit) if done.returncode == 0 else None
+            if tree is not None:
+                return tree
+            why = (f"cannot fetch the source of {job.app}: {done.stderr.decode(errors='replace').strip()}"
+                   if done.returncode != 0 else
+                   f"the source {job.source_kid} of {job.app} is not in {ref} (pushed again meanwhile?)")
+            if delay is None:
+                raise KegError(why)
+            self.say(f"{why}; trying again in {delay:g} s")
+            time.sleep(delay)
+        raise KegError(f"no fetch of the source of {job.app} was tried")
+
+    def _tree_of(self, commit: str) -> str | None:
+        """The tree id of ``commit`` if the source cache holds it."""
+        done = subprocess.run(["git", "--git-dir", self.cache_repo, "rev-parse", "--verify", "--quiet",
+                               commit + "^{tree}"], capture_output=True, env=self._env(), check=False)
+        return done.stdout.decode().strip() if done.returncode == 0 else None
 
     def pusher(self, job: Job) -> Author:
         """Who pushed the source: the author of the revision that set ``/src/<app>``."""

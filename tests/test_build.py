@@ -14,6 +14,7 @@ import shutil
 import socket
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -555,3 +556,35 @@ def test_the_requirements_own_requirements_come_from_pkgs_too(builder, tmp_path)
     out, log, _ = builder.build("ghost", source)
     assert isinstance(out, BuildFailed)
     assert "ghost" in str(out) and "ERROR:" in str(out), str(out)
+
+
+def test_a_builder_fetches_a_source_again_until_the_master_holds_it(tmp_path, monkeypatch):
+    """A builder asked to build a source the master does not hold yet (a Raft replica still fetching it) fetches
+    again and checks it out once it is there; one that never comes fails with git's reason."""
+    from types import SimpleNamespace
+
+    from builders import builder as builder_module
+    from test_push import make_repo, run
+
+    keg_repo = tmp_path / "keg.git"
+    run("git", "init", "-q", "--bare", str(keg_repo))
+    repo = make_repo(tmp_path / "app", {"app.py": "print('hi')\n"})
+    commit = run("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    said = []
+    b = builder_module.Builder(SimpleNamespace(path=str(keg_repo)), "b1", str(tmp_path / "b1"), None,
+                               say=said.append)
+    arrives = threading.Timer(1.2, lambda: run("git", "push", "-q", str(keg_repo), "HEAD:refs/keg/src/hello",
+                                               cwd=repo))
+    arrives.start()
+    try:
+        tree = b.checkout(builder_module.Job("hello", "K-" + commit), str(tmp_path / "one" / "src"))
+    finally:
+        arrives.join()
+    assert (tmp_path / "one" / "src" / "app.py").read_text() == "print('hi')\n"
+    assert tree == run("git", "rev-parse", "HEAD^{tree}", cwd=repo).stdout.strip()
+    assert len(said) >= 2 and all("cannot fetch the source of hello" in line and "trying again" in line
+                                  for line in said), said
+
+    monkeypatch.setattr(builder_module, "FETCH_DELAYS", (0.01, 0.01))
+    with pytest.raises(keg.errors.KegError, match="cannot fetch the source of never.*refs/keg/src/never"):
+        b.checkout(builder_module.Job("never", "K-" + "ab" * 20), str(tmp_path / "two" / "src"))

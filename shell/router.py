@@ -471,8 +471,14 @@ class Router:
         return changed
 
     def run(self) -> None:
-        """Until SIGTERM or SIGINT (raised into this loop as ``Stopped``)."""
+        """Until SIGTERM or SIGINT (raised into this loop as ``Stopped``).
+
+        Raises:
+            Stopped: a signal arrived, whether it was raised here or swallowed on its way (see ``_raise_stopped``).
+        """
         while True:
+            if _STOP.requested:
+                raise Stopped(_STOP.requested)
             try:
                 self.step()
             except RouterError as err:
@@ -497,8 +503,21 @@ class Stopped(Exception):
     """SIGTERM or SIGINT arrived."""
 
 
+class _StopRequest:
+    """The signal that asked the router to stop, kept apart from the exception that carries it."""
+
+    requested: str = ""
+
+
+_STOP = _StopRequest()
+
+
 def _raise_stopped(signum, _frame):
-    raise Stopped(signal.Signals(signum).name)
+    """Record the signal, then raise it into whatever runs.  The record matters: the handler may run inside a
+    finalizer (a watch stream's connection closed by the garbage collector), where Python prints and drops the
+    exception; ``Router.run`` then finds the record on its next round."""
+    _STOP.requested = signal.Signals(signum).name
+    raise Stopped(_STOP.requested)
 
 
 def parse_listen(text: str) -> str:
@@ -562,6 +581,7 @@ def router_run(keg_dir, url, token, listen, domain, nginx_binary, data_dir):
     def say(line: str) -> None:
         click.echo(f"keg router: {line}", err=True)
 
+    _STOP.requested = ""
     previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     nginx = Nginx(binary, data_dir)
     try:

@@ -349,6 +349,33 @@ def test_bad_options_are_refused_before_anything_starts(tmp_path):
     assert done.returncode == 0 and "/SERVICE/" in done.stdout
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # the dropped exception, on purpose
+def test_a_stop_signal_dropped_by_a_finalizer_still_stops_the_loop(monkeypatch):
+    # SIGTERM can arrive while the garbage collector closes a watch stream's connection; Python then prints the
+    # handler's exception ("Exception ignored in ...") and drops it.  The loop must stop all the same.
+    class ClosedByTheCollector:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)   # the handler runs here, inside the finalizer
+
+    rounds = []
+
+    def step(timeout=router.IDLE_CHECK):
+        rounds.append(timeout)
+        assert len(rounds) < 5, "the router went on after SIGTERM"
+        ClosedByTheCollector()
+
+    loop = router.Router(None, None, "127.0.0.1:1", "keg.localhost")
+    monkeypatch.setattr(loop, "step", step)
+    monkeypatch.setattr(router._STOP, "requested", "")
+    previous = signal.signal(signal.SIGTERM, router._raise_stopped)
+    try:
+        with pytest.raises(router.Stopped, match="SIGTERM"):
+            loop.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(rounds) == 1
+
+
 # ---------------------------------------------------------------- integration
 
 

@@ -75,6 +75,77 @@ class DeferredResponse(AsyncBody):
         yield self._answer()
 
 
+class Then(AsyncBody):
+    """An answer made by ``then()`` once something has finished: ``then`` calls ``start_response`` and returns
+    the body, or returns another ``AsyncBody`` to wait for in turn.
+
+    Subclasses say what is waited for: ``_arm_first``, ``_first_done`` (never blocks), ``_wait_first`` (blocks:
+    threaded servers) and ``_abandon_first`` (the client went away before it finished).
+    """
+
+    def __init__(self, start_response, then):
+        super().__init__(start_response)
+        self.then = then
+        self.next = None
+        self._loop = None
+        self._wake = None
+
+    def arm(self, loop, wake) -> None:
+        self._loop, self._wake = loop, wake
+        self._arm_first(loop, wake)
+
+    def poll(self) -> tuple:
+        if self.next is None:
+            if not self._first_done():
+                return [], False
+            self.next = self.then()
+            if isinstance(self.next, AsyncBody):
+                self.next.arm(self._loop, self._wake)
+        if isinstance(self.next, AsyncBody):
+            return self.next.poll()
+        return list(self.next), True
+
+    def __iter__(self):
+        self._wait_first()
+        self.next = self.then()
+        yield from self.next
+
+    def close(self) -> None:
+        if self.next is None:
+            self._abandon_first()
+        elif hasattr(self.next, "close"):
+            self.next.close()
+
+    def _arm_first(self, loop, wake) -> None:
+        raise NotImplementedError
+
+    def _first_done(self) -> bool:
+        raise NotImplementedError
+
+    def _wait_first(self) -> None:
+        raise NotImplementedError
+
+    def _abandon_first(self) -> None:
+        """Nothing to let go of, unless a subclass holds something."""
+
+
+class AfterPending(Then):
+    """``then()`` once a ``Pending`` is resolved (chunks sent to the other replicas, for instance)."""
+
+    def __init__(self, start_response, pending, then):
+        super().__init__(start_response, then)
+        self.pending = pending
+
+    def _arm_first(self, loop, wake) -> None:
+        self.pending.add_callback(wake)
+
+    def _first_done(self) -> bool:
+        return self.pending.done
+
+    def _wait_first(self) -> None:
+        self.pending.wait()
+
+
 class ValueStream(AsyncBody):
     """A large value sent a chunk per turn of the loop, each chunk verified as it is read.
 

@@ -39,7 +39,7 @@ import tempfile
 
 from keg import sources
 from keg.errors import BadRequest, KegBusy, KegError
-from master.bodies import AsyncBody
+from master.bodies import Then
 
 TOKEN_ENV = "KEG_PEER_TOKEN"
 MAX_JOBS = 4   # sources stored at once; one more push is refused with 503 ("push again")
@@ -159,7 +159,7 @@ class SourceJob:
         self.errors.close()
 
 
-class JobResponse(AsyncBody):
+class JobResponse(Then):
     """An answer that waits for a ``SourceJob`` without blocking the event loop, then for what follows.
 
     Args:
@@ -170,42 +170,26 @@ class JobResponse(AsyncBody):
     """
 
     def __init__(self, start_response, job: SourceJob, then):
-        super().__init__(start_response)
+        super().__init__(start_response, then)
         self.job = job
-        self.then = then
-        self.next = None
-        self._loop = None
-        self._wake = None
 
-    def arm(self, loop, wake) -> None:
-        self._loop, self._wake = loop, wake
+    def _arm_first(self, loop, wake) -> None:
         loop.add_reader(self.job.fileno(), wake)
 
-    def poll(self) -> tuple:
-        if self.next is None:
-            if not self.job.read_some():
-                return [], False
-            self._loop.remove_reader(self.job.fileno())
-            self.job.finish()
-            self.next = self.then()
-            if isinstance(self.next, AsyncBody):
-                self.next.arm(self._loop, self._wake)
-        if isinstance(self.next, AsyncBody):
-            return self.next.poll()
-        return list(self.next), True
+    def _first_done(self) -> bool:
+        if not self.job.read_some():
+            return False
+        self._loop.remove_reader(self.job.fileno())
+        self.job.finish()
+        return True
 
-    def __iter__(self):
+    def _wait_first(self) -> None:
         self.job.wait()
-        self.next = self.then()
-        yield from self.next
 
-    def close(self) -> None:
-        if self.next is None:
-            if self._loop is not None and not self.job.proc.stdout.closed:
-                self._loop.remove_reader(self.job.fileno())
-            self.job.abandon()
-        elif hasattr(self.next, "close"):
-            self.next.close()
+    def _abandon_first(self) -> None:
+        if self._loop is not None and not self.job.proc.stdout.closed:
+            self._loop.remove_reader(self.job.fileno())
+        self.job.abandon()
 
 
 # ------------------------------------------------------------ the child

@@ -35,11 +35,12 @@ from keg import paths
 from keg.chunks import check_hash
 from keg.chunkworker import encode_group, read_group
 from keg.errors import BadRequest, CompareFailed, KegBusy, KegError, NotFound, PathConflict
+from keg.large import Pointer
 from keg.store import LIST_VALUE_MAX
 from keg.transaction import Transaction, compare, delete, link, parse_transaction, put  # noqa: F401
 from master import git_http
 from master.auth import ANONYMOUS, Authority, AuthError, Forbidden, Unauthenticated
-from master.bodies import DeferredResponse, ValueStream
+from master.bodies import AfterPending, DeferredResponse, ValueStream
 from master.openapi import spec
 from master.ui import WebUi
 from master.watch import FORMATS, WatchStream
@@ -384,15 +385,34 @@ class KegApp:
             if len(tags) != 1 or tags[0] == "*":
                 raise BadRequest("If-Match on a write must name exactly one KID, as \"K-…\"")
             compares.append(compare(path, tags[0]))
+        chunks = []   # of a large value: stored here, and where else they must be before the answer
         if req.method == "PUT":
             mode = req.query.get("mode", "file")
             if mode not in ("file", "exec"):
                 raise BadRequest("?mode= must be 'file' or 'exec'")
             op = self.master.put_stream(path, io.BytesIO(req.body()), 0o100755 if mode == "exec" else 0o100644)
+            if op.large:
+                chunks = sorted({name for name, _ in Pointer.parse(op.data, op.path).chunks})
         else:
             op = delete(path, req.query.get("recursive") in ("1", "true", "yes"))
         tx = Transaction((op,), tuple(compares), principal.author, req.header("Idempotency-Key") or None)
-        return self._submit(start_response, tx, single_path=path, created=not compares and req.method == "PUT")
+        return self._after_chunks(req, start_response, chunks, lambda: self._submit(
+            start_response, tx, single_path=path, created=not compares and req.method == "PUT"))
+
+    def _after_chunks(self, req, start_response, names: list, answer):
+        """``answer()`` once the chunks ``names``, stored here, are wherever the master needs them (on a
+        majority of Raft replicas: a child process sends them while the event loop goes on); an error if
+        they cannot be."""
+        pending = self.master.replicate_chunks(names) if names else None
+        if pending is None:
+            return answer()
+
+        def then():
+            if not pending.result.ok:
+                return self._error(start_response, pending.result.error, req.environ)
+            return answer()
+
+        return AfterPending(start_response, pending, then)
 
     def _submit(self, start_response, tx, single_path=None, created=False):
         pending = self.master.submit(tx)
@@ -512,7 +532,8 @@ class KegApp:
         if body.read(1):
             raise BadRequest("the body goes on past its group of chunks; send one group per request")
         created = self.master.chunk_put_many(items)
-        return self._json(start_response, {"chunks": len(items), "created": sum(1 for c in created if c)})
+        return self._after_chunks(req, start_response, sorted({name for name, _ in items}), lambda: self._json(
+            start_response, {"chunks": len(items), "created": sum(1 for c in created if c)}))
 
     def _chunk_read(self, req, start_response, principal):
         """``POST /v1/chunks/read``: the chunks named in ``{"chunks": [...]}``, framed as ``POST /v1/chunks`` takes them."""
@@ -556,7 +577,8 @@ class KegApp:
             if principal.kind == "anonymous":
                 raise Unauthenticated("storing a chunk needs a token")
             created = self.master.chunk_put(name, req.body())
-            return self._json(start_response, {"chunk": name, "created": created}, 201 if created else 200)
+            return self._after_chunks(req, start_response, [name], lambda: self._json(
+                start_response, {"chunk": name, "created": created}, 201 if created else 200))
         raise HttpError(405, f"{req.method} is not allowed on a chunk; use GET, HEAD or PUT",
                         [("Allow", "GET, HEAD, PUT")])
 

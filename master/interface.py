@@ -210,7 +210,17 @@ class Master(abc.ABC):
 
     @abc.abstractmethod
     def put_stream(self, path: str, stream, mode: int = 0o100644):
-        """A put op for a stream's bytes, its chunks stored first when it is large (see ``Store.put_stream``)."""
+        """A put op for a stream's bytes, its chunks stored here first when it is large (see ``Store.put_stream``)."""
+
+    def replicate_chunks(self, names: list):
+        """Store the chunks ``names``, held here, wherever else they must be before a write that stored them
+        is answered (``chunk_put``, ``chunk_put_many`` and ``put_stream`` store them here only).
+
+        Returns:
+            None when nothing more is needed (a single node); else a ``Pending`` resolved with an ok
+            ``TxResult``, or one whose error (``KegBusy``) says why they are not where they must be.
+        """
+        return None
 
     def start_source(self, app: str, commit: str, pack: bytes):
         """Start storing a pushed source's objects (``keg.sources.receive``) in a child process.

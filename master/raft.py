@@ -43,7 +43,8 @@ longer has receives the snapshot, fetches the commit from a peer by git
 (``/v1/raft/git/keg.git``) and moves its head there.
 
 Large values: chunks are stored on a majority of replicas before the
-``PUT`` that wrote them is answered (``chunk_put``, ``put_stream``); a
+``PUT`` that wrote them is answered (``replicate_chunks``: a child process,
+master/raft_chunks.py, sends them, and fetches those a replica missed); a
 proposal whose large puts name chunks this replica lacks is refused before
 it is proposed.  Applying never checks chunks, so it cannot fail on one
 replica and succeed on another.  Pushed sources (``git push`` of an app) go
@@ -87,6 +88,7 @@ from keg.transaction import Author, Compare, Delete, Put, Transaction, TxResult
 from master.app import HttpError
 from master.interface import Pending
 from master.peers import PEER_TIMEOUT, peer_request
+from master.raft_chunks import ChunkWorker, store_on_majority
 from master.raft_forward import FAILED, FORWARD, MESSAGES, REFUSED, Forwarder, origins_json
 from master.raft_journal import EpollPoller, RaftJournal, SyncingTransport, seams
 from master.raft_sources import SourceReplicas
@@ -104,6 +106,7 @@ IDEMPOTENCY_WINDOW = 100_000     # revisions within which a repeated transaction
 TICK = 0.02                      # timer tick for Raft's timeouts and heartbeats
 COMMIT_NOTICE = 0.005            # a commit index no entry carries is sent on its own after this long
 MAX_TICKS = 8                    # pysyncobj ticks in a row while each one's poll reads messages
+CHUNKS_PER_FETCH = 64           # missed chunks the chunk worker is asked for at a time
 PEER_BACKOFF = 2.0               # a replica that did not answer is not asked again for this long
 RAFT_INDEX_TRAILER = "Keg-Raft-Index: "
 TX_TRAILER = "Keg-Transaction: "
@@ -387,6 +390,9 @@ class RaftMaster(SingleMaster):
         self._notice_urgent = False     # that send is for a follower's forwarded write (call_soon)
         self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
         self._wanted: set = set()       # chunks of committed values this replica lacks
+        self._fetching_chunks = False   # the chunk worker is fetching some of them
+        self._chunks_retry_at = 0.0     # monotonic time to ask for them again after a fetch brought none
+        self.chunk_worker = ChunkWorker(store.path, self.peer_token, self.mark_down)
         self.sources = SourceReplicas(self)  # pushed sources: on a majority first, missed ones fetched
         self.forwarder = Forwarder(self.self_raft, decode_tx)
         self._held_since = None         # monotonic time the leader began keeping writes for the next group
@@ -449,6 +455,7 @@ class RaftMaster(SingleMaster):
     def attach(self, loop) -> None:
         """Run the Raft loop on ``loop`` (the server's asyncio loop): socket events and a timer."""
         self._loop = loop
+        self.chunk_worker.attach(loop)
         self.sources.want_all()   # what was still missing before a restart is known again
         loop.add_reader(self.poller.fileno(), self._tick)
         loop.call_later(TICK, self._timer)
@@ -765,26 +772,25 @@ class RaftMaster(SingleMaster):
             elif op.mode == MODE_GITLINK:
                 self.sources.want((op,))
 
-    def _fetch_wanted(self, budget: float = 0.05) -> None:
-        """Fetch chunks this replica missed from the others, for at most ``budget`` seconds per call; then
-        missed sources."""
-        deadline = time.monotonic() + budget
-        for name in sorted(self._wanted):
-            if time.monotonic() > deadline:
-                return
-            for address in sorted(a for a in self.peers if a != self.self_raft):
-                if self.peer_down(address):
-                    continue
-                try:
-                    status, data = self.peer_call(address, "GET", f"/v1/raft/chunks/{name}")
-                except (OSError, http.client.HTTPException):
-                    self.mark_down(address)
-                    continue
-                if status == 200:
-                    self.chunks.put(name, data)  # verified against its name
-                    break
-            if not self.chunks.missing([name]):
-                self._wanted.discard(name)
+    def _fetch_wanted(self) -> None:
+        """Have the chunk worker fetch chunks this replica missed from the others (a batch at a time, again 2 s
+        after a batch that brought nothing); then missed sources."""
+        if self._wanted and not self._fetching_chunks and time.monotonic() >= self._chunks_retry_at:
+            names = sorted(self._wanted)[:CHUNKS_PER_FETCH]
+
+            def fetched(got: list) -> None:
+                self._fetching_chunks = False
+                for name in names:
+                    if not self.chunks.missing([name]):
+                        self._wanted.discard(name)
+                if not got:
+                    self._chunks_retry_at = time.monotonic() + PEER_BACKOFF
+
+            self._fetching_chunks = True
+            try:
+                self.chunk_worker.fetch(names, self._peer_list(), fetched)
+            except KegBusy:
+                self._fetching_chunks = False   # the worker is full of pushes: the next timer turn asks again
         if self.sources.wanted or self.sources.fetching:
             self.sources.fetch_wanted()
 
@@ -822,23 +828,18 @@ class RaftMaster(SingleMaster):
 
     # ------------------------------------------------------------ chunks
 
-    def chunk_put(self, name, data):
-        created = self.chunks.put(name, data)
-        self._replicate_chunks([name])
-        return created
-
-    def chunk_put_many(self, items):
-        batch = self.chunks.batch()  # one sync here for the group, then one round to the peers
-        created = batch.put_many(items)
-        batch.sync()
-        self._replicate_chunks(sorted({name for name, _ in items}))
-        return created
-
-    def put_stream(self, path, stream, mode=0o100644):
-        op = self.store.put_stream(path, stream, mode)
-        if op.large:
-            self._replicate_chunks(sorted({n for n, _ in Pointer.parse(op.data, op.path).chunks}))
-        return op
+    def replicate_chunks(self, names):
+        """The chunks go to the other replicas from the chunk worker's child (master/raft_chunks.py), so the
+        event loop never waits for one; without an event loop (``run_until``) they are sent here and now."""
+        if self._loop is None:
+            pending = RaftPending(None, self)
+            try:
+                self._replicate_chunks(names)
+                pending.resolve(TxResult(True))
+            except KegBusy as err:
+                pending.resolve(TxResult(False, error=err))
+            return pending
+        return self.chunk_worker.push(names, self._peer_list(), self.majority(), len(self.peers), self)
 
     def majority(self) -> int:
         """How many replicas are a majority of the cluster."""
@@ -860,21 +861,17 @@ class RaftMaster(SingleMaster):
 
     def _replicate_chunks(self, names: list) -> None:
         """Store ``names`` (held here) on a majority of replicas, or raise KegBusy."""
-        stored = 1
-        errors = []
-        for address in self.others_leader_first():
-            if stored >= self.majority():
-                return
-            try:
-                self._push_chunks(address, names)
-                stored += 1
-            except (OSError, http.client.HTTPException, KegError) as err:
+        down: list = []
+        try:
+            store_on_majority(self.chunks.get, names, self._peer_list(), self.majority(), len(self.peers),
+                              self.peer_token, down)
+        finally:
+            for address in down:
                 self.mark_down(address)
-                errors.append(f"{address}: {err}")
-        if stored < self.majority():
-            raise KegBusy(f"the chunks are stored on {stored} of {len(self.peers)} replicas and a majority "
-                          f"({self.majority()}) is needed before the write is answered: "
-                          f"{'; '.join(errors) or 'no replica answered'}")
+
+    def _peer_list(self) -> list:
+        """``[(Raft address, URL, down), …]`` of the other replicas, the leader first."""
+        return [(a, self.peer_url(a), self.peer_down(a)) for a in self.others_leader_first()]
 
     def start_source(self, app, commit, pack):
         """As ``SingleMaster.start_source``; the child also sends the source to the other replicas, the leader
@@ -890,18 +887,6 @@ class RaftMaster(SingleMaster):
         for address in job.result.get("down", ()):
             self.mark_down(address)
         return super().source_stored(job)
-
-    def _push_chunks(self, address: str, names: list) -> None:
-        if self.peer_down(address):
-            raise KegBusy("it did not answer a moment ago")
-        status, body = self.peer_call(address, "POST", "/v1/raft/chunks/missing",
-                                      json.dumps({"chunks": names}).encode())
-        if status != 200:
-            raise KegBusy(f"asking for missing chunks gave HTTP {status}")
-        for name in json.loads(body)["missing"]:
-            status, body = self.peer_call(address, "PUT", f"/v1/raft/chunks/{name}", self.chunks.get(name))
-            if status not in (200, 201):
-                raise KegBusy(f"storing chunk {name} gave HTTP {status}: {body[:200]!r}")
 
     def peer_call(self, address: str, method: str, target: str, body: bytes | None = None,
                   timeout: float = PEER_TIMEOUT) -> tuple:
@@ -1046,6 +1031,7 @@ class RaftMaster(SingleMaster):
                 pass
         self.flush()
         self.sources.close()
+        self.chunk_worker.close()
         try:
             self.raft.destroy()
         finally:

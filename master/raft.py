@@ -44,7 +44,7 @@ longer has receives the snapshot, fetches the commit from a peer by git
 
 Large values: chunks are stored on a majority of replicas before the
 ``PUT`` that wrote them is answered (``replicate_chunks``: a child process,
-master/raft_chunks.py, sends them, and fetches those a replica missed); a
+master/raft_chunks.py, sends them; another fetches those a replica missed); a
 proposal whose large puts name chunks this replica lacks is refused before
 it is proposed.  Applying never checks chunks, so it cannot fail on one
 replica and succeed on another.  Pushed sources (``git push`` of an app) go
@@ -390,9 +390,10 @@ class RaftMaster(SingleMaster):
         self._notice_urgent = False     # that send is for a follower's forwarded write (call_soon)
         self._peer_down: dict = {}      # raft address -> monotonic time it may be asked again
         self._wanted: set = set()       # chunks of committed values this replica lacks
-        self._fetching_chunks = False   # the chunk worker is fetching some of them
-        self._chunks_retry_at = 0.0     # monotonic time to ask for them again after a fetch brought none
-        self.chunk_worker = ChunkWorker(store.path, self.peer_token, self.mark_down)
+        self._fetching_chunks = False   # the fetch worker is fetching some of them
+        self._chunk_retry: dict = {}    # wanted chunk -> monotonic time to ask for it again (none had it)
+        self.chunk_pusher = ChunkWorker(store.path, self.peer_token, self.mark_down)   # master/raft_chunks.py
+        self.chunk_fetcher = ChunkWorker(store.path, self.peer_token, self.mark_down)
         self.sources = SourceReplicas(self)  # pushed sources: on a majority first, missed ones fetched
         self.forwarder = Forwarder(self.self_raft, decode_tx)
         self._held_since = None         # monotonic time the leader began keeping writes for the next group
@@ -455,7 +456,8 @@ class RaftMaster(SingleMaster):
     def attach(self, loop) -> None:
         """Run the Raft loop on ``loop`` (the server's asyncio loop): socket events and a timer."""
         self._loop = loop
-        self.chunk_worker.attach(loop)
+        self.chunk_pusher.attach(loop)
+        self.chunk_fetcher.attach(loop)
         self.sources.want_all()   # what was still missing before a restart is known again
         loop.add_reader(self.poller.fileno(), self._tick)
         loop.call_later(TICK, self._timer)
@@ -468,6 +470,9 @@ class RaftMaster(SingleMaster):
             self.flush()
         self._expire()
         self.housekeeping()   # install a checkpoint a child has written
+        now = time.monotonic()
+        self.chunk_pusher.check(now)
+        self.chunk_fetcher.check(now)
         if self._wanted or self.sources.wanted or self.sources.fetching:
             self._fetch_wanted()
         self._loop.call_later(TICK, self._timer)
@@ -773,26 +778,30 @@ class RaftMaster(SingleMaster):
                 self.sources.want((op,))
 
     def _fetch_wanted(self) -> None:
-        """Have the chunk worker fetch chunks this replica missed from the others (a batch at a time, again 2 s
-        after a batch that brought nothing); then missed sources."""
-        if self._wanted and not self._fetching_chunks and time.monotonic() >= self._chunks_retry_at:
-            names = sorted(self._wanted)[:CHUNKS_PER_FETCH]
-
-            def fetched(got: list) -> None:
-                self._fetching_chunks = False
-                for name in names:
-                    if not self.chunks.missing([name]):
-                        self._wanted.discard(name)
-                if not got:
-                    self._chunks_retry_at = time.monotonic() + PEER_BACKOFF
-
-            self._fetching_chunks = True
-            try:
-                self.chunk_worker.fetch(names, self._peer_list(), fetched)
-            except KegBusy:
-                self._fetching_chunks = False   # the worker is full of pushes: the next timer turn asks again
+        """Have the fetch worker fetch chunks this replica missed from the others, a batch at a time (a chunk
+        no replica gave is asked for again after ``PEER_BACKOFF``); then missed sources."""
+        now = time.monotonic()
+        if self._wanted and not self._fetching_chunks:
+            names = [n for n in sorted(self._wanted) if self._chunk_retry.get(n, 0) <= now][:CHUNKS_PER_FETCH]
+            if names:
+                self._fetching_chunks = True
+                try:
+                    self.chunk_fetcher.fetch(names, self._peer_list(), lambda _got: self._chunks_fetched(names))
+                except KegBusy:   # no child could be started: ask again in a while
+                    self._chunks_fetched(names)
         if self.sources.wanted or self.sources.fetching:
             self.sources.fetch_wanted()
+
+    def _chunks_fetched(self, names: list) -> None:
+        """The fetch worker has answered for ``names``: forget those now held, ask later for the others."""
+        self._fetching_chunks = False
+        retry_at = time.monotonic() + PEER_BACKOFF
+        for name in names:
+            if self.chunks.missing([name]):
+                self._chunk_retry[name] = retry_at
+            else:
+                self._wanted.discard(name)
+                self._chunk_retry.pop(name, None)
 
     def _replayed(self, tx, number: int) -> TxResult:
         """The result of a transaction applied before, at revision ``number`` (a retry of the same id)."""
@@ -839,7 +848,7 @@ class RaftMaster(SingleMaster):
             except KegBusy as err:
                 pending.resolve(TxResult(False, error=err))
             return pending
-        return self.chunk_worker.push(names, self._peer_list(), self.majority(), len(self.peers), self)
+        return self.chunk_pusher.push(names, self._peer_list(), self.majority(), len(self.peers), self)
 
     def majority(self) -> int:
         """How many replicas are a majority of the cluster."""
@@ -1031,7 +1040,8 @@ class RaftMaster(SingleMaster):
                 pass
         self.flush()
         self.sources.close()
-        self.chunk_worker.close()
+        self.chunk_pusher.close()
+        self.chunk_fetcher.close()
         try:
             self.raft.destroy()
         finally:

@@ -42,6 +42,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 from keg.errors import BadRequest, KegBusy, KegError
 from keg.transaction import TxResult
@@ -50,6 +51,8 @@ from master.peers import peer_request
 
 TOKEN_ENV = "KEG_PEER_TOKEN"
 MAX_WAITING = 256      # requests the child has not answered; one more write of chunks is refused (503)
+DEADLINE = 120.0       # seconds a request may wait for its answer; then the child is stopped (``check``)
+PEER_BACKOFF = 2.0     # a replica that did not answer is not asked again for this long, by any request
 
 log = logging.getLogger("keg.raft")
 
@@ -58,7 +61,8 @@ class ChunkWorker:
     """The replica's side of the child: sends it requests, and calls each one's callback with its answer.
 
     Runs on the event loop that ``attach`` gives it; the child is started by the first request and again by the
-    first one after it died.
+    first one after it died.  The replica runs two: one for pushes, one for fetches, so that catching up never
+    queues a client's write behind it.  The child's warnings go to the replica's standard error (its log).
 
     Args:
         keg_path: the keg (its chunk store is the child's).
@@ -69,9 +73,10 @@ class ChunkWorker:
     def __init__(self, keg_path: str, token: str, on_down):
         self.keg_path, self.token, self.on_down = keg_path, token, on_down
         self.proc = None
+        self.closed = False
         self._loop = None
-        self._errors = None
         self._callbacks: dict = {}   # request id -> callback(answer dict), in the order sent
+        self._sent_at: dict = {}     # request id -> monotonic time it was sent
         self._next_id = 0
         self._out = b""              # requests not yet written to the child
         self._in = b""               # the child's output not yet a whole line
@@ -99,7 +104,7 @@ class ChunkWorker:
             A ``Pending`` resolved with an ok ``TxResult``, or one whose error is ``KegBusy`` saying which
             replicas did not take the chunks and why.
         """
-        pending = Pending(None, master)
+        pending = _LoopPending(None, master)
 
         def answered(answer: dict) -> None:
             error = answer.get("error")
@@ -115,7 +120,17 @@ class ChunkWorker:
         self._request({"kind": "fetch", "names": names, "peers": [list(p) for p in peers]},
                       lambda answer: done(answer.get("fetched", [])))
 
+    def check(self, now: float) -> None:
+        """Stop a child that has not answered a request within ``DEADLINE`` seconds (a peer trickling its
+        answer, say): what it held fails, and the next request starts another."""
+        if self.proc is not None and self._sent_at and now - min(self._sent_at.values()) > DEADLINE:
+            log.warning("raft: the chunk worker has not answered for %.0f s; stopping it", DEADLINE)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
     def _request(self, message: dict, callback) -> None:
+        if self.closed:
+            raise KegBusy("this replica is shutting down; send again to another")
         if len(self._callbacks) >= MAX_WAITING:
             raise KegBusy(f"{len(self._callbacks)} chunk transfers to the other replicas are waiting; "
                           "send again in a moment")
@@ -124,19 +139,18 @@ class ChunkWorker:
         self._next_id += 1
         message["id"] = self._next_id
         self._callbacks[self._next_id] = callback
+        self._sent_at[self._next_id] = time.monotonic()
         self._out += json.dumps(message).encode() + b"\n"
         self._write()
 
     def _start(self) -> None:
         # -P: the master's working directory (a keg's, with its keg/ directory) must not shadow the packages.
-        self._errors = _TailFile()
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-P", "-m", "master.raft_chunks", "--keg", self.keg_path],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._errors.file,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 env=dict(os.environ, **{TOKEN_ENV: self.token}), start_new_session=True)
         except OSError as err:
-            self._errors.close()
             raise KegBusy(f"cannot start the chunk transfers to the other replicas: {err}; "
                           "send again in a moment") from err
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -153,6 +167,7 @@ class ChunkWorker:
         except BlockingIOError:
             written = 0
         except BrokenPipeError:
+            self._loop.remove_writer(self.proc.stdin.fileno())
             return   # the child died; _readable sees its end and fails what waits
         self._out = self._out[written:]
         fd = self.proc.stdin.fileno()
@@ -175,17 +190,16 @@ class ChunkWorker:
         *lines, self._in = self._in.split(b"\n")
         for line in lines:
             try:
-                answer = json.loads(line)
-            except ValueError:
-                log.warning("raft: the chunk worker wrote a line that is not an answer: %r", line[:200])
-                continue
-            self._answer(answer)
+                self._answer(json.loads(line))
+            except Exception:  # noqa: BLE001 - logged; the other answers must still reach their requests
+                log.exception("raft: cannot take the chunk worker's answer %r", line[:200])
         if ended:
             self._died()
 
     def _answer(self, answer: dict) -> None:
         for address in answer.get("down", ()):
             self.on_down(address)
+        self._sent_at.pop(answer["id"], None)
         callback = self._callbacks.pop(answer["id"], None)
         if callback is not None:
             callback(answer)
@@ -197,20 +211,24 @@ class ChunkWorker:
             self._loop.remove_reader(proc.stdout.fileno())
             self._loop.remove_writer(proc.stdin.fileno())
         code = proc.wait()
-        why = self._errors.tail()
-        self._errors.close()
-        proc.stdin.close()
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
         proc.stdout.close()
         if self._callbacks:
-            log.warning("raft: the chunk worker stopped (exit status %s) with %d requests unanswered: %s",
-                        code, len(self._callbacks), why or "no output")
-        callbacks, self._callbacks = self._callbacks, {}
+            log.warning("raft: the chunk worker stopped (exit status %s) with %d requests unanswered",
+                        code, len(self._callbacks))
+        callbacks, self._callbacks, self._sent_at = self._callbacks, {}, {}
         for request, callback in callbacks.items():
-            callback({"id": request, "error": f"the chunk transfer stopped (exit status {code}); the master's "
-                                              "log says why; send again", "fetched": []})
+            try:
+                callback({"id": request, "error": f"the chunk transfer stopped (exit status {code}); the "
+                                                  "master's log says why; send again", "fetched": []})
+            except Exception:  # noqa: BLE001 - logged; every other request must still be failed
+                log.exception("raft: failing a chunk request")
 
     def close(self) -> None:
-        """Stop the child (what it was sending is sent again by the writes' clients) and reap it."""
+        """Stop the child (what it was sending is sent again by the writes' clients) and reap it; no request is
+        taken after this."""
+        self.closed = True
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -219,21 +237,13 @@ class ChunkWorker:
         self._died()
 
 
-class _TailFile:
-    """The child's standard error: a temporary file whose last lines the log gets if the child dies."""
+class _LoopPending(Pending):
+    """A ``Pending`` only the event loop resolves (the worker's answer): nothing to flush while waiting."""
 
-    def __init__(self):
-        import tempfile
+    __slots__ = ()
 
-        self.file = tempfile.TemporaryFile()
-
-    def tail(self) -> str:
-        self.file.seek(0, os.SEEK_END)
-        self.file.seek(max(0, self.file.tell() - 2000))
-        return self.file.read().decode(errors="replace").strip()
-
-    def close(self) -> None:
-        self.file.close()
+    def wait(self):
+        raise RuntimeError("chunk transfers are answered on the replica's event loop; wait there (AfterPending)")
 
 
 # ------------------------------------------------------------ the work (in the child, or inline without a loop)
@@ -280,7 +290,13 @@ def _push(read, url: str, token: str, names: list) -> None:
     status, body = peer_request(url, token, "POST", "/v1/raft/chunks/missing", json.dumps({"chunks": names}).encode())
     if status != 200:
         raise KegBusy(f"asking for missing chunks gave HTTP {status}")
-    for name in json.loads(body)["missing"]:
+    try:
+        missing = json.loads(body)["missing"]
+        if not isinstance(missing, list) or not set(missing) <= set(names):
+            raise ValueError("not a list of the chunks asked about")
+    except (ValueError, KeyError, TypeError) as err:
+        raise KegBusy(f"its answer to which chunks it lacks makes no sense ({err}): {body[:200]!r}") from err
+    for name in missing:
         status, body = peer_request(url, token, "PUT", f"/v1/raft/chunks/{name}", read(name))
         if status not in (200, 201):
             raise KegBusy(f"storing chunk {name} gave HTTP {status}: {body[:200]!r}")
@@ -315,15 +331,22 @@ def fetch_missing(chunks, names: list, peers: list, token: str, down: list) -> l
 
 
 def serve(keg_path: str, token: str, requests, answers) -> None:
-    """The child's loop: answer each request line of ``requests`` with a line on ``answers``, until its end."""
+    """The child's loop: answer each request line of ``requests`` with a line on ``answers``, until its end.
+
+    A replica that could not be reached is skipped by the requests that follow for ``PEER_BACKOFF`` seconds,
+    so writes queued behind a request that waited for it do not each wait again.
+    """
     from keg.chunks import ChunkStore
 
     chunks = ChunkStore(keg_path, durable=True)
+    down_until: dict = {}   # Raft address -> monotonic time it may be asked again
     for line in requests:
         request = json.loads(line)
         down: list = []
         answer = {"id": request["id"], "down": down}
-        peers = [tuple(p) for p in request["peers"]]
+        now = time.monotonic()
+        peers = [(address, url, was_down or down_until.get(address, 0) > now)
+                 for address, url, was_down in request["peers"]]
         try:
             if request["kind"] == "push":
                 store_on_majority(chunks.get, request["names"], peers, request["majority"], request["replicas"],
@@ -332,6 +355,11 @@ def serve(keg_path: str, token: str, requests, answers) -> None:
                 answer["fetched"] = fetch_missing(chunks, request["names"], peers, token, down)
         except KegError as err:
             answer["error"] = str(err)
+        except (OSError, ValueError, KeyError) as err:   # a full disk, say: this request fails, not the child
+            log.warning("raft: chunk %s failed: %s", request["kind"], err)
+            answer["error"] = f"the chunk {request['kind']} failed here: {err}"
+        for address in down:
+            down_until[address] = time.monotonic() + PEER_BACKOFF
         answers.write(json.dumps(answer) + "\n")
         answers.flush()
 

@@ -148,7 +148,7 @@ def test_a_stopped_follower_stalls_no_event_loop_while_chunks_travel(cluster):
             n += 1
             t = time.monotonic()
             status, answer = cluster.write(leader, f"/notes/during-upload-{n}", "still serving\n")
-            assert status == 200 and time.monotonic() - t < 0.5, (status, answer, time.monotonic() - t)
+            assert status == 200 and time.monotonic() - t < 1.0, (status, answer, time.monotonic() - t)
             time.sleep(0.1)
         response = upload.getresponse()
         answer = response.read()
@@ -160,6 +160,7 @@ def test_a_stopped_follower_stalls_no_event_loop_while_chunks_travel(cluster):
     finally:
         upload.close()
         os.kill(stuck.proc.pid, signal.SIGCONT)
+
     def has_big() -> bool:
         try:   # cut after the headers until the chunks are there (see the test above)
             return cluster.call(stuck, "GET", "/v1/keg/big.bin")[2] == big

@@ -26,6 +26,23 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     return True
 
 
+def read_ready(fd: int) -> tuple:
+    """What a non-blocking pipe or socket holds now, without waiting.
+
+    Returns:
+        ``(bytes read, True once the other end closed and everything was read)``.
+    """
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return b"".join(chunks), False
+        if not data:
+            return b"".join(chunks), True
+        chunks.append(data)
+
+
 def fsync_dir(path: str) -> None:
     """fsync a directory so that a rename or create inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import http.client
 import urllib.parse
 
+from keg.errors import KegError
+
 PEER_TIMEOUT = 2.0     # seconds to connect to another replica, and for an answer unless the caller allows more
 SOURCE_TIMEOUT = 30.0  # seconds for one replica's answer to a source pack (it indexes and checks it first)
 
@@ -46,3 +48,35 @@ def peer_request(url: str, token: str, method: str, target: str, body: bytes | N
         return response.status, response.read()
     finally:
         conn.close()
+
+
+def send_until_majority(peers, majority: int, send, down: list) -> tuple:
+    """Call ``send(url)`` for the ``peers`` in order until ``majority`` replicas, this one included, hold what it
+    sends (chunks, a source's pack).
+
+    Args:
+        peers: ``[(Raft address, URL, down), …]``; one marked down did not answer a moment ago and is not asked.
+        majority: how many replicas must hold it.
+        send: stores it on the replica at the URL it is given. Raises ``OSError`` or
+            ``http.client.HTTPException`` when that replica cannot be reached, ``KegError`` when it refused.
+        down: the Raft addresses of the replicas that could not be reached are added to it.
+
+    Returns:
+        ``(how many replicas hold it, this one included; "ADDRESS: reason" of each one asked that does not)``.
+    """
+    stored, errors = 1, []
+    for address, url, was_down in peers:
+        if stored >= majority:
+            break
+        if was_down or address in down:
+            errors.append(f"{address}: it did not answer a moment ago")
+            continue
+        try:
+            send(url)
+            stored += 1
+        except (OSError, http.client.HTTPException) as err:
+            down.append(address)
+            errors.append(f"{address}: {err}")
+        except KegError as err:
+            errors.append(f"{address}: {err}")
+    return stored, errors

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import http.client
 import json
 import logging
@@ -45,9 +44,10 @@ import sys
 import time
 
 from keg.errors import BadRequest, KegBusy, KegError
+from keg.fsio import read_ready
 from keg.transaction import TxResult
 from master.interface import Pending
-from master.peers import peer_request
+from master.peers import peer_request, send_until_majority
 
 TOKEN_ENV = "KEG_PEER_TOKEN"
 MAX_WAITING = 256      # requests the child has not answered; one more write of chunks is refused (503)
@@ -154,8 +154,7 @@ class ChunkWorker:
             raise KegBusy(f"cannot start the chunk transfers to the other replicas: {err}; "
                           "send again in a moment") from err
         for pipe in (self.proc.stdin, self.proc.stdout):
-            fd = pipe.fileno()
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            os.set_blocking(pipe.fileno(), False)
         self._in = self._out = b""
         self._loop.add_reader(self.proc.stdout.fileno(), self._readable)
 
@@ -177,17 +176,8 @@ class ChunkWorker:
             self._loop.remove_writer(fd)
 
     def _readable(self) -> None:
-        ended = False
-        while True:
-            try:
-                data = os.read(self.proc.stdout.fileno(), 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                ended = True
-                break
-            self._in += data
-        *lines, self._in = self._in.split(b"\n")
+        data, ended = read_ready(self.proc.stdout.fileno())
+        *lines, self._in = (self._in + data).split(b"\n")
         for line in lines:
             try:
                 self._answer(json.loads(line))
@@ -265,21 +255,7 @@ def store_on_majority(read, names: list, peers: list, majority: int, replicas: i
     Raises:
         KegBusy: fewer than a majority hold them, with each replica's reason.
     """
-    stored, errors = 1, []
-    for address, url, was_down in peers:
-        if stored >= majority:
-            return
-        if was_down or address in down:
-            errors.append(f"{address}: it did not answer a moment ago")
-            continue
-        try:
-            _push(read, url, token, names)
-            stored += 1
-        except (OSError, http.client.HTTPException) as err:
-            down.append(address)
-            errors.append(f"{address}: {err}")
-        except KegError as err:
-            errors.append(f"{address}: {err}")
+    stored, errors = send_until_majority(peers, majority, lambda url: _push(read, url, token, names), down)
     if stored < majority:
         raise KegBusy(f"the chunks are stored on {stored} of {replicas} replicas and a majority ({majority}) "
                       f"is needed before the write is answered: {'; '.join(errors) or 'no replica answered'}")

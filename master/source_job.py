@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import tempfile
 
 from keg import sources
 from keg.errors import BadRequest, KegBusy, KegError
+from keg.fsio import read_ready
 from master.bodies import Then
 
 TOKEN_ENV = "KEG_PEER_TOKEN"
@@ -100,16 +100,10 @@ class SourceJob:
 
     def read_some(self) -> bool:
         """Read what the child wrote, without blocking; True once it closed its output (then ``finish``)."""
-        fd = self.fileno()
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return False
-            if not data:
-                return True
-            self.output += data
+        os.set_blocking(self.fileno(), False)
+        data, ended = read_ready(self.fileno())
+        self.output += data
+        return ended
 
     def wait(self) -> dict:
         """Block until the child has finished; its result."""
@@ -214,21 +208,11 @@ def replicate(args, pack: bytes, token: str, down: list) -> None:
     Raises:
         KegBusy: fewer than a majority hold it, with each replica's reason.
     """
-    import http.client
+    from master.peers import send_until_majority
 
-    stored, errors = 1, []
-    for peer in args.peer:
-        if stored >= args.majority:
-            break
-        address, _, url = peer.partition("=")
-        try:
-            _send(url, token, args.app, args.commit, pack, args.keg)
-            stored += 1
-        except (OSError, http.client.HTTPException) as err:
-            down.append(address)
-            errors.append(f"{address}: {err}")
-        except KegError as err:
-            errors.append(f"{address}: {err}")
+    peers = [(address, url, False) for address, _, url in (p.partition("=") for p in args.peer)]
+    stored, errors = send_until_majority(
+        peers, args.majority, lambda url: _send(url, token, args.app, args.commit, pack, args.keg), down)
     if stored < args.majority:
         raise KegBusy(f"the pushed source of {args.app} is stored on {stored} of {args.replicas} replicas and "
                       f"a majority ({args.majority}) is needed before /src/{args.app} may name it: "

@@ -52,6 +52,7 @@ import time
 
 import kid as kidlib
 from keg.errors import KegError, NotFound
+from keg.fsio import read_ready
 from keg.oci import INDEX_TYPES, MANIFEST_TYPES, ROOT as IMAGES_ROOT, machine_platform, parse_json_object
 from mayor import layers as layerlib, rootfs, runtime_spec
 from mayor.layers import LayerCache, LayerError
@@ -177,17 +178,10 @@ class RuncExec(ExecHandle):
     def _read(self) -> bytes:
         if self.proc.stdout.closed:
             return b""
-        chunks = []
-        while True:
-            try:
-                data = os.read(self.proc.stdout.fileno(), 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                self.proc.stdout.close()
-                break
-            chunks.append(data)
-        return b"".join(chunks)
+        data, ended = read_ready(self.proc.stdout.fileno())
+        if ended:
+            self.proc.stdout.close()
+        return data
 
     def poll(self) -> tuple:
         if self.proc.returncode is None and not self.timed_out and time.monotonic() >= self.deadline:

@@ -556,7 +556,8 @@ class RuncRuntime(Runtime):
             write_json(os.path.join(bundle, "shim.json"),
                        {"id": cid, "name": name, "runc": self.runc_path, "root": self.runc.root,
                         "logs": os.path.join(self.logs, name), "log_file_bytes": self.log_file_bytes,
-                        "log_files": self.log_files, "events": self._events, "health": spec["health"],
+                        "log_files": self.log_files, "events": self._events,
+                        "health": spec["health"] or runtime_spec.ready_check(spec["port"]),
                         "stop_grace": spec["stop_grace"], "stop_drain": spec["stop_drain"]})
             self._launch(name, bundle)
         except BaseException as err:

@@ -52,7 +52,13 @@ NETWORKS = ("private", "none", "host")
 MAX_ID_FILE = 4 * 1024 * 1024  # /etc/passwd or /etc/group larger than this is not believed
 MAX_SYMLINKS = 40
 HEALTH_DEFAULTS = {"interval": 10.0, "timeout": 5.0, "threshold": 3, "start_period": 0.0, "restart_on_failure": True}
-HEALTH_KEYS = ("exec", "http", *HEALTH_DEFAULTS)
+HEALTH_KEYS = ("exec", "http", "tcp", *HEALTH_DEFAULTS)
+PROBES = ("exec", "http", "tcp")
+# The runtime's own check of a process with a port and no health check: it is "starting", and gets no
+# requests, until something accepts connections on the port (as Heroku waits for a web process to bind
+# $PORT); then "healthy", and no more checks. Not listening after a minute, it shows as "unhealthy".
+READY_CHECK = {"interval": 0.25, "timeout": 2.0, "threshold": 1, "start_period": 60.0,
+               "restart_on_failure": False, "until_ready": True}
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 STOP_DRAIN = 2.0   # seconds a process with a port keeps serving after it left the table, before its SIGTERM
 INIT_PATH = "/dev/init"  # where a container sees the init the machine gives it (as Docker's --init)
@@ -324,10 +330,31 @@ def _check_http_probe(http, default_port=None) -> dict:
     return {"port": port, "path": path}
 
 
+def _check_tcp_probe(tcp, default_port=None) -> dict:
+    if not isinstance(tcp, dict) or set(tcp) - {"port"}:
+        raise SpecError(f'health.tcp must be an object like {{"port": 8080}}, not {tcp!r}')
+    port = tcp.get("port", default_port)
+    if port is None:
+        raise SpecError("health.tcp.port is missing; give the port to check (or a 'port' for the process)")
+    return {"port": _check_port(port, "health.tcp.port")}
+
+
+def ready_check(port: int | None) -> dict | None:
+    """The check the runtime runs on a process with ``port`` and no health check of its own (``READY_CHECK``).
+
+    Args:
+        port: the process's ``port``, or None.
+
+    Returns:
+        a normalised ``tcp`` health check that ends at its first success, or None without a port.
+    """
+    return None if port is None else {"tcp": {"port": port}, **READY_CHECK}
+
+
 def _check_health(health, default_port=None):
     """The normalised health check (all fields present), or None without one.
 
-    An HTTP check without a port checks ``default_port``: the process's own ``port``.
+    An HTTP or TCP check without a port checks ``default_port``: the process's own ``port``.
     """
     if health is None:
         return None
@@ -337,17 +364,19 @@ def _check_health(health, default_port=None):
     unknown = set(health) - set(HEALTH_KEYS)
     if unknown:
         raise SpecError(f"unknown keys in health: {sorted(unknown)}; known: {', '.join(HEALTH_KEYS)}")
-    if ("exec" in health) == ("http" in health):
-        raise SpecError("health needs exactly one check: 'exec' (a command run in the container) "
-                        "or 'http' (a port and path to GET)")
+    if sum(probe in health for probe in PROBES) != 1:
+        raise SpecError("health needs exactly one check: 'exec' (a command run in the container), "
+                        "'http' (a port and path to GET) or 'tcp' (a port that accepts connections)")
     out = dict(HEALTH_DEFAULTS)
     if "exec" in health:
         command = _check_args(health["exec"], "health.exec")
         if not command:
             raise SpecError("health.exec is empty; give the command to run, e.g. [\"/bin/check\"]")
         out["exec"] = command
-    else:
+    elif "http" in health:
         out["http"] = _check_http_probe(health["http"], default_port)
+    else:
+        out["tcp"] = _check_tcp_probe(health["tcp"], default_port)
     for key in ("interval", "timeout"):
         if key in health:
             out[key] = _seconds(health[key], f"health.{key}")
@@ -392,8 +421,8 @@ def validate_spec(spec, capacity=None) -> dict:
             ``resources`` {cpu, memory, pids}, ``restart``, ``network``, ``port``
             (the TCP port the process serves on: its endpoint, and the default port of an HTTP check)
             (``private``/``none``/``host``), ``readonly_rootfs``, ``mounts``
-            [{source, destination, readonly=True}], ``health`` ({exec: [args]} or
-            {http: {port, path}}, with interval, timeout, threshold,
+            [{source, destination, readonly=True}], ``health`` ({exec: [args]},
+            {http: {port, path}} or {tcp: {port}}, with interval, timeout, threshold,
             start_period, restart_on_failure), ``backoff`` {start, max},
             ``stop_grace`` and ``stop_drain`` (seconds); other keys are kept as they are.
         capacity: the machine's capacity ({cpus, memory}) to check limits

@@ -19,7 +19,8 @@ in ``DIR/shim.json``, written by the runtime. Then it:
    process name ever wrote here, so totals survive rotation and restarts;
 4. runs the health check, if any, at its interval and records the state in
    ``DIR/health.json``; with ``restart_on_failure`` it stops a container that
-   became unhealthy (SIGTERM, SIGKILL after the stop grace);
+   became unhealthy (SIGTERM, SIGKILL after the stop grace); a check
+   ``until_ready`` ends at its first success;
 5. when the init exits, reads the memory cgroup's OOM-kill count, writes
    ``DIR/exit.json`` atomically and exits.
 
@@ -44,6 +45,7 @@ RUNC_TIMEOUT = 60.0       # seconds for `runc run --detach`
 DRAIN_SECONDS = 2.0       # after the init exited, how long to wait for the rest of its output
 READ_SIZE = 65536
 HEALTH_OUTPUT = 4096      # bytes of a health check's output kept in health.json
+SLOW_INTERVAL = 10.0      # seconds between the checks of a process not ready after its start period
 # Signals reset to their default in runc and hence in the container (Python ignores SIGPIPE and SIGXFSZ).
 DEFAULT_SIGNALS = {s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP)}
 
@@ -258,15 +260,20 @@ def oom_kills(counter) -> int:
 # health checks
 
 
+def _enter_network(init_pid: int) -> None:
+    """Join the network namespace of the container whose init is ``init_pid`` (in a probe's child)."""
+    fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+
+
 def _http_probe(init_pid: int, port: int, path: str, timeout: float, output: str) -> int:
     """GET ``path`` on 127.0.0.1:``port`` inside the container's network namespace (in a forked child).
 
     Returns the exit code: 0 for a 2xx or 3xx answer, 1 otherwise."""
     import socket  # only in the probe's child
 
-    fd = os.open(f"/proc/{init_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns")
+    _enter_network(init_pid)
     request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: keg-health\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request.encode())
@@ -284,6 +291,20 @@ def _http_probe(init_pid: int, port: int, path: str, timeout: float, output: str
     return 0 if 200 <= code < 400 else 1
 
 
+def _tcp_probe(init_pid: int, port: int, timeout: float, output: str) -> int:
+    """Connect to 127.0.0.1:``port`` inside the container's network namespace (in a forked child).
+
+    Returns the exit code: 0 when something accepted the connection (a refusal raises)."""
+    import socket  # only in the probe's child
+
+    _enter_network(init_pid)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+        pass
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(f"listening on port {port}\n")
+    return 0
+
+
 class Health:
     """The health check of one container: when to run it, its state, and the check running now."""
 
@@ -295,23 +316,32 @@ class Health:
         self.next_at = started + conf["interval"]
         self.check = None  # (pid, deadline) of the check running now
 
-    def timeout(self, now: float) -> float:
-        """Seconds until the health check needs attention."""
-        return max(0.0, (self.check[1] if self.check else self.next_at) - now)
+    def timeout(self, now: float) -> float | None:
+        """Seconds until the health check needs attention; None when it has no more checks to run."""
+        at = self.check[1] if self.check else self.next_at
+        return None if at is None else max(0.0, at - now)
 
     def result(self, ok: bool, now: float) -> bool:
-        """Record a check's result; True when the status changed."""
+        """Record a check's result; True when the status changed.
+
+        A check ``until_ready`` (the runtime's own for a process with a port) stops at its first
+        success, and once its start period is over it checks at the usual interval, not its quick one.
+        """
         before = self.status
+        starting = now - self.started < self.conf["start_period"]
         if ok:
             self.failures, self.status = 0, "healthy"
-        elif self.status == "starting" and now - self.started < self.conf["start_period"]:
+        elif self.status == "starting" and starting:
             pass  # failures in the start period do not count
         else:
             self.failures += 1
             if self.failures >= self.conf["threshold"]:
                 self.status = "unhealthy"
         self.check = None
-        self.next_at = now + self.conf["interval"]
+        if self.conf.get("until_ready"):
+            self.next_at = None if ok else now + (self.conf["interval"] if starting else SLOW_INTERVAL)
+        else:
+            self.next_at = now + self.conf["interval"]
         return self.status != before
 
 
@@ -474,7 +504,7 @@ class Shim:
 
     def _timeout(self, now: float):
         waits = []
-        if self.health is not None and self.kill_at is None:
+        if self.health is not None and self.kill_at is None and self.health.timeout(now) is not None:
             waits.append(self.health.timeout(now))
         for at in (self.term_at, self.kill_at):
             if at is not None:
@@ -508,7 +538,7 @@ class Shim:
         if health.check is not None and now >= health.check[1]:
             self._kill_check()
             self._health_result(False, now, f"timed out after {health.conf['timeout']:g} s\n")
-        elif health.check is None and now >= health.next_at:
+        elif health.check is None and health.next_at is not None and now >= health.next_at:
             self._start_check(now)
 
     def _start_check(self, now: float) -> None:
@@ -527,8 +557,11 @@ class Shim:
                 code = 2
                 try:
                     signal.set_wakeup_fd(-1)
-                    code = _http_probe(self.init_pid, conf["http"]["port"], conf["http"]["path"],
-                                       conf["timeout"], output)
+                    if "tcp" in conf:
+                        code = _tcp_probe(self.init_pid, conf["tcp"]["port"], conf["timeout"], output)
+                    else:
+                        code = _http_probe(self.init_pid, conf["http"]["port"], conf["http"]["path"],
+                                           conf["timeout"], output)
                 except BaseException as e:  # noqa: BLE001 - a child's last words go into the check output
                     try:
                         with open(output, "w", encoding="utf-8") as f:

@@ -19,7 +19,7 @@ from busybox import busybox_layer, digest_of, make_tar, remove_cgroup_parent, sn
 from mayor import layers, rootfs, runtime_spec
 from mayor.layers import LayerCache, LayerError, unpack_layer
 from mayor.runc import Runc, RuncError, check_runc, check_runc_version, parse_runc_version
-from mayor.runtime_spec import SpecError, build_config, parse_memory, validate_spec, write_config
+from mayor.runtime_spec import SpecError, build_config, parse_memory, ready_check, validate_spec, write_config
 
 ID_BASE = runtime_spec.ID_BASE
 
@@ -193,6 +193,9 @@ def test_parse_memory():
         ({"port": 70000}, "port must be a TCP port number"),
         ({"port": "80"}, "port must be a TCP port number"),
         ({"health": {"http": {"path": "/"}}}, "health.http.port is missing"),
+        ({"health": {"tcp": {}}}, "health.tcp.port is missing"),
+        ({"health": {"tcp": {"port": 8080, "path": "/"}}}, "health.tcp must be an object like"),
+        ({"port": 8080, "health": {"tcp": {}, "http": {}}}, "exactly one check"),
         ({"stop_drain": -1}, "stop_drain"),
         ({"stop_drain": "2s"}, "stop_drain"),
     ],
@@ -210,6 +213,11 @@ def test_validate_spec_normalises():
     assert validate_spec({"env": ["A=1", "B=2", "A=3"]})["env"] == {"B": "2", "A": "3"}
     checked = validate_spec({"port": 20001, "health": {"http": {"path": "/ok"}}})
     assert checked["health"]["http"] == {"port": 20001, "path": "/ok"}   # the process's own port by default
+    assert validate_spec({"port": 20001, "health": {"tcp": {}}})["health"]["tcp"] == {"port": 20001}
+    # No check of its own: the spec says so (None); the runtime runs ready_check, which stops at its first success.
+    assert validate_spec({"port": 20001})["health"] is None
+    assert ready_check(20001)["tcp"] == {"port": 20001} and ready_check(20001)["until_ready"] is True
+    assert ready_check(None) is None
     # A process with a port keeps serving 2 s after it is told to go (routers learn it left), others stop at once.
     assert (checked["stop_drain"], spec["stop_drain"]) == (2.0, 0.0)
     assert validate_spec({"port": 20001, "stop_drain": 0})["stop_drain"] == 0.0

@@ -341,6 +341,33 @@ def test_http_health_check_inside_the_private_network(host, images):
         assert "404" in json.load(f)["output"]
 
 
+def test_a_process_with_a_port_is_starting_until_it_listens(host, images):
+    """A process with a ``port`` and no check of its own gets the runtime's: ``starting`` (so no router sends
+    it requests) until something accepts connections on the port, then ``healthy``, and no more checks.
+    Counting it healthy once it ran sent requests to a port nobody listened on yet."""
+    _, busybox, _ = images
+    rt = host.runtime()
+    serve = ("mkdir -p /www && echo ok > /www/index.html && echo up; while [ ! -e /tmp/go ]; do sleep 0.1; done; "
+             "exec httpd -f -p 127.0.0.1:8080 -h /www")
+    rt.start("web", "K-1", spec(busybox, ["/bin/sh", "-c", serve], port=8080))
+    rt.start("plain", "K-1", spec(busybox, ["/bin/sh", "-c", "echo up; exec sleep 60"]))
+    wait_for_log(rt, "web", b"up\n")
+    wait_for_log(rt, "plain", b"up\n")
+    time.sleep(1.0)  # four quick checks, all refused
+    found = rt.actual()
+    assert (found["web"].state, found["web"].health) == ("running", "starting")
+    assert (found["plain"].state, found["plain"].health) == ("running", None)  # no port, no check
+    assert finish(rt.exec("web", ["/bin/touch", "/tmp/go"]))[1] == 0
+    wait_until(rt, lambda a: a["web"].health == "healthy", timeout=5)
+    path = os.path.join(host.data_dir, "containers", "web", "health.json")
+    with open(path) as f:
+        first = json.load(f)
+    assert first["output"] == "listening on port 8080\n"
+    time.sleep(1.0)
+    with open(path) as f:
+        assert json.load(f)["checked"] == first["checked"]  # ready once is enough: not checked again
+
+
 def test_out_of_memory_is_reported(host, images):
     _, busybox, _ = images
     rt = host.runtime()

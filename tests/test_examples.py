@@ -147,6 +147,16 @@ def test_worker(examples):
     assert examples.up.keg("cat", "/services/ticker.tsv", check=False).returncode != 0
 
 
+def _router_errors(examples) -> str:
+    """What the router logged about failed requests: its access log's 5xx lines and its error log's end."""
+    router = os.path.join(examples.home, ".local", "share", "keg", "router")
+    with open(os.path.join(router, "access.log"), encoding="utf-8", errors="replace") as f:
+        bad = [line for line in f if re.match(r"[^\t]*\tsite\t5", line)]
+    with open(os.path.join(router, "error.log"), encoding="utf-8", errors="replace") as f:
+        errors = f.read()[-3000:]
+    return "access.log 5xx:\n" + "".join(bad[:40]) + "error.log:\n" + errors
+
+
 def test_policy(examples):
     examples.run("static-site")                 # the policy README works on its app, site
     answers, stop = [], threading.Event()
@@ -183,6 +193,6 @@ def test_policy(examples):
     # The site answered every request all along, first or second edition.
     assert len(answers) > 100
     failed = [a for a in answers if a[0] != 200 or "<h1>A static site on Keg" not in a[1]]
-    assert failed == [], failed[:5]
+    assert failed == [], f"{len(failed)} of {len(answers)} failed, first {failed[0]!r}\n{_router_errors(examples)}"
     wait_until(lambda: len([s for s in examples.ps("site-web-") if s["state"] == "running"]) == 1,
                "site-web to be down to 1 replica", timeout=60, log=examples.up.logs)

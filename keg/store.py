@@ -1147,6 +1147,21 @@ class Store:
         self._repo = pygit2.Repository(self.path)
         return False
 
+    def housekeeping_status(self) -> dict:
+        """What the keg's background work has done, and its last failure while that failure stands.
+
+        Returns:
+            ``{"checkpoints": n, "repacks": n, "repacking": bool, "checkpoint_error": text or None,
+            "repack_error": text or None}``: counts since the keg was opened; an error is cleared by
+            the next checkpoint (or repack) that succeeds.
+        """
+        def text(err):
+            return None if err is None else str(err)
+
+        return {"checkpoints": self.stats["checkpoints"], "repacks": self.stats["repacks"],
+                "repacking": self._repacking is not None,
+                "checkpoint_error": text(self.last_checkpoint_error), "repack_error": text(self.last_repack_error)}
+
     # -------------------------------------------------------------- volatile
 
     def _volatile_dirs(self, root: bytes):

@@ -7,6 +7,7 @@ One application for every server: the standalone event-loop server
 ``PUT|DELETE /v1/keg/<path>`` write; ``If-Match``/``If-None-Match: *`` compare first
 ``POST /v1/tx``               a transaction (the JSON form of ``keg tx``)
 ``GET /v1/head``              the newest revision
+``GET /v1/status``            this master: role, revision, housekeeping (and Raft state on a replica)
 ``GET /v1/log``, ``/v1/diff``, ``/v1/kid/<KID>``, ``/v1/watch``
 ``GET|HEAD|PUT /v1/chunks/<blake3>``, ``POST /v1/chunks`` (a group of chunks, one sync),
 ``POST /v1/chunks/read`` (the chunks named, in one answer)
@@ -263,7 +264,7 @@ class KegApp:
             return self._json(start_response, self.master.resolve_kid(path[len("/v1/kid/"):]))
         handler = {"/v1/tx": self._tx, "/v1/head": self._head, "/v1/log": self._log, "/v1/diff": self._diff,
                    "/v1/watch": self._watch, "/v1/compact": self._compact, "/v1/gc": self._gc,
-                   "/v1/whoami": self._whoami}.get(path)
+                   "/v1/whoami": self._whoami, "/v1/status": self._status}.get(path)
         if handler is None:
             raise NotFound(f"no such endpoint {path}; see /v1/openapi.json")
         return handler(req, start_response, principal)
@@ -469,6 +470,11 @@ class KegApp:
         if _linearizable(req):
             return self._after_barrier(start_response, lambda sr: self._json(sr, self.master.head().to_json()))
         return self._json(start_response, self.master.head().to_json())
+
+    def _status(self, req, start_response, principal):
+        self._allow(req, "GET")
+        self.authority.check(principal, "/", "r")
+        return self._json(start_response, self.master.status())
 
     def _log(self, req, start_response, principal):
         self._allow(req, "GET")

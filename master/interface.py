@@ -241,6 +241,12 @@ class Master(abc.ABC):
         return job.tree()
 
     @abc.abstractmethod
+    def status(self) -> dict:
+        """What ``keg master status`` shows for this master: ``mode`` (``single`` or ``raft``), ``role``,
+        ``revision``, ``revision_kid`` and ``housekeeping`` (``Store.housekeeping_status``); a Raft
+        replica adds its term, indexes and peers."""
+
+    @abc.abstractmethod
     def publish(self) -> str:
         """Make the git repository on disk show the head (for git fetch); returns its path."""
 

@@ -129,6 +129,10 @@ def spec() -> dict:
         "/v1/compact": {"post": {"summary": "Drop old history of volatile directories (needs write on /).",
                                  "parameters": [_query("window", "revisions to keep", "integer")],
                                  "responses": {"200": _answer("done", {"type": "object"}), **_errors(401, 403)}}},
+        "/v1/status": {"get": {"summary": "This master: mode (single or raft), role, revision, housekeeping "
+                                          "(checkpoints, repacks, their last errors); on a Raft replica also "
+                                          "term, commit index and peers (needs read on /).",
+                               "responses": {"200": _answer("status", {"type": "object"}), **_errors(401, 403)}}},
         "/v1/whoami": {"get": {"summary": "The principal the token names.",
                                "responses": {"200": _answer("principal", {"type": "object"}), **_errors(401)}}},
         "/git/keg.git/info/refs": {"get": {"summary": "git smart HTTP (clone and fetch only; pushes are refused).",

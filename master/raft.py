@@ -982,6 +982,7 @@ class RaftMaster(SingleMaster):
         leader = raw.get("leader")
         with self._lock:
             revision = self.store.revision()
+            housekeeping = self.store.housekeeping_status()
         peers = []
         for address in sorted(self.peers):
             if address == self.self_raft:
@@ -1001,7 +1002,8 @@ class RaftMaster(SingleMaster):
                 "revision": revision.number, "revision_kid": revision.kid, "applied_index": self.applied_index,
                 "snapshots_loaded": self.stats["snapshots_loaded"], "snapshots_written": self.stats["snapshots_sent"],
                 "forwarded_sent": self.forwarder.sent, "forwarded_received": self.forwarder.received,
-                "peers": peers, "members": sorted([self.self_raft] + [n.address for n in self.raft.otherNodes])}
+                "peers": peers, "members": sorted([self.self_raft] + [n.address for n in self.raft.otherNodes]),
+                "housekeeping": housekeeping}
 
     def change_membership(self, action: str, address: str) -> Pending:
         """Add or remove a replica (one at a time); the ``Pending`` resolves once the change is committed."""
@@ -1125,28 +1127,32 @@ def route(app, req, start_response):
 
 
 def fetch_status(url: str, token: str | None, timeout: float = 3.0) -> dict:
-    """One master's ``/v1/raft/status`` (or, for a single-node master, its head) as a dict.
+    """One master's ``/v1/status`` as a dict, with its ``url``.
+
+    A master older than ``/v1/status`` (met during a rolling upgrade) is asked
+    for ``/v1/raft/status``, or for a single-node master its head.
 
     Raises:
-        OSError: the master did not answer.
+        OSError: the master did not answer, or answered with an error.
     """
     parsed = urllib.parse.urlsplit(url)
     conn = (http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection)(
         parsed.hostname, parsed.port, timeout=timeout)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        conn.request("GET", "/v1/raft/status", headers=headers)
-        response = conn.getresponse()
-        body = response.read()
-        if response.status == 404:
-            conn.request("GET", "/v1/head", headers=headers)
+        for path in ("/v1/status", "/v1/raft/status", "/v1/head"):
+            conn.request("GET", path, headers=headers)
             response = conn.getresponse()
-            head = json.loads(response.read())
-            return {"mode": "single", "url": url, "role": "single", "revision": head.get("revision"),
-                    "revision_kid": head.get("kid"), "term": None, "commit_index": None}
+            body = response.read()
+            if response.status != 404:
+                break
         if response.status != 200:
             raise OSError(f"HTTP {response.status}: {body[:200].decode(errors='replace')}")
-        return json.loads(body)
+        found = json.loads(body)
+        if path == "/v1/head":
+            found = {"mode": "single", "role": "single", "revision": found.get("revision"),
+                     "revision_kid": found.get("kid"), "term": None, "commit_index": None}
+        return {**found, "url": found.get("url") or url}
     finally:
         conn.close()
 

@@ -381,6 +381,13 @@ class SingleMaster(Master):
         with self._lock:
             return HOUSEKEEPING_POLL if self.store.poll_checkpoint() else None
 
+    def status(self) -> dict:
+        with self._lock:
+            revision = self.store.revision()
+            housekeeping = self.store.housekeeping_status()
+        return {"mode": "single", "role": "single", "revision": revision.number, "revision_kid": revision.kid,
+                "term": None, "commit_index": None, "housekeeping": housekeeping}
+
     def publish(self) -> str:
         self.flush()
         with self._lock:

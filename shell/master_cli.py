@@ -122,6 +122,9 @@ def status_cmd(url, token, as_json):
     Columns: URL, Raft address, role (leader, follower, candidate, single,
     unreachable), Raft term, commit index, last applied log index, the keg's
     revision, and lag = newest revision among the replicas minus this one's.
+    Below the table, on standard error, any master whose last checkpoint or
+    repack failed, with the error (it stands until the next one succeeds);
+    --json carries these under "housekeeping".
     Exit status 4 when a replica does not answer.
     """
     rows = _status_rows([u for u in url.split(",") if u.strip()], token)
@@ -134,8 +137,24 @@ def status_cmd(url, token, as_json):
             cells = [row.get("url"), row.get("raft", "-"), row.get("role"), row.get("term"),
                      row.get("commit_index"), row.get("last_applied"), row.get("revision"), row.get("lag")]
             click.echo("\t".join("-" if c is None else str(c) for c in cells))
+        for line in _housekeeping_problems(rows):
+            click.echo(f"keg master status: {line}", err=True)
     if any(r.get("role") == "unreachable" for r in rows):
         raise click.exceptions.Exit(4)
+
+
+def _housekeeping_problems(rows: list) -> list:
+    """One line per failed checkpoint or repack a master reported."""
+    lines = []
+    for row in rows:
+        done = row.get("housekeeping") or {}
+        if done.get("checkpoint_error"):
+            lines.append(f"{row['url']}: the last checkpoint failed (writes are kept in the journal and "
+                         f"checkpointed again): {done['checkpoint_error']}")
+        if done.get("repack_error"):
+            lines.append(f"{row['url']}: the last repack failed (the old packs stay; tried again later): "
+                         f"{done['repack_error']}")
+    return lines
 
 
 @click.command("member")

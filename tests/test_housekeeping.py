@@ -8,6 +8,8 @@ import time
 import keg
 from keg import Transaction, put
 from keg.store import PACKS_BEFORE_REPACK
+from master.single import SingleMaster
+from shell.master_cli import _housekeeping_problems
 
 from conftest import git
 
@@ -114,6 +116,12 @@ def test_a_failed_repack_is_kept_as_an_error_and_loses_nothing(keg_dir, tmp_path
     store.checkpoint()
     written += 1
     assert store.last_checkpoint_error is None and store.stats["repacks"] == 1
+    # The master says so (GET /v1/status), and keg master status names it under its table.
+    status = SingleMaster(store).status()
+    assert status["housekeeping"]["repack_error"] == str(error) and status["housekeeping"]["repacks"] == 1
+    assert status["housekeeping"]["checkpoint_error"] is None and status["revision"] == store.revision().number
+    shown = _housekeeping_problems([{**status, "url": "http://keg1:7480"}])
+    assert shown == [f"http://keg1:7480: the last repack failed (the old packs stay; tried again later): {error}"]
     store.close()
     assert len(_packs(keg_dir)) > PACKS_BEFORE_REPACK  # the old packs are all still there
     _all_revisions_readable(keg_dir, written)

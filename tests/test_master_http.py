@@ -14,7 +14,7 @@ import keg
 
 import pytest
 
-from conftest import MasterProcess, git, init_keg_with_token
+from conftest import MasterProcess, git, init_keg_with_token, keg_command
 from httpclient import Client
 
 
@@ -146,6 +146,31 @@ def test_log_diff_kid_and_openapi(master_server):
     for route in ("/v1/keg/{path}", "/v1/tx", "/v1/log", "/v1/diff", "/v1/kid/{kid}", "/v1/watch",
                   "/v1/chunks/{blake3}"):
         assert route in spec["paths"]
+
+
+def test_status_says_the_role_revision_and_housekeeping(master_server):
+    """``GET /v1/status`` on either master, and ``keg master status`` built on it."""
+    c = Client(master_server.url, master_server.token)
+    written = c.json("PUT", "/v1/keg/s/a.txt", "a")[1]
+    status, found = c.json("GET", "/v1/status")
+    assert status == 200 and found["revision"] >= written["revision"]
+    assert found["housekeeping"]["checkpoint_error"] is None and found["housekeeping"]["repack_error"] is None
+    if isinstance(master_server, MasterProcess):
+        assert (found["mode"], found["role"]) == ("single", "single")
+    else:
+        assert found["mode"] == "raft" and found["role"] in ("leader", "follower")
+    assert c.json("GET", "/v1/status", token=None)[0] == 401
+    assert c.json("POST", "/v1/status", b"")[0] == 405
+    done = subprocess.run([*keg_command(), "master", "status", "--url", master_server.url],
+                          env={**os.environ, "KEG_TOKEN": master_server.token}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "URL\tRAFT\tROLE\tTERM\tCOMMIT\tAPPLIED\tREVISION\tLAG"
+    if found["mode"] == "single":
+        assert len(lines) == 2 and lines[1].startswith(f"{master_server.url}\t-\tsingle\t-\t-\t-\t")
+    else:
+        assert len(lines) == 4 and sorted(line.split("\t")[2] for line in lines[1:]).count("leader") == 1
 
 
 def test_chunks_are_verified(master_server):

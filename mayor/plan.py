@@ -63,7 +63,7 @@ class Actual:
     pid: int | None = None          # the container's init on the host
     kid: str | None = None          # the process KID of this incarnation (DESIGN §1.2)
     incarnation: int = 0            # starts of this process name so far, this one included
-    health: str | None = None       # "starting", "healthy", "unhealthy", or None without a health check
+    health: str | None = None       # "starting", "healthy", "unhealthy", or None without a check (nor a port)
     reason: str | None = None       # why it exited when the runtime knows more than the code ("unhealthy", "oom")
     stopping_until: float | None = None  # running, asked to stop: dead by then (SIGKILL after the grace)
 

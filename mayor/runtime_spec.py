@@ -55,8 +55,9 @@ HEALTH_DEFAULTS = {"interval": 10.0, "timeout": 5.0, "threshold": 3, "start_peri
 HEALTH_KEYS = ("exec", "http", "tcp", *HEALTH_DEFAULTS)
 PROBES = ("exec", "http", "tcp")
 # The runtime's own check of a process with a port and no health check: it is "starting", and gets no
-# requests, until something accepts connections on the port (as Heroku waits for a web process to bind
-# $PORT); then "healthy", and no more checks. Not listening after a minute, it shows as "unhealthy".
+# requests, until something accepts connections on 127.0.0.1:port in its network namespace (as Heroku
+# waits for a web process to bind $PORT); then "healthy", and no more checks. Never "unhealthy", never
+# restarted: tried every 0.25 s for the first minute (start_period), then every 2 s (the shim's SLOW_INTERVAL).
 READY_CHECK = {"interval": 0.25, "timeout": 2.0, "threshold": 1, "start_period": 60.0,
                "restart_on_failure": False, "until_ready": True}
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL

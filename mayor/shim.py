@@ -20,7 +20,7 @@ in ``DIR/shim.json``, written by the runtime. Then it:
 4. runs the health check, if any, at its interval and records the state in
    ``DIR/health.json``; with ``restart_on_failure`` it stops a container that
    became unhealthy (SIGTERM, SIGKILL after the stop grace); a check
-   ``until_ready`` ends at its first success;
+   ``until_ready`` (readiness) is never unhealthy and ends at its first success;
 5. when the init exits, reads the memory cgroup's OOM-kill count, writes
    ``DIR/exit.json`` atomically and exits.
 
@@ -45,7 +45,7 @@ RUNC_TIMEOUT = 60.0       # seconds for `runc run --detach`
 DRAIN_SECONDS = 2.0       # after the init exited, how long to wait for the rest of its output
 READ_SIZE = 65536
 HEALTH_OUTPUT = 4096      # bytes of a health check's output kept in health.json
-SLOW_INTERVAL = 10.0      # seconds between the checks of a process not ready after its start period
+SLOW_INTERVAL = 2.0       # seconds between the readiness checks of a process not ready after its start period
 # Signals reset to their default in runc and hence in the container (Python ignores SIGPIPE and SIGXFSZ).
 DEFAULT_SIGNALS = {s for s in range(1, 32) if s not in (signal.SIGKILL, signal.SIGSTOP)}
 
@@ -294,7 +294,8 @@ def _http_probe(init_pid: int, port: int, path: str, timeout: float, output: str
 def _tcp_probe(init_pid: int, port: int, timeout: float, output: str) -> int:
     """Connect to 127.0.0.1:``port`` inside the container's network namespace (in a forked child).
 
-    Returns the exit code: 0 when something accepted the connection (a refusal raises)."""
+    Returns the exit code: 0 when something accepted the connection; a refusal raises (the caller
+    writes the error as the check's output and exits 2)."""
     import socket  # only in the probe's child
 
     _enter_network(init_pid)
@@ -324,13 +325,17 @@ class Health:
     def result(self, ok: bool, now: float) -> bool:
         """Record a check's result; True when the status changed.
 
-        A check ``until_ready`` (the runtime's own for a process with a port) stops at its first
-        success, and once its start period is over it checks at the usual interval, not its quick one.
+        A check ``until_ready`` (the runtime's readiness check of a process with a port) is
+        ``starting`` until its first success, never ``unhealthy``, and not run after that success;
+        past its start period it runs every ``SLOW_INTERVAL`` seconds instead of its quick interval.
         """
         before = self.status
         starting = now - self.started < self.conf["start_period"]
+        until_ready = self.conf.get("until_ready", False)
         if ok:
             self.failures, self.status = 0, "healthy"
+        elif until_ready:
+            self.failures += 1  # counted for health.json; the process stays "starting"
         elif self.status == "starting" and starting:
             pass  # failures in the start period do not count
         else:
@@ -338,7 +343,7 @@ class Health:
             if self.failures >= self.conf["threshold"]:
                 self.status = "unhealthy"
         self.check = None
-        if self.conf.get("until_ready"):
+        if until_ready:
             self.next_at = None if ok else now + (self.conf["interval"] if starting else SLOW_INTERVAL)
         else:
             self.next_at = now + self.conf["interval"]
@@ -504,8 +509,9 @@ class Shim:
 
     def _timeout(self, now: float):
         waits = []
-        if self.health is not None and self.kill_at is None and self.health.timeout(now) is not None:
-            waits.append(self.health.timeout(now))
+        due = None if self.health is None or self.kill_at is not None else self.health.timeout(now)
+        if due is not None:
+            waits.append(due)
         for at in (self.term_at, self.kill_at):
             if at is not None:
                 waits.append(max(0.0, at - now))

@@ -167,6 +167,7 @@ def job_ls(opener, as_json):
       REPLICAS   wanted/running/healthy: running counts replicas whose Mayor
                  reports them running (on a machine whose heartbeat is fresh),
                  healthy those whose health check passes or that have none
+                 (with a port: once it accepts connections)
       RELEASE    the job's release (- when it has none)
       IMAGE      the image KID, shortened
       NOTE       what the scheduler last said: why replicas are not placed,

@@ -640,7 +640,8 @@ def ps_cmd(machine, include_all, opener, as_json):
                      a trailing ? means the machine's Mayor has not reported for 90 s
       PID            the container's init on the machine
       RESTARTS       exits in a row (forgotten once it has run 10 minutes)
-      HEALTH         starting, healthy or unhealthy (- without a health check)
+      HEALTH         starting, healthy or unhealthy (- without a health check;
+                     a process with a port is starting until it listens)
       AGE            time in its state: since it started, or since it exited
       KID IMAGE      the incarnation's process KID and the image, shortened
 

@@ -223,6 +223,25 @@ def test_validate_spec_normalises():
     assert validate_spec({"port": 20001, "stop_drain": 0})["stop_drain"] == 0.0
 
 
+def test_the_readiness_check_is_starting_until_its_first_success_and_then_stops():
+    """The runtime's check of a process with a port (the shim's ``Health`` with ``ready_check``): never
+    ``unhealthy``, quick during its start period, slower after, and no more checks once ready."""
+    from mayor.shim import SLOW_INTERVAL, Health
+
+    ready = Health(ready_check(8080), started=1000.0)
+    assert (ready.status, ready.next_at, ready.timeout(1000.0)) == ("starting", 1000.25, 0.25)
+    assert ready.result(False, 1000.3) is False and ready.next_at == 1000.55
+    assert ready.result(False, 1070.0) is False     # a minute on, still not listening: still only starting
+    assert (ready.status, ready.failures, ready.next_at) == ("starting", 2, 1070.0 + SLOW_INTERVAL)
+    assert ready.result(True, 1071.0) is True and ready.status == "healthy"
+    assert ready.next_at is None and ready.timeout(1100.0) is None
+    # A check of the user's own, with the same timings, does turn unhealthy after its start period.
+    own = Health(validate_spec({"port": 8080, "health": {"tcp": {}, "interval": 0.25, "threshold": 1,
+                                                          "start_period": 60}})["health"], started=1000.0)
+    assert own.result(False, 1000.3) is False and own.result(False, 1070.0) is True
+    assert (own.status, own.next_at) == ("unhealthy", 1070.25)
+
+
 @pytest.fixture
 def searchable_dir():
     """A temporary directory others may search, unlike pytest's private tmp_path (see ``build_config``)."""

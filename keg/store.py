@@ -1152,8 +1152,8 @@ class Store:
 
         Returns:
             ``{"checkpoints": n, "repacks": n, "repacking": bool, "checkpoint_error": text or None,
-            "repack_error": text or None}``: counts since the keg was opened; an error is cleared by
-            the next checkpoint (or repack) that succeeds.
+            "repack_error": text or None}``: checkpoints written and repacks started since the keg was
+            opened; an error is cleared by the next checkpoint (or repack) that succeeds.
         """
         def text(err):
             return None if err is None else str(err)

@@ -63,7 +63,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import http.client
 import json
 import logging
 import os
@@ -1124,37 +1123,6 @@ def route(app, req, start_response):
         env = git_http.cgi_environ(req.environ, root, "/" + rest[len("git/"):], "raft-peer")
         return git_http.CgiBody(start_response, env, req.body())
     raise NotFound(f"no such endpoint {req.path}")
-
-
-def fetch_status(url: str, token: str | None, timeout: float = 3.0) -> dict:
-    """One master's ``/v1/status`` as a dict, with its ``url``.
-
-    A master older than ``/v1/status`` (met during a rolling upgrade) is asked
-    for ``/v1/raft/status``, or for a single-node master its head.
-
-    Raises:
-        OSError: the master did not answer, or answered with an error.
-    """
-    parsed = urllib.parse.urlsplit(url)
-    conn = (http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection)(
-        parsed.hostname, parsed.port, timeout=timeout)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        for path in ("/v1/status", "/v1/raft/status", "/v1/head"):
-            conn.request("GET", path, headers=headers)
-            response = conn.getresponse()
-            body = response.read()
-            if response.status != 404:
-                break
-        if response.status != 200:
-            raise OSError(f"HTTP {response.status}: {body[:200].decode(errors='replace')}")
-        found = json.loads(body)
-        if path == "/v1/head":
-            found = {"mode": "single", "role": "single", "revision": found.get("revision"),
-                     "revision_kid": found.get("kid"), "term": None, "commit_index": None}
-        return {**found, "url": found.get("url") or url}
-    finally:
-        conn.close()
 
 
 def main_log_handler() -> None:

@@ -87,7 +87,7 @@ def serve_replica(keg_dir: str, listen: str, max_body: int, heartbeat: float, ra
 
 
 def _status_rows(urls: list, token: str | None) -> list:
-    from master.raft import fetch_status
+    from master.client import fetch_status
     rows, seen = [], set()
     queue = list(urls)
     while queue:

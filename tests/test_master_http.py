@@ -173,6 +173,61 @@ def test_status_says_the_role_revision_and_housekeeping(master_server):
         assert len(lines) == 4 and sorted(line.split("\t")[2] for line in lines[1:]).count("leader") == 1
 
 
+def test_status_asks_a_master_older_than_v1_status_what_it_answers():
+    """``fetch_status`` (keg master status) against masters that predate ``/v1/status``: a replica's
+    ``/v1/raft/status``, a single master's head; an answer that is not a JSON object is refused."""
+    import http.server
+
+    from master.client import fetch_status
+
+    answers = {}
+
+    class Old(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = answers.get(self.path)
+            self.send_response(404 if body is None else 200)
+            data = b'{"error": "no such endpoint"}' if body is None else json.dumps(body).encode()
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Old)
+    server.timeout = 0.2
+    url = f"http://127.0.0.1:{server.server_port}"
+
+    def ask():
+        """fetch_status's answer, or what it raised."""
+        done = []
+
+        def run():
+            try:
+                done.append(fetch_status(url, "t", timeout=5))
+            except (OSError, ValueError) as err:
+                done.append(err)
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            server.handle_request()   # one request, or none within server.timeout
+        thread.join(10)
+        return done[0] if done else None
+
+    try:
+        answers["/v1/head"] = {"revision": 7, "kid": "K-abc"}
+        assert ask() == {"mode": "single", "role": "single", "revision": 7, "revision_kid": "K-abc", "term": None,
+                         "commit_index": None, "url": url}
+        answers["/v1/raft/status"] = {"mode": "raft", "role": "leader", "url": "http://keg1:7480", "revision": 9}
+        assert ask() == answers["/v1/raft/status"]
+        answers["/v1/status"] = ["not", "an", "object"]
+        refused = ask()
+        assert isinstance(refused, ValueError) and "answered list JSON, not a status object" in str(refused)
+    finally:
+        server.server_close()
+
+
 def test_chunks_are_verified(master_server):
     import blake3
     c = Client(master_server.url, master_server.token)

@@ -109,7 +109,7 @@ class Builder:
         name: this builder's name (containers are ``build-<name>.…``).
         data_dir: its own state: the source cache repository, scratch space, the runtime's files.
         runtime: a ``mayor.runc_runtime.RuncRuntime`` (or anything with its interface) for the build containers.
-        git_url: ``http://host:port`` of the master to fetch sources from (None: ``keg.path`` is a local keg).
+        git_url: ``http://host:port`` (or ``https://``) of the master to fetch sources from (None: ``keg.path`` is a local keg).
         token: the token for git fetch.
         say: where progress lines go (the builder's own log).
     """

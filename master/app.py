@@ -697,7 +697,7 @@ class KegApp:
             host = "127.0.0.1"
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"http://{host}:{req.environ.get('SERVER_PORT', '80')}"
+        return f"{req.environ.get('wsgi.url_scheme', 'http')}://{host}:{req.environ.get('SERVER_PORT', '80')}"
 
     def _push_grant(self, req):
         authorization = req.header("Authorization") or ""

@@ -24,7 +24,7 @@ from keg.chunkworker import encode_group, read_group
 from keg.large import DEFAULT_THRESHOLD, Chain, LargeReader, Pointer, ingest, is_pointer, read_full
 from keg.records import Entry, Event, Revision
 from keg.transaction import Transaction, TxResult, put, put_large, transaction_to_json
-from master import wire
+from master import tls, wire
 from master.auth import Forbidden, Unauthenticated
 
 TIMEOUT = 60.0
@@ -131,7 +131,8 @@ class RemoteKeg:
     """A master reached over HTTP.
 
     Args:
-        url: ``http://host:port`` (or several, comma-separated, tried in turn).
+        url: ``http://host:port`` or ``https://host:port`` (or several, comma-separated, tried in turn); an
+            ``https://`` master's certificate is verified (``master/tls.py``).
         token: the token sent as ``Authorization: Bearer``.
     """
 
@@ -141,8 +142,8 @@ class RemoteKeg:
             raise BadRequest("no master URL given")
         for u in self.urls:
             parsed = urllib.parse.urlsplit(u)
-            if parsed.scheme != "http" or not parsed.hostname:
-                raise BadRequest(f"{u!r} is not a master URL: give http://HOST:PORT")
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise BadRequest(f"{u!r} is not a master URL: give http://HOST:PORT or https://HOST:PORT")
         self.token = token
         self.timeout = timeout
         self.path = self.urls[0]
@@ -165,7 +166,8 @@ class RemoteKeg:
 
     def _connect(self, index: int, timeout: float):
         parsed = urllib.parse.urlsplit(self.urls[index])
-        return wire.Connection(parsed.hostname, parsed.port or 80, timeout)
+        tls = parsed.scheme == "https"
+        return wire.Connection(parsed.hostname, parsed.port or (443 if tls else 80), timeout, tls=tls)
 
     def _headers(self, extra=None) -> dict:
         headers = {"Accept": "application/json"}
@@ -199,7 +201,8 @@ class RemoteKeg:
             if method == "HEAD":  # an error's explanation is in a body, which HEAD does not carry
                 return self.request("GET", target, headers=headers, ok=ok)
             raise _error_from(response.status, data)
-        raise Unreachable(f"cannot reach the master at {', '.join(self.urls)}: {last}")
+        hint = f" ({tls.VERIFY_HINT})" if tls.is_verify_error(last) else ""
+        raise Unreachable(f"cannot reach the master at {', '.join(self.urls)}: {last}{hint}")
 
     @staticmethod
     def _target(base: str, **query) -> str:
@@ -458,8 +461,7 @@ class RemoteKeg:
 
         A heartbeat's revision (NDJSON carries one) comes as an int before its ``None``.
         """
-        parsed = urllib.parse.urlsplit(self.urls[self._current])
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=heartbeat * 3 + 5)
+        conn = http_connection(self.urls[self._current], heartbeat * 3 + 5)
         try:
             conn.request("GET", self._target("/v1/watch", prefix=prefix, since=since, format="ndjson",
                                              heartbeat=heartbeat), headers=self._headers())
@@ -488,6 +490,15 @@ class RemoteKeg:
             conn.close()
 
 
+def http_connection(url: str, timeout: float) -> http.client.HTTPConnection:
+    """An ``http.client`` connection to the master at ``url`` (``https://``: verified as ``master/tls.py`` says)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "https":
+        return http.client.HTTPSConnection(parsed.hostname, parsed.port or 443, timeout=timeout,
+                                           context=tls.client_context())
+    return http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=timeout)
+
+
 def fetch_status(url: str, token: str | None, timeout: float = 3.0) -> dict:
     """One master's ``/v1/status`` as a dict, with its ``url``.
 
@@ -498,9 +509,7 @@ def fetch_status(url: str, token: str | None, timeout: float = 3.0) -> dict:
         OSError: the master did not answer, or answered with an error.
         ValueError: its answer is not a JSON object.
     """
-    parsed = urllib.parse.urlsplit(url)
-    conn = (http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection)(
-        parsed.hostname, parsed.port, timeout=timeout)
+    conn = http_connection(url, timeout)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         for path in ("/v1/status", "/v1/raft/status", "/v1/head"):

@@ -163,7 +163,8 @@ def push_environ(environ: dict, root: str, path_info: str, remote_user: str, hoo
 
     Receiving is on, every object is checked (``receive.fsckObjects``), a pack
     larger than ``max_push`` is refused by git itself, ref deletions are
-    refused, and the pre-receive hook gets ``hook_env`` (how to reach the master).
+    refused, and the pre-receive hook gets ``hook_env`` (how to reach the master) and the master's own
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR``, to trust an ``https://`` master as the master trusts its peers.
     """
     env = cgi_environ(environ, root, path_info, remote_user)
     extra = {"http.receivepack": "true", "receive.fsckObjects": "true", "transfer.fsckObjects": "true",
@@ -177,5 +178,6 @@ def push_environ(environ: dict, root: str, path_info: str, remote_user: str, hoo
         env[f"GIT_CONFIG_KEY_{count}"], env[f"GIT_CONFIG_VALUE_{count}"] = key, value
         count += 1
     env["GIT_CONFIG_COUNT"] = str(count)
+    env.update({name: os.environ[name] for name in ("SSL_CERT_FILE", "SSL_CERT_DIR") if name in os.environ})
     env.update(hook_env)
     return env

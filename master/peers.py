@@ -13,6 +13,7 @@ import http.client
 import urllib.parse
 
 from keg.errors import KegError
+from master.tls import client_context
 
 PEER_TIMEOUT = 2.0     # seconds to connect to another replica, and for an answer unless the caller allows more
 SOURCE_TIMEOUT = 30.0  # seconds for one replica's answer to a source pack (it indexes and checks it first)
@@ -38,8 +39,11 @@ def peer_request(url: str, token: str, method: str, target: str, body: bytes | N
         http.client.HTTPException: it answered something that is not HTTP.
     """
     parsed = urllib.parse.urlsplit(url)
-    conn = (http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection)(
-        parsed.hostname, parsed.port, timeout=min(timeout, PEER_TIMEOUT))
+    if parsed.scheme == "https":  # the replicas serve TLS (--tls-cert): their certificates are verified
+        conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, timeout=min(timeout, PEER_TIMEOUT),
+                                           context=client_context())
+    else:
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=min(timeout, PEER_TIMEOUT))
     try:
         conn.connect()
         conn.sock.settimeout(timeout)

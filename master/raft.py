@@ -151,14 +151,15 @@ def check_address(text: str, what: str) -> str:
 def parse_peers(text: str, self_raft: str, self_url: str) -> list:
     """The ``--raft-peers`` list: ``HOST:PORT`` or ``HOST:PORT=http://HOST:HTTPPORT``, comma-separated.
 
-    A peer without a URL is assumed to serve HTTP on the same port as this
-    replica, at its Raft host.  This replica must be in the list.
+    A peer without a URL is assumed to serve as this replica does (HTTP, or
+    HTTPS with ``--tls-cert``) on the same port, at its Raft host.  This
+    replica must be in the list.
 
     Raises:
         RaftConfigError: naming the entry that is wrong.
     """
     self_raft = check_address(self_raft, "--raft-self")
-    http_port = urllib.parse.urlsplit(self_url).port
+    own = urllib.parse.urlsplit(self_url)
     peers, seen = [], set()
     for item in [p for p in (text or "").split(",") if p.strip()]:
         raft, _, url = item.strip().partition("=")
@@ -169,7 +170,7 @@ def parse_peers(text: str, self_raft: str, self_url: str) -> list:
         if raft == self_raft:
             url = self_url
         elif not url:
-            url = f"http://{raft.rpartition(':')[0]}:{http_port}"
+            url = f"{own.scheme}://{raft.rpartition(':')[0]}:{own.port}"
         elif not url.startswith(("http://", "https://")):
             raise RaftConfigError(f"--raft-peers entry {item!r}: the URL must start with http:// or https://")
         peers.append(Peer(raft, url.rstrip("/")))
@@ -906,8 +907,8 @@ class RaftMaster(SingleMaster):
         peer = self.peers.get(address)
         if peer is not None:
             return peer.url
-        port = urllib.parse.urlsplit(self.self_url).port
-        return f"http://{address.rpartition(':')[0]}:{port}"
+        own = urllib.parse.urlsplit(self.self_url)
+        return f"{own.scheme}://{address.rpartition(':')[0]}:{own.port}"
 
     # ------------------------------------------------------------ snapshots
 

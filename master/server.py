@@ -79,7 +79,9 @@ class Connection(asyncio.Protocol):
     def eof_received(self):
         if not self.busy:
             return False  # close
-        return True       # let a streaming answer notice on its next write
+        # Keep the socket half open: a streaming answer notices on its next write.  TLS cannot (asyncio
+        # closes the transport whatever this says, and warns when told otherwise): the answer ends then.
+        return self.server.tls is None
 
     def pause_writing(self):
         self.paused = True
@@ -195,7 +197,7 @@ class Connection(asyncio.Protocol):
             "CONTENT_TYPE": headers.get("content-type", ""),
             "CONTENT_LENGTH": str(len(body)),
             "REMOTE_ADDR": (self.transport.get_extra_info("peername") or ("",))[0] or "",
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+            "wsgi.version": (1, 0), "wsgi.url_scheme": self.server.scheme, "wsgi.input": io.BytesIO(body),
             "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": False,
             "wsgi.run_once": False,
         }
@@ -332,14 +334,17 @@ class HttpServer:
         app: the WSGI application.
         master: the master, whose queued writes the server flushes once per loop turn.
         max_body: largest request body accepted (413 beyond).
+        tls: a server ``ssl.SSLContext`` to serve HTTPS with (``master/tls.py``); None serves plain HTTP.
     """
 
-    def __init__(self, app, master, max_body: int, host: str = "127.0.0.1", port: int = 0, log=None):
+    def __init__(self, app, master, max_body: int, host: str = "127.0.0.1", port: int = 0, log=None, tls=None):
         self.app = app
         self.master = master
         self.max_body = max_body
         self.host = host
         self.port = port
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.connections: set = set()
         self.loop = None
         self._server = None
@@ -372,11 +377,12 @@ class HttpServer:
         """Start listening (on ``sock`` if given); returns the bound ``(host, port)``."""
         self.loop = asyncio.get_running_loop()
         self.master.on_submit = self._schedule_flush
+        tls = {} if self.tls is None else {"ssl": self.tls, "ssl_handshake_timeout": HEADER_TIMEOUT}
         if sock is not None:
-            self._server = await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024)
+            self._server = await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024, **tls)
         else:
             self._server = await self.loop.create_server(lambda: Connection(self), self.host, self.port,
-                                                         reuse_address=True, backlog=1024)
+                                                         reuse_address=True, backlog=1024, **tls)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         self.loop.call_later(5.0, self._sweep)
         return self.host, self.port
@@ -404,14 +410,15 @@ class HttpServer:
             self._stopping.set()
 
 
-def serve_http(app, master, host: str, port: int, max_body: int, ready=None) -> None:
+def serve_http(app, master, host: str, port: int, max_body: int, ready=None, tls=None) -> None:
     """Run the standalone server in this process until SIGINT/SIGTERM.
 
     Args:
         ready: called with ``(host, port)`` once listening.
+        tls: a server ``ssl.SSLContext`` to serve HTTPS with; None for HTTP.
     """
     async def main():
-        server = HttpServer(app, master, max_body, host, port)
+        server = HttpServer(app, master, max_body, host, port, tls=tls)
         bound = await server.start()
         if ready is not None:
             ready(*bound)

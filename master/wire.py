@@ -7,7 +7,9 @@ was about a quarter of its CPU.  This connection writes a request in one
 ``sendall`` and reads the answer with a handful of ``readline`` calls:
 status line, headers into a dict, then the body by ``Content-Length``,
 chunked transfer coding, or up to the end of the connection.  It keeps the
-connection open between requests unless the server says otherwise.
+connection open between requests unless the server says otherwise.  With
+``tls`` it speaks HTTPS, verifying the master's certificate
+(``master/tls.py``).
 
 Errors are those of ``http.client`` (``RemoteDisconnected``,
 ``BadStatusLine``, ``IncompleteRead`` are ``HTTPException``s) or ``OSError``,
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import http.client
 import socket
+
+from master.tls import client_context
 
 MAX_LINE = 65536          # longest status or header line accepted
 MAX_HEADERS = 100
@@ -41,10 +45,11 @@ class Response:
 
 
 class Connection:
-    """One keep-alive connection to ``host:port``; ``request`` sends and reads a whole answer."""
+    """One keep-alive connection to ``host:port`` (over TLS with ``tls``); ``request`` sends and reads a whole
+    answer."""
 
-    def __init__(self, host: str, port: int, timeout: float):
-        self.host, self.port, self.timeout = host, port, timeout
+    def __init__(self, host: str, port: int, timeout: float, tls: bool = False):
+        self.host, self.port, self.timeout, self.tls = host, port, timeout, tls
         self._host_header = f"{host}:{port}".encode("ascii")
         self._sock = None
         self._file = None
@@ -58,8 +63,15 @@ class Connection:
             self._sock = None
 
     def _connect(self) -> None:
-        self._sock = socket.create_connection((self.host, self.port), self.timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls:
+            try:
+                sock = client_context().wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+        self._sock = sock
         self._file = self._sock.makefile("rb")
 
     def request(self, method: str, target: str, body: bytes | None = None, headers: dict | None = None) -> Response:

@@ -471,8 +471,11 @@ def master():
 @click.option("--raft-dir", metavar="DIR", help="Where the Raft journal lives (default: DIR/keg/raft).")
 @click.option("--raft-compact-entries", type=click.IntRange(min=2), default=5000, show_default=True,
               help="Snapshot and trim the Raft log past this many entries.")
+@click.option("--tls-cert", metavar="FILE",
+              help="Serve HTTPS with this PEM certificate chain (the server's certificate first); needs --tls-key.")
+@click.option("--tls-key", metavar="FILE", help="The PEM private key of --tls-cert (unencrypted).")
 def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push, self_url, raft_self, raft_peers,
-                 raft_password_file, raft_dir, raft_compact_entries):
+                 raft_password_file, raft_dir, raft_compact_entries, tls_cert, tls_key):
     """Serve the keg in DIR: REST under /v1, git fetch at /git/keg.git, watch streams.
 
     One process owns the keg; writes from all clients are committed in groups,
@@ -484,13 +487,21 @@ def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push,
     committed by a majority of replicas, reads are served by this one (the
     answer says its revision; ?linearizable=1 waits for the cluster), and
     every replica makes the same commits. See docs/operations-raft.md.
+
+    With --tls-cert and --tls-key the listener speaks HTTPS only (replicas
+    then call each other over HTTPS too). Clients verify the certificate
+    against the system's CAs, or the CA file in SSL_CERT_FILE. See
+    docs/security.md.
     """
+    from shell.master_cli import tls_context
+
+    tls = tls_context(tls_cert, tls_key, fastcgi_socket)
     if raft_self or raft_peers or raft_password_file:
         if not (raft_self and raft_peers):
             raise click.UsageError("a Raft replica needs both --raft-self HOST:PORT and --raft-peers A,B,C")
         from shell.master_cli import serve_replica
         serve_replica(keg_dir, listen, max_body, heartbeat, raft_self, raft_peers, raft_password_file, raft_dir,
-                      raft_compact_entries, fastcgi_socket)
+                      raft_compact_entries, fastcgi_socket, tls)
         return
     from master.app import KegApp
     from master.server import serve_fastcgi, serve_http
@@ -507,8 +518,9 @@ def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push,
             host, _, port = listen.rpartition(":")
             if not host or not port.isdigit():
                 raise click.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--listen")
-            serve_http(app, the_master, host.strip("[]"), int(port), max_body, ready=lambda h, p: click.echo(
-                f"keg master: serving {store.path} at http://{h}:{p}", err=True))
+            scheme = "http" if tls is None else "https"
+            serve_http(app, the_master, host.strip("[]"), int(port), max_body, tls=tls, ready=lambda h, p: click.echo(
+                f"keg master: serving {store.path} at {scheme}://{h}:{p}", err=True))
     finally:
         the_master.close()
 

@@ -37,10 +37,33 @@ def _password(path: str) -> str:
     return password
 
 
+def tls_context(cert_file: str | None, key_file: str | None, fastcgi_socket: str | None):
+    """The server TLS context of ``--tls-cert``/``--tls-key``, or None without them; a usage error when only one is
+    given, with ``--fastcgi`` (nginx speaks TLS there), or when the files do not make a certificate and its key."""
+    from keg.errors import KegError
+    from master.tls import server_context
+
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise click.UsageError("HTTPS needs both --tls-cert FILE and --tls-key FILE")
+    if fastcgi_socket:
+        raise click.UsageError("--tls-cert does not go with --fastcgi: there nginx speaks TLS to the clients "
+                               "(see docs/operations.md)")
+    try:
+        return server_context(cert_file, key_file)
+    except KegError as err:
+        raise click.BadParameter(str(err), param_hint="--tls-cert/--tls-key") from err
+
+
 def serve_replica(keg_dir: str, listen: str, max_body: int, heartbeat: float, raft_self: str, raft_peers: str,
                   password_file: str | None, raft_dir: str | None, compact_entries: int,
-                  fastcgi_socket: str | None) -> None:
-    """Run one Raft replica of the keg in ``keg_dir`` until SIGINT/SIGTERM (see ``keg master serve``)."""
+                  fastcgi_socket: str | None, tls=None) -> None:
+    """Run one Raft replica of the keg in ``keg_dir`` until SIGINT/SIGTERM (see ``keg master serve``).
+
+    With ``tls`` (a server ``ssl.SSLContext``) it serves HTTPS, and a peer given without a URL is called at
+    ``https://``.
+    """
     import asyncio
 
     from master.app import KegApp
@@ -60,7 +83,7 @@ def serve_replica(keg_dir: str, listen: str, max_body: int, heartbeat: float, ra
     if int(port) == 0:
         raise click.BadParameter("a replica needs a fixed HTTP port (the other replicas call it)",
                                  param_hint="--listen")
-    self_url = f"http://{host}:{port}"
+    self_url = f"{'http' if tls is None else 'https'}://{host}:{port}"
     try:
         peers = parse_peers(raft_peers, raft_self, self_url)
     except RaftConfigError as err:
@@ -73,15 +96,17 @@ def serve_replica(keg_dir: str, listen: str, max_body: int, heartbeat: float, ra
     except BaseException:
         store.close()
         raise
-    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat)
+    # A push hook reaches this replica by the name --listen gives (the name its TLS certificate is for).
+    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat, self_url=self_url)
 
     def ready(h, p):
         the_master.attach(asyncio.get_running_loop())
-        click.echo(f"keg master: serving {store.path} at http://{h}:{p} as Raft replica {raft_self} "
+        scheme = self_url.partition(":")[0]
+        click.echo(f"keg master: serving {store.path} at {scheme}://{h}:{p} as Raft replica {raft_self} "
                    f"of {len(peers)}", err=True)
 
     try:
-        serve_http(app, the_master, host.strip("[]"), int(port), max_body, ready=ready)
+        serve_http(app, the_master, host.strip("[]"), int(port), max_body, ready=ready, tls=tls)
     finally:
         the_master.close()
 
@@ -172,11 +197,9 @@ def member_cmd(action, address, url, token):
     Removing: run `keg master member remove OLD:PORT`, then stop it.
     Change one replica at a time; see docs/operations-raft.md.
     """
-    import http.client
-    import urllib.parse
+    from master.client import http_connection
 
-    parsed = urllib.parse.urlsplit(url.split(",")[0])
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    conn = http_connection(url.split(",")[0], 30)
     try:
         conn.request("POST", "/v1/raft/members", body=json.dumps({action: address}).encode(),
                      headers={"Authorization": f"Bearer {token}"} if token else {})

@@ -29,8 +29,9 @@ def target_options(command):
     command = click.option("--token", envvar="KEG_TOKEN", metavar="TOKEN",
                            help="Token for the master (default: $KEG_TOKEN).")(command)
     command = click.option("--url", envvar="KEG_URL", metavar="URL",
-                           help="Use the master at URL (http://HOST:PORT; several comma-separated for "
-                                "fail-over) instead of a local keg. Default: $KEG_URL.")(command)
+                           help="Use the master at URL (http://HOST:PORT or https://HOST:PORT, whose "
+                                "certificate is checked against the system's CAs or $SSL_CERT_FILE; several "
+                                "comma-separated for fail-over) instead of a local keg. Default: $KEG_URL.")(command)
     return click.option("--keg", "keg_dir", envvar="KEG_DIR", metavar="DIR",
                         help="A keg directory on this machine (a bare git repository). Default: $KEG_DIR.")(command)
 

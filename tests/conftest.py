@@ -97,7 +97,7 @@ class MasterProcess:
         while time.monotonic() < deadline:
             with open(self.log_path) as log:
                 log.seek(start)
-                match = re.search(r"at (http://127\.0\.0\.1:\d+)", log.read())
+                match = re.search(r"at (https?://127\.0\.0\.1:\d+)", log.read())
             if match:
                 self.url = match.group(1)
                 return

@@ -29,6 +29,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -91,9 +92,10 @@ class Replica:
             self.started_at = time.monotonic()
             self._next_dump = self.started_at + SLOW_START
             if self.host is not None:
-                self.proc = self.cluster.net.popen(self.host, self.argv(), stdout=subprocess.DEVNULL, stderr=log)
+                self.proc = self.cluster.net.popen(self.host, self.argv(), stdout=subprocess.DEVNULL, stderr=log,
+                                                   env=self.cluster.env)
             else:
-                self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=log)
+                self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=log, env=self.cluster.env)
         if wait:
             self.wait_started()
 
@@ -194,12 +196,18 @@ class Cluster:
         extra: more ``keg master serve`` options for every replica.
         disks: put each replica's directory on a lazyfs mount of its own (see the module's docstring).
         stacks: run the replicas with faulthandler on SIGUSR1 and dump the stacks of one slow to start.
+        tls: a ``tls_certs.Certificates`` for 127.0.0.1: the replicas serve HTTPS with it and trust its CA
+            (loopback only).
     """
 
-    def __init__(self, root: str, size: int = 3, net=None, extra=(), disks: bool = False, stacks: bool = False):
+    def __init__(self, root: str, size: int = 3, net=None, extra=(), disks: bool = False, stacks: bool = False,
+                 tls=None):
         self.root = root
         self.net = net
-        self.extra = list(extra)
+        self.tls = tls
+        self.scheme = "http" if tls is None else "https"
+        self.extra = list(extra) + ([] if tls is None else ["--tls-cert", tls.cert, "--tls-key", tls.key])
+        self.env = None if tls is None else {**os.environ, "SSL_CERT_FILE": tls.ca}
         self.stacks = stacks
         self.start_seconds: list = []  # every start's time until the replica said it serves, in order
         os.makedirs(root, exist_ok=True)
@@ -253,7 +261,8 @@ class Cluster:
             replica = Replica(self, i, path, f"{host.address}:{RAFT_PORT}", f"http://{host.address}:{HTTP_PORT}",
                               host)
         else:
-            replica = Replica(self, i, path, f"127.0.0.1:{self._new_port()}", f"http://127.0.0.1:{self._new_port()}")
+            replica = Replica(self, i, path, f"127.0.0.1:{self._new_port()}",
+                              f"{self.scheme}://127.0.0.1:{self._new_port()}")
         self.replicas.append(replica)
         return replica
 
@@ -321,7 +330,11 @@ class Cluster:
              timeout: float = 5.0) -> tuple:
         """One request (in the caller's namespace): ``(status, headers, body)``."""
         parsed = urllib.parse.urlsplit(replica.url)
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, timeout=timeout, context=context)
+        else:
+            conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
         try:
             sent = {"Authorization": f"Bearer {self.token}", **(headers or {})}
             conn.request(method, target, body=body, headers=sent)

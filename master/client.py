@@ -182,7 +182,7 @@ class RemoteKeg:
         Raises:
             the ``KegError`` the server's answer names, or ``Unreachable``.
         """
-        last = None
+        last = last_url = None
         for attempt in range(len(self.urls) * 2):
             index = (self._current + attempt // 2) % len(self.urls)
             try:
@@ -193,7 +193,7 @@ class RemoteKeg:
                 response = self._conn.request(method, target, body, self._headers(headers))
                 data = response.body
             except (OSError, http.client.HTTPException) as err:
-                last = err
+                last, last_url = err, self.urls[index]
                 self.close()
                 continue
             if response.status in ok or response.status == 304:
@@ -201,8 +201,8 @@ class RemoteKeg:
             if method == "HEAD":  # an error's explanation is in a body, which HEAD does not carry
                 return self.request("GET", target, headers=headers, ok=ok)
             raise _error_from(response.status, data)
-        hint = f" ({tls.VERIFY_HINT})" if tls.is_verify_error(last) else ""
-        raise Unreachable(f"cannot reach the master at {', '.join(self.urls)}: {last}{hint}")
+        advice = tls.advice(last, last_url)
+        raise Unreachable(f"cannot reach the master at {', '.join(self.urls)}: {last}{advice}")
 
     @staticmethod
     def _target(base: str, **query) -> str:
@@ -431,7 +431,7 @@ class RemoteKeg:
         prefix = paths.normalize(prefix)
         heartbeat = min(15.0, timeout / 2) if timeout else 15.0
         idle_since = time.monotonic()
-        failures = 0
+        failures = refused = 0
         while True:
             try:
                 for event in self._stream(prefix, since, heartbeat):
@@ -443,14 +443,19 @@ class RemoteKeg:
                         since = event
                         continue
                     idle_since = time.monotonic()
-                    failures = 0
+                    failures = refused = 0
                     yield event
-            except (OSError, http.client.HTTPException, Unreachable):
+            except (OSError, http.client.HTTPException, Unreachable) as err:
                 failures += 1
+                refused = refused + 1 if tls.is_verify_error(err) else 0
+                url = self.urls[self._current]
+                if refused >= len(self.urls):  # every master's certificate was refused: retrying will not help
+                    raise Unreachable(f"cannot reach the master at {url}: {err}{tls.advice(err, url)}") from err
                 if failures > 1:
                     time.sleep(min(5.0, 0.1 * 2 ** failures))
                 if failures > 20:
-                    raise Unreachable(f"lost the watch stream from {self.urls[self._current]} and cannot reconnect")
+                    raise Unreachable(f"lost the watch stream from {url} and cannot reconnect: {err}"
+                                      f"{tls.advice(err, url)}") from err
                 self._current = (self._current + 1) % len(self.urls)
                 continue
             if timeout is not None and time.monotonic() - idle_since >= timeout:

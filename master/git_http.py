@@ -178,6 +178,7 @@ def push_environ(environ: dict, root: str, path_info: str, remote_user: str, hoo
         env[f"GIT_CONFIG_KEY_{count}"], env[f"GIT_CONFIG_VALUE_{count}"] = key, value
         count += 1
     env["GIT_CONFIG_COUNT"] = str(count)
-    env.update({name: os.environ[name] for name in ("SSL_CERT_FILE", "SSL_CERT_DIR") if name in os.environ})
+    env.update({name: os.path.abspath(os.environ[name])  # the hook runs elsewhere
+                for name in ("SSL_CERT_FILE", "SSL_CERT_DIR") if os.environ.get(name)})
     env.update(hook_env)
     return env

@@ -13,6 +13,8 @@ file to it as ``GIT_SSL_CAINFO``.
 
 from __future__ import annotations
 
+import datetime
+import http.client
 import os
 import ssl
 
@@ -38,12 +40,32 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+
+    def no_passphrase():  # OpenSSL would prompt on a terminal, and fail without one (a service)
+        raise BadRequest(f"the key {key_file} is encrypted: give the master an unencrypted key, readable "
+                         "only by its user (openssl pkey -in KEY -out PLAIN)")
     try:
-        context.load_cert_chain(cert_file, key_file)
-    except ssl.SSLError as err:
-        raise BadRequest(f"cannot use {cert_file} with the key {key_file}: {err.reason or err} (both must be "
-                         "PEM, the key unencrypted and belonging to the first certificate)") from err
+        context.load_cert_chain(cert_file, key_file, password=no_passphrase)
+    except (ssl.SSLError, OSError) as err:
+        if isinstance(err.__context__, BadRequest):
+            raise err.__context__ from None
+        raise BadRequest(f"cannot use {cert_file} with the key {key_file}: {getattr(err, 'reason', None) or err} "
+                         "(both must be PEM, the key belonging to the first certificate)") from err
     return context
+
+
+def expiry_warning(cert_file: str, days: int = 14) -> str | None:
+    """A warning when the certificate in ``cert_file`` has expired or expires within ``days``; else None."""
+    from cryptography import x509
+
+    with open(cert_file, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    if left.total_seconds() <= 0:
+        return f"the TLS certificate {cert_file} expired on {cert.not_valid_after_utc:%Y-%m-%d}: clients refuse it"
+    if left.days < days:
+        return f"the TLS certificate {cert_file} expires on {cert.not_valid_after_utc:%Y-%m-%d}, in {left.days} days"
+    return None
 
 
 def client_context() -> ssl.SSLContext:
@@ -57,11 +79,34 @@ def client_context() -> ssl.SSLContext:
     return _client_context
 
 
-def is_verify_error(err: BaseException) -> bool:
-    """True when ``err`` is a failed certificate check (the CA is not trusted, or the name does not match)."""
+def is_verify_error(err: BaseException | None) -> bool:
+    """True when ``err`` is a failed certificate check (the CA is not trusted, the name does not match, …)."""
     return isinstance(err, ssl.SSLCertVerificationError)
 
 
-VERIFY_HINT = ("the master's certificate is not trusted here: if a private CA signed it, set SSL_CERT_FILE to "
-               "that CA's PEM file")
+def advice(err: BaseException | None, url: str) -> str:
+    """What to do about ``err``, met connecting to the master at ``url``: ``" (…)"`` to add to the message, or
+    ``""``."""
+    https = url.startswith("https://")
+    if is_verify_error(err):
+        code = getattr(err, "verify_code", None)
+        if code == X509_EXPIRED:
+            return " (the master's certificate has expired: it needs a new one)"
+        if code in X509_NAME_MISMATCH:
+            return (" (the master's certificate is not for the host in this URL: use a name the certificate "
+                    "covers)")
+        where = os.environ.get("SSL_CERT_FILE")
+        if where:
+            return f" (the master's certificate is not signed by a CA in SSL_CERT_FILE={where})"
+        return (" (the master's certificate is not trusted here: if a private CA signed it, set SSL_CERT_FILE to "
+                "that CA's PEM file)")
+    if https and isinstance(err, ssl.SSLError):
+        return " (is the master serving HTTPS? A master without --tls-cert serves http://)"
+    if not https and isinstance(err, http.client.RemoteDisconnected):
+        return " (if the master serves HTTPS, use https://)"
+    return ""
+
+
+X509_EXPIRED = 10                 # X509_V_ERR_CERT_HAS_EXPIRED
+X509_NAME_MISMATCH = (62, 64)     # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 

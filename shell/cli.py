@@ -449,7 +449,7 @@ def master():
 @master.command("serve")
 @keg_dir_option
 @click.option("--listen", default="127.0.0.1:7480", show_default=True, metavar="HOST:PORT",
-              help="Serve HTTP here (port 0 picks a free one; the address is printed).")
+              help="Serve HTTP (HTTPS with --tls-cert) here (port 0 picks a free one; the address is printed).")
 @click.option("--fastcgi", "fastcgi_socket", metavar="SOCKET",
               help="Serve FastCGI on this Unix socket through flup instead, for nginx (see docs/operations.md).")
 @click.option("--max-body", type=click.IntRange(min=1024), default=64 << 20, show_default=True,
@@ -460,7 +460,8 @@ def master():
               help="Largest pack in bytes a git push of an app may send; git refuses larger ones.")
 @click.option("--self-url", metavar="URL",
               help="How programs on this machine reach this master (for push hooks; default: the address "
-                   "a push came in on).")
+                   "a push came in on, or with HTTPS the host of --listen when it is a name). With HTTPS give "
+                   "a name the certificate covers.")
 @click.option("--raft-self", metavar="HOST:PORT",
               help="Run as a Raft replica with this Raft address (binds there); needs --raft-peers.")
 @click.option("--raft-peers", metavar="A,B,C",
@@ -493,7 +494,7 @@ def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push,
     against the system's CAs, or the CA file in SSL_CERT_FILE. See
     docs/security.md.
     """
-    from shell.master_cli import tls_context
+    from shell.master_cli import hook_url, tls_context
 
     tls = tls_context(tls_cert, tls_key, fastcgi_socket)
     if raft_self or raft_peers or raft_password_file:
@@ -501,7 +502,7 @@ def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push,
             raise click.UsageError("a Raft replica needs both --raft-self HOST:PORT and --raft-peers A,B,C")
         from shell.master_cli import serve_replica
         serve_replica(keg_dir, listen, max_body, heartbeat, raft_self, raft_peers, raft_password_file, raft_dir,
-                      raft_compact_entries, fastcgi_socket, tls)
+                      raft_compact_entries, fastcgi_socket, tls, self_url)
         return
     from master.app import KegApp
     from master.server import serve_fastcgi, serve_http
@@ -509,7 +510,8 @@ def master_serve(keg_dir, listen, fastcgi_socket, max_body, heartbeat, max_push,
 
     store = keg.Store(keg_dir, lock_timeout=1.0, background_checkpoints=True)
     the_master = SingleMaster(store)
-    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat, max_push=max_push, self_url=self_url)
+    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat, max_push=max_push,
+                 self_url=hook_url(self_url, listen, tls))
     try:
         if fastcgi_socket:
             serve_fastcgi(app, fastcgi_socket, ready=lambda where: click.echo(

@@ -7,6 +7,7 @@ commands are registered on the ``master`` group by ``shell.cli``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import click
@@ -41,7 +42,7 @@ def tls_context(cert_file: str | None, key_file: str | None, fastcgi_socket: str
     """The server TLS context of ``--tls-cert``/``--tls-key``, or None without them; a usage error when only one is
     given, with ``--fastcgi`` (nginx speaks TLS there), or when the files do not make a certificate and its key."""
     from keg.errors import KegError
-    from master.tls import server_context
+    from master.tls import expiry_warning, server_context
 
     if not cert_file and not key_file:
         return None
@@ -51,18 +52,35 @@ def tls_context(cert_file: str | None, key_file: str | None, fastcgi_socket: str
         raise click.UsageError("--tls-cert does not go with --fastcgi: there nginx speaks TLS to the clients "
                                "(see docs/operations.md)")
     try:
-        return server_context(cert_file, key_file)
+        context = server_context(cert_file, key_file)
     except KegError as err:
         raise click.BadParameter(str(err), param_hint="--tls-cert/--tls-key") from err
+    warning = expiry_warning(cert_file)
+    if warning:
+        click.echo(f"keg master: warning: {warning}", err=True)
+    return context
+
+
+def hook_url(self_url: str | None, listen: str, tls) -> str | None:
+    """The URL a push hook reaches this master at: ``--self-url``; with TLS and none, ``--listen``'s host when
+    it is a name (the one its certificate is for); else None (the address a push came in on)."""
+    if self_url or tls is None:
+        return self_url
+    host, _, port = listen.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None
+    except ValueError:
+        return f"https://{listen}" if host and port.isdigit() and int(port) else None
 
 
 def serve_replica(keg_dir: str, listen: str, max_body: int, heartbeat: float, raft_self: str, raft_peers: str,
                   password_file: str | None, raft_dir: str | None, compact_entries: int,
-                  fastcgi_socket: str | None, tls=None) -> None:
+                  fastcgi_socket: str | None, tls=None, hook_self_url: str | None = None) -> None:
     """Run one Raft replica of the keg in ``keg_dir`` until SIGINT/SIGTERM (see ``keg master serve``).
 
     With ``tls`` (a server ``ssl.SSLContext``) it serves HTTPS, and a peer given without a URL is called at
-    ``https://``.
+    ``https://``.  ``hook_self_url`` is ``--self-url`` (default: this replica's URL from ``--listen``).
     """
     import asyncio
 
@@ -96,8 +114,9 @@ def serve_replica(keg_dir: str, listen: str, max_body: int, heartbeat: float, ra
     except BaseException:
         store.close()
         raise
-    # A push hook reaches this replica by the name --listen gives (the name its TLS certificate is for).
-    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat, self_url=self_url)
+    # A push hook reaches this replica at --self-url, else by the name --listen gives (the name a TLS
+    # certificate is for).
+    app = KegApp(the_master, max_body=max_body, heartbeat=heartbeat, self_url=hook_self_url or self_url)
 
     def ready(h, p):
         the_master.attach(asyncio.get_running_loop())
@@ -198,6 +217,7 @@ def member_cmd(action, address, url, token):
     Change one replica at a time; see docs/operations-raft.md.
     """
     from master.client import http_connection
+    from master.tls import advice
 
     conn = http_connection(url.split(",")[0], 30)
     try:
@@ -206,7 +226,7 @@ def member_cmd(action, address, url, token):
         response = conn.getresponse()
         body = json.loads(response.read() or b"{}")
     except OSError as err:
-        raise click.ClickException(f"{url} did not answer: {err}") from err
+        raise click.ClickException(f"{url} did not answer: {err}{advice(err, url)}") from err
     finally:
         conn.close()
     if response.status != 200:

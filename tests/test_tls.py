@@ -16,7 +16,7 @@ import pytest
 from conftest import MasterProcess, init_keg_with_token, keg_command, wait_until
 from keg.gitenv import git_http_env
 from master import tls
-from raft_harness import Cluster
+from raft_harness import Cluster, free_port
 from test_cli import run
 from test_cli_remote import SEQUENCE, _masked
 from test_push import make_repo, push
@@ -29,7 +29,7 @@ def certs(tmp_path):
 
 
 @pytest.fixture
-def https_master(tmp_path, certs):
+def https_master(tmp_path, certs, trust):
     keg_path = str(tmp_path / "served")
     server = MasterProcess(keg_path, init_keg_with_token(keg_path), extra=["--tls-cert", certs.cert,
                                                                            "--tls-key", certs.key])
@@ -74,6 +74,9 @@ def test_a_master_whose_certificate_is_not_trusted_is_refused_and_nothing_is_wri
     code, out, err = keg("put", "/secret", "--url", url, "--token", token, env=untrusting_env(), stdin="x")
     assert code == 4 and out == ""
     assert "CERTIFICATE_VERIFY_FAILED" in err and "set SSL_CERT_FILE to that CA's PEM file" in err, err
+    # A watch stream gives up at once too (it retries a lost stream, not a refused certificate).
+    code, out, err = keg("watch", "/", "--count", "1", "--url", url, "--token", token, env=untrusting_env())
+    assert code == 4 and out == "" and "set SSL_CERT_FILE to that CA's PEM file" in err, err
     # With the CA the same command works, and the refused write is not there.
     env = {**untrusting_env(), "SSL_CERT_FILE": os.environ["SSL_CERT_FILE"]}
     code, _, err = keg("cat", "/secret", "--url", url, "--token", token, env=env)
@@ -85,7 +88,7 @@ def test_a_master_whose_certificate_is_not_trusted_is_refused_and_nothing_is_wri
 def test_plain_http_to_the_https_listener_gets_no_answer_and_the_master_goes_on(https_master, trust):
     plain = https_master.url.replace("https://", "http://")
     code, _, err = keg("cat", "/users", "--url", plain, "--token", https_master.token)
-    assert code == 4 and "closed the connection without an answer" in err, err
+    assert code == 4 and "closed the connection without an answer" in err and "use https://" in err, err
     code, out, err = keg("ls", "/", "--url", https_master.url, "--token", https_master.token)
     assert code == 0 and "users/" in out.split(), err
     assert https_master.proc.poll() is None
@@ -114,7 +117,7 @@ def test_git_fetches_over_https_trusting_the_ca_keg_trusts(tmp_path, https_maste
 def test_a_push_over_https_reaches_the_master_from_its_hook(tmp_path, https_master, trust, monkeypatch):
     monkeypatch.setenv("KEG_BUILD_START_WAIT", "1")   # the hook waits this long for a builder (none runs here)
     https_master.stop()
-    https_master.start()                               # again, with that in its environment (and SSL_CERT_FILE)
+    https_master.start()                               # again, with that in its environment
     repo = make_repo(tmp_path / "app", {"app.py": "print('hi')\n"})
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     url = https_master.url.replace("https://", f"https://admin:{https_master.token}@") + "/git/apps/hello.git"
@@ -140,10 +143,49 @@ def test_bad_tls_options_say_what_is_wrong_and_serve_nothing(tmp_path, certs):
         (("--tls-cert", certs.cert, "--tls-key", certs.key, "--fastcgi", str(tmp_path / "sock")),
          "--tls-cert does not go with --fastcgi"),
     ]
+    cases.append((("--tls-cert", certs.cert, "--tls-key", certs.encrypted_key),
+                  f"the key {certs.encrypted_key} is encrypted"))
     for extra, message in cases:
         code, out, err = keg(*serve, *extra)
         assert code == 2 and message in err and "serving" not in err, (extra, err)
     assert not os.path.exists(tmp_path / "sock")
+
+
+def test_the_certificate_must_be_for_the_host_in_the_url_and_the_hook_uses_self_url(tmp_path, trust, monkeypatch):
+    monkeypatch.setenv("KEG_BUILD_START_WAIT", "1")
+    named = Certificates(str(tmp_path / "named"), "named", names=("localhost",))
+    monkeypatch.setenv("SSL_CERT_FILE", named.ca)
+    keg_path, port = str(tmp_path / "k"), free_port()
+    server = MasterProcess(keg_path, init_keg_with_token(keg_path), extra=[
+        "--listen", f"127.0.0.1:{port}", "--tls-cert", named.cert, "--tls-key", named.key,
+        "--self-url", f"https://localhost:{port}"])
+    try:
+        code, _, err = keg("ls", "/", "--url", f"https://127.0.0.1:{port}", "--token", server.token)
+        assert code == 4 and "IP address mismatch" in err and "not for the host in this URL" in err, err
+        by_name = f"https://localhost:{port}"
+        assert keg("ls", "/", "--url", by_name, "--token", server.token)[0] == 0
+        # The push hook reaches the master at --self-url, a name the certificate covers.
+        repo = make_repo(tmp_path / "app", {"app.py": "print('hi')\n"})
+        url = by_name.replace("https://", f"https://admin:{server.token}@") + "/git/apps/hello.git"
+        done = push(repo, url, env_extra={"GIT_SSL_CAINFO": named.ca})
+        assert "-----> Receiving hello" in done.stderr and "source K-" in done.stderr, done.stderr
+    finally:
+        server.stop()
+
+
+def test_an_expired_certificate_is_named_at_the_start_and_by_the_clients(tmp_path, trust, monkeypatch):
+    old = Certificates(str(tmp_path / "old"), "old", expired=True)
+    monkeypatch.setenv("SSL_CERT_FILE", old.ca)
+    keg_path = str(tmp_path / "k")
+    server = MasterProcess(keg_path, init_keg_with_token(keg_path), extra=["--tls-cert", old.cert,
+                                                                           "--tls-key", old.key])
+    try:
+        with open(server.log_path) as f:
+            assert f"warning: the TLS certificate {old.cert} expired on" in f.read()
+        code, _, err = keg("ls", "/", "--url", server.url, "--token", server.token)
+        assert code == 4 and "certificate has expired" in err and "it needs a new one" in err, err
+    finally:
+        server.stop()
 
 
 def test_a_raft_cluster_serves_https_and_its_replicas_call_each_other_over_it(tmp_path, certs, trust):

@@ -50,15 +50,20 @@ def _masked(text: str) -> str:
     return re.sub(r"\t(K-[0-9a-f]{40})\t(TIME)", r"\tREVKID\t\2", text)
 
 
-def test_every_plumbing_verb_matches_a_local_keg(tmp_path, master_server):
+def assert_every_verb_matches_a_local_keg(tmp_path, url: str, token: str) -> None:
+    """Run ``SEQUENCE`` on a new local keg and on the master at ``url``: the same exit codes, output and errors."""
     local = str(tmp_path / "local")
     init_keg_with_token(local)
     for args, stdin in SEQUENCE:
         here = run(*args, "--keg", local, input=stdin)
-        there = run(*args, "--url", master_server.url, "--token", master_server.token, input=stdin)
+        there = run(*args, "--url", url, "--token", token, input=stdin)
         assert here[0] == there[0], (args, here, there)
         assert _masked(here[1]) == _masked(there[1]), args
         assert here[2] == there[2], args
+
+
+def test_every_plumbing_verb_matches_a_local_keg(tmp_path, master_server):
+    assert_every_verb_matches_a_local_keg(tmp_path, master_server.url, master_server.token)
 
 
 def test_environment_and_installed_command(master_server):

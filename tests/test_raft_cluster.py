@@ -116,16 +116,8 @@ def test_a_chunk_put_on_a_follower_is_on_a_majority_before_the_answer(cluster):
     status, answer = cluster.call(follower, "PUT", "/v1/keg/big.bin", big)[::2]
     assert status == 200, answer
     cluster.wait_converged()
-    def has_big(r) -> bool:
-        # Until a replica's background fetch brought the chunks, its read fails (a known gap, see
-        # docs/operations-raft.md): the stream is cut after the headers. That is "not yet", not the answer.
-        try:
-            return cluster.call(r, "GET", "/v1/keg/big.bin")[2] == big
-        except (OSError, http.client.HTTPException):
-            return False
-
     for r in cluster.replicas:
-        wait_until(lambda: has_big(r), f"big.bin on r{r.index}", timeout=20)
+        wait_until(lambda: cluster.reads(r, "/big.bin", big), f"big.bin on r{r.index}", timeout=20)
 
 
 def test_a_stopped_follower_stalls_no_event_loop_while_chunks_travel(cluster):

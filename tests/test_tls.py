@@ -6,7 +6,6 @@ clients are told of it the way a user does, with ``SSL_CERT_FILE``.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import subprocess
@@ -17,8 +16,7 @@ from conftest import MasterProcess, init_keg_with_token, keg_command, wait_until
 from keg.gitenv import git_http_env
 from master import tls
 from raft_harness import Cluster, free_port
-from test_cli import run
-from test_cli_remote import SEQUENCE, _masked
+from test_cli_remote import assert_every_verb_matches_a_local_keg
 from test_push import make_repo, push
 from tls_certs import Certificates
 
@@ -60,13 +58,7 @@ def untrusting_env() -> dict:
 
 def test_every_plumbing_verb_over_https_matches_a_local_keg(tmp_path, https_master, trust):
     assert https_master.url.startswith("https://127.0.0.1:")
-    local = str(tmp_path / "local")
-    init_keg_with_token(local)
-    for args, stdin in SEQUENCE:
-        here = run(*args, "--keg", local, input=stdin)
-        there = run(*args, "--url", https_master.url, "--token", https_master.token, input=stdin)
-        assert here[0] == there[0], (args, here, there)
-        assert _masked(here[1]) == _masked(there[1]), args
+    assert_every_verb_matches_a_local_keg(tmp_path, https_master.url, https_master.token)
 
 
 def test_a_master_whose_certificate_is_not_trusted_is_refused_and_nothing_is_written(https_master, trust):
@@ -202,17 +194,8 @@ def test_a_raft_cluster_serves_https_and_its_replicas_call_each_other_over_it(tm
         status, _, answer = cluster.call(follower, "PUT", "/v1/keg/big.bin", big)
         assert status == 200, answer
         cluster.wait_converged()
-
-        def has_big(r) -> bool:
-            # A replica reads it once its background fetch (over HTTPS too) brought the chunks it lacked;
-            # until then the stream is cut after the headers (test_raft_cluster.py says why).
-            try:
-                return cluster.call(r, "GET", "/v1/keg/big.bin")[2] == big
-            except (OSError, http.client.HTTPException):
-                return False
-
-        for r in cluster.replicas:
-            wait_until(lambda: has_big(r), f"big.bin on r{r.index}", timeout=20)
+        for r in cluster.replicas:  # a replica that lacked chunks fetches them in the background, over HTTPS too
+            wait_until(lambda: cluster.reads(r, "/big.bin", big), f"big.bin on r{r.index}", timeout=20)
         code, out, err = keg("master", "status", "--url", follower.url, "--token", cluster.token, "--json")
         assert code == 0, err
         rows = [json.loads(line) for line in out.splitlines()]

@@ -92,7 +92,11 @@ class Cluster:
         """Every process table entry with its status, read at one revision: ``{(machine, name): (spec, status)}``."""
         rev = self.admin.revision().number
         out = {}
-        for m in self.admin.list("/machines", rev=rev):
+        try:
+            machines = self.admin.list("/machines", rev=rev)
+        except NotFound:
+            return out  # no Mayor has written its status yet (a slow start): nothing runs
+        for m in machines:
             try:
                 entries = self.admin.list(f"{m.path}/procs", rev=rev)
             except NotFound:
